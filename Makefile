@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  `make sweep` (install + full sweep)  and  `make test` (install + tests).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export PREFECT_HOME := $(CURDIR)/.prefect
+
+.PHONY: setup sweep test
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements-data.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel; everything after must leave it at 2.13.0
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps -r requirements-data.txt
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+sweep: setup
+	$(PY) -m flows.sweep $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,84 @@
+"""Accuracy, macro-F1, the linear-probe reference, and interleaved latency of full vs skeleton models."""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import torch
+
+from skeleton.model import AdapterConfig, PromptClassifier
+from skeleton.train import batches
+
+log = logging.getLogger("skeleton")
+
+
+def macro_f1(logits: torch.Tensor, labels, num_labels: int) -> float:
+    pred, gold = logits.argmax(-1), torch.as_tensor(labels)
+    f1s = []
+    for c in range(num_labels):
+        tp = ((pred == c) & (gold == c)).sum().item()
+        fp = ((pred == c) & (gold != c)).sum().item()
+        fn = ((pred != c) & (gold == c)).sum().item()
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(f1s) / num_labels
+
+
+def metrics(logits: torch.Tensor, labels, num_labels: int) -> dict[str, float]:
+    accuracy = (logits.argmax(-1) == torch.as_tensor(labels)).float().mean().item()
+    return {"accuracy": accuracy, "macro_f1": macro_f1(logits, labels, num_labels)}
+
+
+@torch.no_grad()
+def pooled_features(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    return torch.cat([model.features(*model.embed(b["input_ids"], b["attention_mask"])) for b in batches(dataset, pad_id, batch_size)])
+
+
+def linear_probe(backbone, splits: dict, pad_id: int, num_labels: int, seed: int = 0) -> dict:
+    """The task head alone, trained to convergence (L-BFGS) on frozen, un-prompted mean-pooled features.
+
+    The L2 strength is picked on validation. Returns test metrics and the chosen strength.
+    """
+    probe = PromptClassifier(backbone, AdapterConfig(num_labels=num_labels, prompt_length=0), seed=seed)
+    feats = {name: pooled_features(probe, ds, pad_id) for name, ds in splits.items()}
+    labels = {name: torch.tensor(ds["label"]) for name, ds in splits.items()}
+    best = None
+    for l2 in (0.0, 1e-4, 1e-3, 1e-2):
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(feats["train"].shape[1], num_labels)
+        optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=500, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(head(feats["train"]), labels["train"]) + l2 * head.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        with torch.no_grad():
+            val = metrics(head(feats["validation"]), labels["validation"], num_labels)["accuracy"]
+            if best is None or val > best[0]:
+                best = (val, l2, metrics(head(feats["test"]), labels["test"], num_labels))
+    log.info("linear probe: val accuracy %.4f (l2 %g), test %s", best[0], best[1], best[2])
+    return {**best[2], "val_accuracy": best[0], "l2": best[1]}
+
+
+@torch.no_grad()
+def interleaved_latency(
+    models: dict[str, PromptClassifier], batch_size: int = 32, seq_len: int = 64, repeats: int = 20, warmup: int = 3
+) -> dict[str, float]:
+    """Median forward seconds per model, timed round-robin in one process so machine noise hits all alike."""
+    vocab = next(iter(models.values())).backbone.config.vocab_size
+    ids = torch.randint(1000, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for model in models.values():
+        model.eval()
+        for _ in range(warmup):
+            model(ids, mask)
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(ids, mask)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

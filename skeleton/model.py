@@ -1,0 +1,97 @@
+"""The task model: a frozen backbone, m trainable soft-prompt vectors and a linear head.
+
+    logits = head(mean over text tokens of backbone([prompt; embed(input_ids)]))
+
+input_ids, attention_mask: (batch, seq) -> logits: (batch, num_labels). The prompt positions are attended to
+but excluded from the pooling, because this sentence-transformer checkpoint was trained for mean pooling of
+its text tokens. With prompt_length=0 the same module is the linear probe on frozen features.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class AdapterConfig:
+    num_labels: int
+    prompt_length: int = 20
+    label_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.num_labels < 2:
+            raise ValueError(f"num_labels must be at least 2, got {self.num_labels}")
+        if self.prompt_length < 0:
+            raise ValueError(f"prompt_length must be >= 0, got {self.prompt_length}")
+
+
+class PromptClassifier(nn.Module):
+    def __init__(self, backbone: nn.Module, config: AdapterConfig, seed: int = 0):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.config = config
+        embeddings = backbone.get_input_embeddings().weight
+        # Initialise the prompt from randomly drawn vocabulary embeddings: the usual prompt-tuning init.
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randint(0, embeddings.shape[0], (config.prompt_length,), generator=generator)
+        self.prompt = nn.Parameter(embeddings[rows].detach().clone())
+        self.head = nn.Linear(embeddings.shape[1], config.num_labels)
+        with torch.no_grad():
+            self.head.weight.normal_(0, 0.02, generator=generator)
+            self.head.bias.zero_()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # the backbone stays in eval mode: frozen, no dropout
+        return self
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """(inputs_embeds (B, m+T, d), attention_mask (B, m+T)) with the prompt prepended."""
+        tokens = self.backbone.get_input_embeddings()(input_ids)
+        batch = input_ids.shape[0]
+        prompt = self.prompt.unsqueeze(0).expand(batch, -1, -1)
+        prompt_mask = attention_mask.new_ones(batch, self.config.prompt_length)
+        return torch.cat([prompt, tokens], 1), torch.cat([prompt_mask, attention_mask], 1)
+
+    def features(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        m = self.config.prompt_length
+        text, mask = hidden[:, m:], attention_mask[:, m:].unsqueeze(-1).to(hidden.dtype)
+        return (text * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(*self.embed(input_ids, attention_mask)))
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {"prompt": self.prompt.detach(), "head.weight": self.head.weight.detach(), "head.bias": self.head.bias.detach()}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_adapter(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.adapter_state().items()}, str(folder / ADAPTER_WEIGHTS))
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(asdict(self.config), indent=2))
+
+    @classmethod
+    def from_adapter(cls, backbone: nn.Module, folder: str | Path) -> "PromptClassifier":
+        folder = Path(folder)
+        config = AdapterConfig(**json.loads((folder / ADAPTER_CONFIG).read_text()))
+        model = cls(backbone, config)
+        model.load_adapter_state(load_file(str(folder / ADAPTER_WEIGHTS)))
+        return model
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.prompt.copy_(state["prompt"])
+            self.head.weight.copy_(state["head.weight"])
+            self.head.bias.copy_(state["head.bias"])

@@ -1,0 +1,117 @@
+"""Training and inference loops shared by prompt tuning, skeleton re-tuning and the linear probe."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from skeleton.model import PromptClassifier
+
+log = logging.getLogger("skeleton")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600  # budgets are optimizer steps, never seconds
+    batch_size: int = 32
+    lr_prompt: float = 3e-2
+    lr_head: float = 3e-3
+    warmup_steps: int = 30
+    eval_every: int = 100  # keep the adapter with the best validation accuracy
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise ValueError(f"steps, batch_size and eval_every must be positive: {self}")
+
+
+def collate(pad_id: int):
+    """Pad a list of tokenized examples to the longest one in the batch."""
+
+    def pad(examples: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+            mask[i, : len(e["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e["label"] for e in examples])}
+
+    return pad
+
+
+def bucketed_batches(lengths: list[int], batch_size: int, seed: int, pool: int = 50) -> list[list[int]]:
+    """Shuffled batches of similar-length examples: a random pool of `pool` batches is sorted by length and
+    cut into batches, then all batches are shuffled. Cuts padding (and step time) by about a third."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    out = []
+    for start in range(0, len(order), batch_size * pool):
+        chunk = sorted(order[start : start + batch_size * pool], key=lambda i: lengths[i])
+        out += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
+
+
+def batches(dataset, pad_id: int, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """Batches in dataset order, or (shuffle=True) length-bucketed random batches, new order each epoch."""
+    if not shuffle:
+        return DataLoader(dataset, batch_size=batch_size, collate_fn=collate(pad_id))
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return DataLoader(dataset, batch_sampler=bucketed_batches(lengths, batch_size, seed), collate_fn=collate(pad_id))
+
+
+@torch.no_grad()
+def predict(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """Logits (N, num_labels) in dataset order."""
+    model.eval()
+    return torch.cat([model(b["input_ids"], b["attention_mask"]) for b in batches(dataset, pad_id, batch_size)])
+
+
+def accuracy(logits: torch.Tensor, labels) -> float:
+    return (logits.argmax(-1) == torch.as_tensor(labels)).float().mean().item()
+
+
+def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: TrainConfig, progress=None) -> dict:
+    """Tune the prompt and head (the backbone stays frozen). Returns a small record of the run."""
+    torch.manual_seed(config.seed)
+    groups = [{"params": [model.prompt], "lr": config.lr_prompt}, {"params": model.head.parameters(), "lr": config.lr_head}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+
+    def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        done = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    best = {"val_accuracy": -1.0, "step": 0}
+    best_state = None
+    step, running, epoch = 0, 0.0, 0
+    while step < config.steps:
+        epoch += 1
+        for batch in batches(train_set, pad_id, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch):
+            model.train()
+            loss = torch.nn.functional.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            running += loss.item()
+            if step % config.eval_every == 0 or step == config.steps:
+                val_acc = accuracy(predict(model, val_set, pad_id), val_set["label"])
+                n = config.eval_every if step % config.eval_every == 0 else step % config.eval_every
+                log.info("step %d/%d  loss %.4f  val_accuracy %.4f", step, config.steps, running / n, val_acc)
+                if progress:
+                    progress(step, config.steps, val_acc)
+                running = 0.0
+                if val_acc > best["val_accuracy"]:
+                    best = {"val_accuracy": val_acc, "step": step}
+                    best_state = {k: v.clone() for k, v in model.adapter_state().items()}
+            if step >= config.steps:
+                break
+    model.load_adapter_state(best_state)
+    return {**best, "steps": config.steps}

@@ -1,0 +1,90 @@
+"""MLflow logging for a sweep: a parent run per sweep, a child run per (selection method, pruning rate).
+
+The active MLflow run is per thread, and Prefect tasks may run on other threads or machines, so every call
+names its run id explicitly.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlflow
+from prefect import task
+
+from tasks.pipeline import ROOT
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}"
+
+
+def _client() -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri())
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+@task(name="start-sweep-run", retries=2, retry_delay_seconds=2)
+def start_sweep_run(experiment: str, params: dict) -> str:
+    client = _client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        # An explicit artifact location keeps artifacts beside the store, whatever the working directory.
+        location = None if "MLFLOW_TRACKING_URI" in os.environ else (ROOT / "mlruns").as_uri()
+        experiment_id = client.create_experiment(experiment, artifact_location=location)
+    else:
+        experiment_id = found.experiment_id
+    run = client.create_run(experiment_id, run_name=f"sweep-{params['task']}-{params['backbone']}",
+                            tags={"skeleton.kind": "sweep"})
+    for key, value in {**params, "git_commit": git_commit()}.items():
+        client.log_param(run.info.run_id, key, str(value)[:6000])
+    return run.info.run_id
+
+
+@task(name="log-sweep-point", retries=2, retry_delay_seconds=2)
+def log_point(parent_run_id: str, row: dict) -> str:
+    """A child run with the point's metrics and its exported skeleton as artifacts."""
+    client = _client()
+    parent = client.get_run(parent_run_id)
+    run = client.create_run(parent.info.experiment_id, run_name=f"{row['method']}-p{row['rate']}",
+                            tags={"mlflow.parentRunId": parent_run_id, "skeleton.kind": "point"})
+    run_id = run.info.run_id
+    for key in ("method", "rate", "kept_width"):
+        client.log_param(run_id, key, row[key])
+    for key in ("accuracy", "macro_f1", "speedup", "parameters", "kept_width", "rate", "val_accuracy"):
+        if row.get(key) is not None:
+            client.log_metric(run_id, key, float(row[key]))
+    client.log_artifacts(run_id, row["path"], "skeleton")
+    client.set_terminated(run_id)
+    return run_id
+
+
+@task(name="finish-sweep-run", retries=2, retry_delay_seconds=2)
+def finish_sweep_run(parent_run_id: str, rows: list[dict], full: dict, probe: dict, scores: dict[str, str]) -> None:
+    """Baseline metrics, the results table (Parquet), the accuracy-vs-sparsity plot and attribution scores."""
+    import pandas as pd
+
+    from tasks.report import plot_accuracy
+
+    client = _client()
+    for key in ("accuracy", "macro_f1", "parameters"):
+        client.log_metric(parent_run_id, f"full_{key}", float(full[key]))
+        client.log_metric(parent_run_id, f"linear_probe_{key}", float(probe[key])) if key in probe else None
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        pd.DataFrame(rows).to_parquet(tmp / "results.parquet", index=False)
+        plot_accuracy(rows, full, probe, tmp / "accuracy_vs_sparsity.png")
+        client.log_artifact(parent_run_id, str(tmp / "results.parquet"))
+        client.log_artifact(parent_run_id, str(tmp / "accuracy_vs_sparsity.png"))
+    for method, path in scores.items():
+        client.log_artifact(parent_run_id, path, f"attribution/{method}")
+    client.log_artifacts(parent_run_id, full["path"], "full_model")
+    client.set_terminated(parent_run_id)

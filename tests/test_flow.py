@@ -1,0 +1,148 @@
+"""The sweep flow end to end on a tiny BERT and a small user CSV: table, exports, MLflow, caching, bad input."""
+import json
+import random
+import subprocess
+import sys
+import textwrap
+import time
+
+import pandas as pd
+import pytest
+
+from skeleton.data import DataError
+
+POSITIVE = ["great", "wonderful", "moving", "sharp", "funny", "brilliant", "tender", "bold"]
+NEGATIVE = ["dull", "boring", "clumsy", "flat", "tedious", "awful", "lifeless", "stale"]
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def reviews_csv(tmp_path_factory):
+    rng = random.Random(0)
+    rows = []
+    for i in range(120):
+        label = rng.choice(["pos", "neg"])
+        words = rng.sample(POSITIVE if label == "pos" else NEGATIVE, 2)
+        rows.append({"review": f"review {i}: a {words[0]} and {words[1]} film", "sentiment": label})
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def sweep_args(backbone, data_file, **overrides):
+    return {"backbone": str(backbone), "data_file": str(data_file), "text_column": "review",
+            "label_column": "sentiment", "rates": [0.5], "methods": ["grad_x_act", "random"], "prompt_length": 4,
+            "max_length": 24, "train_steps": 6, "retune_steps": 4, "attribution_examples": 16,
+            "experiment": "test-sweep", **overrides}
+
+
+def task_states(flow_run_id, expected=15):
+    """(task name, final state name) of a flow run's task runs, once the server has recorded them all."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:  # task states reach the server asynchronously, shortly after the flow returns
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if (len(runs) >= expected and all(r.state.is_final() for r in runs)) or time.monotonic() > deadline:
+                return [(run.name.rsplit("-", 1)[0], run.state.name) for run in runs]
+            time.sleep(0.5)
+
+
+def test_sweep_end_to_end_then_cached(prefect_server, tiny_backbone_dir, reviews_csv):
+    from flows.sweep import full_sweep
+
+    state = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv), return_state=True)
+    table = pd.DataFrame(state.result())
+    assert list(table["method"]) == ["full (prompt tuning)", "linear probe", "grad_x_act", "random"]
+    points = table.iloc[2:]
+    assert (points["kept_width"] == 32).all() and (points["speedup"] > 0).all()
+    assert (points["parameters"] < table.iloc[0]["parameters"]).all()
+
+    # Every exported skeleton reloads in a fresh process with the logits it was evaluated with.
+    for row in table.iloc[[0, 2, 3]].itertuples():
+        check = textwrap.dedent(f"""
+            import json
+            from safetensors.torch import load_file
+            from skeleton.prune import load_skeleton
+            from skeleton.stages import load_data
+            from skeleton.train import predict
+            model, _, _ = load_skeleton({row.path!r})
+            dsd, info = load_data({row.data!r})
+            logits = predict(model, dsd["test"], info["pad_id"])
+            diff = (logits - load_file({row.logits!r})["logits"]).abs().max().item()
+            print(json.dumps({{"diff": diff, "params": model.num_parameters()}}))
+        """)
+        out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["diff"] <= 1e-5
+        assert result["params"] == row.parameters
+
+    again = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv), return_state=True)
+    states = dict(task_states(again.state_details.flow_run_id))
+    for heavy in ("prepare-data", "tune-prompt", "linear-probe", "attribute", "build-skeleton", "evaluate",
+                  "benchmark-latency"):
+        assert states[heavy] == "Cached", (heavy, states)
+    assert pd.DataFrame(again.result()).drop(columns="speedup").equals(table.drop(columns="speedup"))
+
+    # A new rate recomputes only what depends on it.
+    more = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, rates=[0.5, 0.75]), return_state=True)
+    runs = task_states(more.state_details.flow_run_id, expected=21)
+    fresh = {name for name, st in runs if st != "Cached"}
+    assert {"prepare-data", "tune-prompt", "linear-probe", "attribute"}.isdisjoint(fresh)
+    assert {"build-skeleton", "benchmark-latency"} <= fresh
+    built = [st for name, st in runs if name == "build-skeleton"]
+    assert sorted(built) == ["Cached", "Cached", "Completed", "Completed"]
+
+
+def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_csv):
+    import mlflow
+
+    from flows.sweep import full_sweep
+
+    full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, experiment="tracked"))
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("tracked")
+    parents = client.search_runs([experiment.experiment_id], "tags.`skeleton.kind` = 'sweep'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.params["backbone"] == str(tiny_backbone_dir) and "git_commit" in parent.data.params
+    assert {"full_accuracy", "linear_probe_accuracy", "full_parameters"} <= set(parent.data.metrics)
+    parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"results.parquet", "accuracy_vs_sparsity.png", "attribution", "full_model"} <= parent_files
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.params["method"] for c in children) == ["grad_x_act", "random"]
+    for child in children:
+        assert {"accuracy", "macro_f1", "speedup", "parameters", "kept_width", "rate"} <= set(child.data.metrics)
+        skeleton_files = {f.path for f in client.list_artifacts(child.info.run_id, "skeleton")}
+        assert {"skeleton/backbone", "skeleton/adapter", "skeleton/neurons.json", "skeleton/manifest.json"} <= skeleton_files
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    ({"rates": [0.5, 1.0]}, ValueError, r"pruning rate must be in \[0, 1\)"),
+    ({"methods": ["grad_x_actt"]}, KeyError, "unknown selection method 'grad_x_actt'"),
+    ({"backbone": "bert-huge"}, ValueError, "unknown backbone 'bert-huge'"),
+    ({"label_column": "stars"}, DataError, "column 'stars' not found"),
+    ({"data_file": "missing.csv"}, DataError, "data file not found"),
+    ({"data_file": None, "task": "sst3"}, DataError, "unknown task 'sst3'.*rotten_tomatoes"),
+])
+def test_bad_input_fails_before_training(prefect_server, tiny_backbone_dir, reviews_csv, overrides, error, message):
+    import os
+    from pathlib import Path
+
+    from flows.sweep import full_sweep
+
+    models = Path(os.environ["SKELETON_ARTIFACTS"]) / "models"
+    before = set(models.iterdir()) if models.exists() else set()
+    with pytest.raises(error, match=message):
+        full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, **overrides))
+    after = set(models.iterdir()) if models.exists() else set()
+    assert after == before  # nothing was trained

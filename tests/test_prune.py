@@ -1,0 +1,114 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from skeleton.prune import (ArtifactError, check_rate, export_skeleton, kept_width, load_skeleton, mask_ffn, select,
+                            slice_ffn, verify)
+from skeleton.stages import full_keep
+
+
+def random_keep(model, rate, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return select([torch.rand(64, generator=g) for _ in range(2)], rate)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, 0.65, 0.8])
+def test_slicing_equals_zero_masking(tiny_classifier, batch, rate):
+    import copy
+
+    model, _ = tiny_classifier
+    keep = random_keep(model, rate)
+    masked, sliced = copy.deepcopy(model), copy.deepcopy(model)
+    mask_ffn(masked.backbone, keep)
+    slice_ffn(sliced.backbone, keep)
+    with torch.no_grad():
+        expected = masked(batch["input_ids"], batch["attention_mask"])
+        got = sliced(batch["input_ids"], batch["attention_mask"])
+    assert sliced.backbone.config.intermediate_size == kept_width(64, rate)
+    assert sliced.backbone.encoder.layer[0].intermediate.dense.weight.shape == (kept_width(64, rate), 32)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    if rate > 0:  # and pruning did change the model, so the comparison means something
+        with torch.no_grad():
+            assert not torch.allclose(got, model(batch["input_ids"], batch["attention_mask"]), atol=1e-4)
+
+
+def test_kept_width_rounds_to_multiples_of_eight():
+    assert kept_width(1536, 0.65) == 536
+    assert kept_width(1536, 0.5) == 768
+    assert kept_width(1536, 0.8) == 304
+    assert kept_width(1536, 0.0) == 1536
+    assert kept_width(64, 0.99) == 8
+    assert all(kept_width(1536, r / 100) % 8 == 0 for r in range(100))
+
+
+@pytest.mark.parametrize("rate", [1.0, -0.1, 1.5, float("nan")])
+def test_bad_pruning_rate_is_rejected(rate):
+    with pytest.raises(ValueError, match=r"pruning rate must be in \[0, 1\)"):
+        check_rate(rate)
+
+
+def test_select_keeps_top_scores_in_order():
+    scores = [torch.arange(16.0), torch.arange(16.0).flip(0)]
+    keep = select(scores, 0.5)
+    assert keep[0].tolist() == list(range(8, 16))
+    assert keep[1].tolist() == list(range(8))
+
+
+def test_export_round_trip_in_fresh_process(tiny_classifier, batch, tmp_path):
+    model, tokenizer = tiny_classifier
+    keep = random_keep(model, 0.65)
+    slice_ffn(model.backbone, keep)
+    folder = export_skeleton(model, tokenizer, keep, tmp_path / "sk", {"rate": 0.65})
+    with torch.no_grad():
+        expected = model(batch["input_ids"], batch["attention_mask"])
+    torch.save({"batch": batch, "expected": expected}, tmp_path / "io.pt")
+    # Stock transformers loads the backbone; nothing of ours is needed to rebuild its architecture.
+    script = textwrap.dedent(f"""
+        import json, torch
+        from transformers import AutoModel
+        backbone = AutoModel.from_pretrained({str(folder / "backbone")!r})
+        assert type(backbone).__module__.startswith("transformers."), type(backbone)
+        from skeleton.model import PromptClassifier
+        model = PromptClassifier.from_adapter(backbone, {str(folder / "adapter")!r}).eval()
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        with torch.no_grad():
+            got = model(io["batch"]["input_ids"], io["batch"]["attention_mask"])
+        print(json.dumps({{"diff": (got - io["expected"]).abs().max().item(), "params": model.num_parameters(),
+                           "width": backbone.config.intermediate_size}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["diff"] <= 1e-5
+    assert result["params"] == model.num_parameters()
+    assert result["width"] == kept_width(64, 0.65)
+    loaded, _, neurons = load_skeleton(folder)
+    assert neurons["keep"] == [k.tolist() for k in keep] and neurons["rate"] == 0.65
+
+
+def test_corrupt_artifact_is_named(tiny_classifier, tmp_path):
+    model, tokenizer = tiny_classifier
+    folder = export_skeleton(model, tokenizer, full_keep(model.backbone), tmp_path / "sk", {})
+    verify(folder)
+    weights = folder / "backbone" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ArtifactError, match="model.safetensors.*corrupt.*re-run"):
+        load_skeleton(folder)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="not a complete skeleton"):
+        load_skeleton(folder)
+
+
+def test_failed_export_leaves_nothing(tiny_classifier, tmp_path, monkeypatch):
+    model, tokenizer = tiny_classifier
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(model), "save_adapter", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_skeleton(model, tokenizer, full_keep(model.backbone), tmp_path / "sk", {})
+    assert list(tmp_path.iterdir()) == []
