@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "skeleton")  # library progress shows in flow logs
+# Library progress (training steps, attribution batches) shows in the flow's logs and the Prefect UI.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "skeleton")
+logging.getLogger("skeleton").setLevel(logging.INFO)
 
 from prefect import flow  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from tasks import pipeline, tracking  # noqa: E402
 from tasks.report import COLUMNS, results_table  # noqa: E402
@@ -34,7 +38,7 @@ def _file_hash(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-@flow(name="skeleton", log_prints=True)
+@flow(name="skeleton", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def full_sweep(
     task: str = "rotten_tomatoes",
     backbone: str = "minilm",
@@ -44,6 +48,7 @@ def full_sweep(
     max_length: int = 64,
     train_steps: int = 800,
     retune_steps: int = 200,
+    distill: float = 0.5,
     attribution_examples: int = 1024,
     seed: int = 0,
     data_file: str | None = None,
@@ -67,10 +72,12 @@ def full_sweep(
                                  text_column, label_column, _file_hash(data_file))
     print(f"data: {data['split_sizes']} labels {data['label_names']}")
     train_config = {"steps": train_steps, "seed": seed}
-    retune_config = {"steps": retune_steps, "seed": seed, "warmup_steps": 10, "eval_every": max(1, retune_steps // 4)}
+    retune_config = {"steps": retune_steps, "seed": seed, "warmup_steps": 10, "eval_every": max(1, retune_steps // 4),
+                     "distill": distill}
     run_id = tracking.start_sweep_run(experiment, {
         "task": task_name, "backbone": backbone, "prompt_length": prompt_length, "max_length": max_length,
-        "train_steps": train_steps, "retune_steps": retune_steps, "attribution_examples": attribution_examples,
+        "train_steps": train_steps, "retune_steps": retune_steps, "distill": distill,
+        "attribution_examples": attribution_examples,
         "seed": seed, "rates": rates, "methods": methods, "artifacts": str(pipeline.artifacts_dir())})
 
     full_model = pipeline.tune_prompt(data["path"], backbone, prompt_length, train_config)
@@ -78,26 +85,35 @@ def full_sweep(
     probe = pipeline.linear_probe(data["path"], backbone, seed)
     print(f"full prompt-tuned accuracy {full['accuracy']:.4f}; linear probe {probe['accuracy']:.4f}")
 
-    rows, scores = [], {}
-    for method in methods:
-        scores[method] = pipeline.attribute(data["path"], full_model["path"], method, attribution_examples, seed)["path"]
-        for rate in rates:
-            built = pipeline.build_skeleton(data["path"], full_model["path"], scores[method], rate, retune_config)
-            result = pipeline.evaluate(data["path"], built["path"])
-            rows.append({"method": method, "rate": rate, "kept_width": built["kept_width"],
-                         "val_accuracy": built["val_accuracy"], **result, "path": built["path"]})
-            print(f"sweep point {len(rows)}/{len(methods) * len(rates)}: {method} p={rate} "
-                  f"accuracy {result['accuracy']:.4f}")
+    # Independent sweep points are submitted together: a Dask task runner spreads them over its workers,
+    # the default runner takes them one at a time (parallel threads would only fight over the cores).
+    scores = {m: pipeline.attribute.submit(data["path"], full_model["path"], m, attribution_examples, seed)
+              for m in methods}
+    scores = {m: future.result()["path"] for m, future in scores.items()}
+    teacher = pipeline.teacher_logits(data["path"], full_model["path"])["path"] if distill else None
+    points = [(m, r) for m in methods for r in rates]
+    built = [pipeline.build_skeleton.submit(data["path"], full_model["path"], scores[m], r, retune_config, teacher)
+             for m, r in points]
+    built = [future.result() for future in built]
+    results = [pipeline.evaluate.submit(data["path"], b["path"]) for b in built]
+    rows = []
+    for (method, rate), b, future in zip(points, built, results):
+        result = future.result()
+        rows.append({"method": method, "rate": rate, "kept_width": b["kept_width"], "val_accuracy": b["val_accuracy"],
+                     **result, "path": b["path"]})
+        print(f"sweep point {len(rows)}/{len(points)}: {method} p={rate} accuracy {result['accuracy']:.4f}")
 
     speed = pipeline.benchmark(full["path"], [r["path"] for r in rows], batch_size=32, seq_len=max_length, repeats=20)
     for row in rows:
         row["speedup"] = speed[row["path"]]["speedup"]
-        tracking.log_point(run_id, row)
-    tracking.finish_sweep_run(run_id, rows, full, probe, scores)
+    for future in [tracking.log_point.submit(run_id, row) for row in rows]:
+        future.result()
     table = results_table(rows, full, probe)
+    records = [{**record, "data": data["path"]} for record in table.to_dict("records")]
+    tracking.finish_sweep_run(run_id, records, full, probe, scores)
     printed = table[COLUMNS].to_string(index=False, float_format="%.4f")
     print(f"data {data['path']}\nMLflow run {run_id} ({tracking.tracking_uri()})\n{printed}")
-    return [{**record, "data": data["path"]} for record in table.to_dict("records")]
+    return records
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,14 +126,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=800)
     parser.add_argument("--retune-steps", type=int, default=200)
+    parser.add_argument("--distill", type=float, default=0.5,
+                        help="weight of the full model's soft labels when re-tuning a skeleton (0 = off)")
     parser.add_argument("--attribution-examples", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-file", help="your own CSV / JSONL / Parquet file instead of --task")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--experiment", default="skeleton", help="MLflow experiment name")
-    args = parser.parse_args(argv)
-    full_sweep(**{k: v for k, v in vars(args).items()})
+    parser.add_argument("--dask", metavar="ADDRESS", help="run sweep points on a Dask cluster: a scheduler "
+                        "address (tcp://host:8786), or 'local:N' for a local cluster of N workers")
+    args = vars(parser.parse_args(argv))
+    dask = args.pop("dask")
+    sweep = full_sweep.with_options(task_runner=dask_runner(dask)) if dask else full_sweep
+    sweep(**args)
+
+
+def dask_runner(address: str):
+    """A prefect-dask task runner: an existing cluster's scheduler address, or 'local:N' (N workers)."""
+    from prefect_dask import DaskTaskRunner
+
+    if address.startswith("local:"):
+        workers = int(address.split(":", 1)[1])
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    return DaskTaskRunner(address=address)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import time
 import torch
 
 from skeleton.model import AdapterConfig, PromptClassifier
-from skeleton.train import batches
+from skeleton.train import map_batches
 
 log = logging.getLogger("skeleton")
 
@@ -29,9 +29,9 @@ def metrics(logits: torch.Tensor, labels, num_labels: int) -> dict[str, float]:
     return {"accuracy": accuracy, "macro_f1": macro_f1(logits, labels, num_labels)}
 
 
-@torch.no_grad()
 def pooled_features(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    return torch.cat([model.features(*model.embed(b["input_ids"], b["attention_mask"])) for b in batches(dataset, pad_id, batch_size)])
+    return map_batches(lambda b: model.features(*model.embed(b["input_ids"], b["attention_mask"])), dataset, pad_id,
+                       batch_size)
 
 
 def linear_probe(backbone, splits: dict, pad_id: int, num_labels: int, seed: int = 0) -> dict:

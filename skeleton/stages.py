@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from skeleton import data as data_lib
 from skeleton.attribution import attribute as attribute_neurons
@@ -96,15 +96,32 @@ def read_scores(path: str | Path) -> list[torch.Tensor]:
     return [torch.tensor(group["score"].to_numpy()) for _, group in table.groupby("layer")]
 
 
-def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, train_config: dict) -> dict:
-    """Keep the top (1 - rate) neurons per layer, slice them out, re-tune prompt and head, export."""
+def teacher_logits(out: Path, data: str, model: str) -> dict:
+    """The full model's logits on the training split: soft labels for re-tuning its skeletons."""
+    dsd, info = load_data(data)
+    classifier, _, _ = load_skeleton(model)
+    logits = predict(classifier, dsd["train"], info["pad_id"])
+    with atomic_dir(out) as tmp:
+        save_file({"logits": logits.contiguous()}, str(tmp / "train_logits.safetensors"))
+    return {"path": str(out / "train_logits.safetensors")}
+
+
+def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, train_config: dict,
+                   teacher: str | None = None) -> dict:
+    """Keep the top (1 - rate) neurons per layer, slice them out, re-tune prompt and head, export.
+
+    With `teacher` (train logits of the full model) and train_config["distill"] > 0, re-tuning also matches the
+    full model's soft labels."""
     check_rate(rate)
     dsd, info = load_data(data)
     classifier, tokenizer, _ = load_skeleton(model)
     keep = select(read_scores(scores), rate)
     slice_ffn(classifier.backbone, keep)
+    train_set = dsd["train"]
+    if teacher:
+        train_set = train_set.add_column("teacher", load_file(teacher)["logits"].tolist())
     start = time.perf_counter()
-    record = train(classifier, dsd["train"], dsd["validation"], info["pad_id"], TrainConfig(**train_config))
+    record = train(classifier, train_set, dsd["validation"], info["pad_id"], TrainConfig(**train_config))
     record["train_seconds"] = time.perf_counter() - start
     meta = {"rate": rate, "kept_width": len(keep[0]), "scores": scores, **record}
     export_skeleton(classifier, tokenizer, keep, out, meta)

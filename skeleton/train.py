@@ -22,10 +22,14 @@ class TrainConfig:
     warmup_steps: int = 30
     eval_every: int = 100  # keep the adapter with the best validation accuracy
     seed: int = 0
+    distill: float = 0.0  # weight of the teacher's soft labels (needs a "teacher" logits column); 0 = off
+    temperature: float = 2.0
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1:
             raise ValueError(f"steps, batch_size and eval_every must be positive: {self}")
+        if not 0.0 <= self.distill <= 1.0 or self.temperature <= 0:
+            raise ValueError(f"distill must be in [0, 1] and temperature positive: {self}")
 
 
 def collate(pad_id: int):
@@ -38,7 +42,10 @@ def collate(pad_id: int):
         for i, e in enumerate(examples):
             ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
             mask[i, : len(e["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e["label"] for e in examples])}
+        out = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e["label"] for e in examples])}
+        if "teacher" in examples[0]:
+            out["teacher"] = torch.tensor([e["teacher"] for e in examples])
+        return out
 
     return pad
 
@@ -64,14 +71,38 @@ def batches(dataset, pad_id: int, batch_size: int, shuffle: bool = False, seed: 
 
 
 @torch.no_grad()
+def map_batches(fn, dataset, pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """fn(batch) over length-sorted batches (little padding), concatenated back in dataset order."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    sampler = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    out = torch.cat([fn(b) for b in DataLoader(dataset, batch_sampler=sampler, collate_fn=collate(pad_id))])
+    result = torch.empty_like(out)
+    result[torch.tensor(order)] = out
+    return result
+
+
 def predict(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 64) -> torch.Tensor:
     """Logits (N, num_labels) in dataset order."""
     model.eval()
-    return torch.cat([model(b["input_ids"], b["attention_mask"]) for b in batches(dataset, pad_id, batch_size)])
+    return map_batches(lambda b: model(b["input_ids"], b["attention_mask"]), dataset, pad_id, batch_size)
 
 
 def accuracy(logits: torch.Tensor, labels) -> float:
     return (logits.argmax(-1) == torch.as_tensor(labels)).float().mean().item()
+
+
+def objective(logits: torch.Tensor, batch: dict, config: TrainConfig) -> torch.Tensor:
+    """Cross-entropy on the gold labels, mixed with distillation from the teacher's logits when given."""
+    loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+    if config.distill == 0.0:
+        return loss
+    if "teacher" not in batch:
+        raise ValueError("distill > 0 needs teacher logits: a 'teacher' column in the training set")
+    t = config.temperature
+    soft = torch.nn.functional.kl_div(torch.log_softmax(logits / t, -1), torch.log_softmax(batch["teacher"] / t, -1),
+                                      log_target=True, reduction="batchmean") * t * t
+    return (1 - config.distill) * loss + config.distill * soft
 
 
 def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: TrainConfig, progress=None) -> dict:
@@ -94,7 +125,7 @@ def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: Trai
         epoch += 1
         for batch in batches(train_set, pad_id, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch):
             model.train()
-            loss = torch.nn.functional.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+            loss = objective(model(batch["input_ids"], batch["attention_mask"]), batch, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -77,12 +77,21 @@ def attribute(data: str, model: str, method: str, examples: int, seed: int) -> d
     return stages.attribute(out, data, model, method, examples=examples, seed=seed)
 
 
-@task(name="build-skeleton", **CACHED)
-def build_skeleton(data: str, model: str, scores: str, rate: float, train_config: dict) -> dict:
+@task(name="teacher-logits", **CACHED)
+def teacher_logits(data: str, model: str) -> dict:
     from skeleton import stages
 
-    out = output_dir("skeletons", data=data, model=model, scores=scores, rate=rate, train=train_config)
-    return stages.build_skeleton(out, data, model, scores, rate, train_config)
+    return stages.teacher_logits(output_dir("teacher", data=data, model=model), data, model)
+
+
+@task(name="build-skeleton", **CACHED)
+def build_skeleton(data: str, model: str, scores: str, rate: float, train_config: dict,
+                   teacher: str | None = None) -> dict:
+    from skeleton import stages
+
+    out = output_dir("skeletons", data=data, model=model, scores=scores, rate=rate, train=train_config,
+                     teacher=teacher)
+    return stages.build_skeleton(out, data, model, scores, rate, train_config, teacher)
 
 
 @task(name="evaluate", **CACHED)

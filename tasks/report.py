@@ -5,6 +5,7 @@ from pathlib import Path
 
 COLUMNS = ["method", "rate", "kept_width", "accuracy", "macro_f1", "speedup", "parameters", "path"]
 EXTRA = ["val_accuracy", "logits"]  # kept in the records and the Parquet table, not printed
+FULL, PROBE = "full (prompt tuning)", "linear probe"  # the reference rows
 
 
 def results_table(rows: list[dict], full: dict, probe: dict):
@@ -12,21 +13,52 @@ def results_table(rows: list[dict], full: dict, probe: dict):
     import pandas as pd
 
     reference = [
-        {"method": "full (prompt tuning)", "rate": 0.0, "accuracy": full["accuracy"], "macro_f1": full["macro_f1"],
+        {"method": FULL, "rate": 0.0, "accuracy": full["accuracy"], "macro_f1": full["macro_f1"],
          "speedup": 1.0, "parameters": full["parameters"], "path": full["path"], "logits": full["logits"]},
-        {"method": "linear probe", "rate": 0.0, "accuracy": probe["accuracy"], "macro_f1": probe["macro_f1"]},
+        {"method": PROBE, "rate": 0.0, "accuracy": probe["accuracy"], "macro_f1": probe["macro_f1"]},
     ]
     table = pd.DataFrame(reference + sorted(rows, key=lambda r: (r["method"], r["rate"])))
     return table.reindex(columns=COLUMNS + EXTRA).astype({"kept_width": "Int64", "parameters": "Int64"})
 
 
-def plot_accuracy(rows: list[dict], full: dict, probe: dict, out: Path) -> Path:
+def _axes():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    return plt.subplots(figsize=(6, 4))
+
+
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return out
+
+
+def plot_history(history, out: Path) -> Path:
+    """Speed-up per reference rate over nights; regressed nights marked with a red x."""
+    fig, ax = _axes()
+    for rate, nights in history.groupby("rate"):
+        ax.plot(range(len(nights)), nights["speedup"], marker="o", label=f"p={rate}")
+        bad = [i for i, r in enumerate(nights["regression"]) if r]
+        ax.scatter(bad, nights["speedup"].iloc[bad], color="red", marker="x", s=80, zorder=3)
+    ax.set_xlabel("night")
+    ax.set_ylabel("speed-up over the full model")
+    ax.set_title("Nightly benchmark: speed-up history")
+    ax.legend()
+    return _save(fig, out)
+
+
+def plot_accuracy(records: list[dict], out: Path) -> Path:
+    """Accuracy against pruning rate, a line per selection method, the reference rows as horizontal lines."""
+    reference = {r["method"]: r for r in records if r["method"] in (FULL, PROBE)}
+    rows = [r for r in records if r["method"] not in reference]
+    full, probe = reference[FULL], reference[PROBE]
+    fig, ax = _axes()
     for method in sorted({r["method"] for r in rows}):
         points = sorted((r["rate"], r["accuracy"]) for r in rows if r["method"] == method)
         ax.plot(*zip(*points), marker="o", label=method)
@@ -36,7 +68,4 @@ def plot_accuracy(rows: list[dict], full: dict, probe: dict, out: Path) -> Path:
     ax.set_ylabel("test accuracy")
     ax.set_title("Skeleton accuracy vs sparsity")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)

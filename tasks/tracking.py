@@ -32,16 +32,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+def client_and_experiment(name: str) -> tuple[mlflow.MlflowClient, str]:
+    """The MLflow client and the id of experiment `name`, created on first use."""
+    client = _client()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return client, found.experiment_id
+    # With the default local store, an explicit artifact location keeps artifacts beside the database,
+    # whatever the working directory; a tracking server decides for itself.
+    location = None if "MLFLOW_TRACKING_URI" in os.environ else (ROOT / "mlruns").as_uri()
+    return client, client.create_experiment(name, artifact_location=location)
+
+
 @task(name="start-sweep-run", retries=2, retry_delay_seconds=2)
 def start_sweep_run(experiment: str, params: dict) -> str:
-    client = _client()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        # An explicit artifact location keeps artifacts beside the store, whatever the working directory.
-        location = None if "MLFLOW_TRACKING_URI" in os.environ else (ROOT / "mlruns").as_uri()
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
-    else:
-        experiment_id = found.experiment_id
+    client, experiment_id = client_and_experiment(experiment)
     run = client.create_run(experiment_id, run_name=f"sweep-{params['task']}-{params['backbone']}",
                             tags={"skeleton.kind": "sweep"})
     for key, value in {**params, "git_commit": git_commit()}.items():
@@ -68,7 +73,7 @@ def log_point(parent_run_id: str, row: dict) -> str:
 
 
 @task(name="finish-sweep-run", retries=2, retry_delay_seconds=2)
-def finish_sweep_run(parent_run_id: str, rows: list[dict], full: dict, probe: dict, scores: dict[str, str]) -> None:
+def finish_sweep_run(parent_run_id: str, records: list[dict], full: dict, probe: dict, scores: dict[str, str]) -> None:
     """Baseline metrics, the results table (Parquet), the accuracy-vs-sparsity plot and attribution scores."""
     import pandas as pd
 
@@ -80,8 +85,8 @@ def finish_sweep_run(parent_run_id: str, rows: list[dict], full: dict, probe: di
         client.log_metric(parent_run_id, f"linear_probe_{key}", float(probe[key])) if key in probe else None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        pd.DataFrame(rows).to_parquet(tmp / "results.parquet", index=False)
-        plot_accuracy(rows, full, probe, tmp / "accuracy_vs_sparsity.png")
+        pd.DataFrame(records).to_parquet(tmp / "results.parquet", index=False)
+        plot_accuracy(records, tmp / "accuracy_vs_sparsity.png")
         client.log_artifact(parent_run_id, str(tmp / "results.parquet"))
         client.log_artifact(parent_run_id, str(tmp / "accuracy_vs_sparsity.png"))
     for method, path in scores.items():

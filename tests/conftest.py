@@ -9,16 +9,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+import random  # noqa: E402
+
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-
-def tiny_bert_config(**overrides):
-    from transformers import BertConfig
-
-    settings = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=64, max_position_embeddings=128)
-    return BertConfig(**{**settings, **overrides})
+from helpers import tiny_bert_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -61,5 +58,27 @@ def batch(minilm_tokenizer):
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor([0, 1, 2, 1])}
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "real_model: uses the real packaged MiniLM model (slower)")
+POSITIVE = ["great", "wonderful", "moving", "sharp", "funny", "brilliant", "tender", "bold"]
+NEGATIVE = ["dull", "boring", "clumsy", "flat", "tedious", "awful", "lifeless", "stale"]
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def reviews_csv(tmp_path_factory):
+    rng = random.Random(0)
+    rows = []
+    for i in range(120):
+        label = rng.choice(["pos", "neg"])
+        words = rng.sample(POSITIVE if label == "pos" else NEGATIVE, 2)
+        rows.append({"review": f"review {i}: a {words[0]} and {words[1]} film", "sentiment": label})
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+

@@ -1,6 +1,5 @@
 """The sweep flow end to end on a tiny BERT and a small user CSV: table, exports, MLflow, caching, bad input."""
 import json
-import random
 import subprocess
 import sys
 import textwrap
@@ -9,41 +8,11 @@ import time
 import pandas as pd
 import pytest
 
+from helpers import sweep_args
 from skeleton.data import DataError
 
-POSITIVE = ["great", "wonderful", "moving", "sharp", "funny", "brilliant", "tender", "bold"]
-NEGATIVE = ["dull", "boring", "clumsy", "flat", "tedious", "awful", "lifeless", "stale"]
 
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def reviews_csv(tmp_path_factory):
-    rng = random.Random(0)
-    rows = []
-    for i in range(120):
-        label = rng.choice(["pos", "neg"])
-        words = rng.sample(POSITIVE if label == "pos" else NEGATIVE, 2)
-        rows.append({"review": f"review {i}: a {words[0]} and {words[1]} film", "sentiment": label})
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
-
-
-def sweep_args(backbone, data_file, **overrides):
-    return {"backbone": str(backbone), "data_file": str(data_file), "text_column": "review",
-            "label_column": "sentiment", "rates": [0.5], "methods": ["grad_x_act", "random"], "prompt_length": 4,
-            "max_length": 24, "train_steps": 6, "retune_steps": 4, "attribution_examples": 16,
-            "experiment": "test-sweep", **overrides}
-
-
-def task_states(flow_run_id, expected=15):
+def task_states(flow_run_id, expected=16):
     """(task name, final state name) of a flow run's task runs, once the server has recorded them all."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -88,16 +57,16 @@ def test_sweep_end_to_end_then_cached(prefect_server, tiny_backbone_dir, reviews
 
     again = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv), return_state=True)
     states = dict(task_states(again.state_details.flow_run_id))
-    for heavy in ("prepare-data", "tune-prompt", "linear-probe", "attribute", "build-skeleton", "evaluate",
-                  "benchmark-latency"):
+    for heavy in ("prepare-data", "tune-prompt", "linear-probe", "attribute", "teacher-logits", "build-skeleton",
+                  "evaluate", "benchmark-latency"):
         assert states[heavy] == "Cached", (heavy, states)
     assert pd.DataFrame(again.result()).drop(columns="speedup").equals(table.drop(columns="speedup"))
 
     # A new rate recomputes only what depends on it.
     more = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, rates=[0.5, 0.75]), return_state=True)
-    runs = task_states(more.state_details.flow_run_id, expected=21)
+    runs = task_states(more.state_details.flow_run_id, expected=22)
     fresh = {name for name, st in runs if st != "Cached"}
-    assert {"prepare-data", "tune-prompt", "linear-probe", "attribute"}.isdisjoint(fresh)
+    assert {"prepare-data", "tune-prompt", "linear-probe", "attribute", "teacher-logits"}.isdisjoint(fresh)
     assert {"build-skeleton", "benchmark-latency"} <= fresh
     built = [st for name, st in runs if name == "build-skeleton"]
     assert sorted(built) == ["Cached", "Cached", "Completed", "Completed"]
@@ -146,3 +115,21 @@ def test_bad_input_fails_before_training(prefect_server, tiny_backbone_dir, revi
         full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, **overrides))
     after = set(models.iterdir()) if models.exists() else set()
     assert after == before  # nothing was trained
+
+
+def test_sweep_on_local_dask_cluster_matches_default_runner(prefect_server, tiny_backbone_dir, reviews_csv, tmp_path):
+    from flows.sweep import dask_runner, full_sweep
+
+    # A copy of the data file under another path: same data, fresh cache keys, so both runs really compute.
+    copies = []
+    for name in ("threads", "dask"):
+        (tmp_path / name).mkdir()
+        copies.append(tmp_path / name / reviews_csv.name)
+        copies[-1].write_bytes(reviews_csv.read_bytes())
+    args = dict(rates=[0.5, 0.75], experiment="dask")
+    default = pd.DataFrame(full_sweep(**sweep_args(tiny_backbone_dir, copies[0], **args)))
+    on_dask = pd.DataFrame(full_sweep.with_options(task_runner=dask_runner("local:2"))(
+        **sweep_args(tiny_backbone_dir, copies[1], **args)))
+    same = ["method", "rate", "kept_width", "accuracy", "macro_f1", "parameters", "val_accuracy"]
+    pd.testing.assert_frame_equal(default[same], on_dask[same])
+    assert set(default["path"].dropna()).isdisjoint(on_dask["path"].dropna())  # computed twice, not cached

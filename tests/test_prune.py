@@ -112,3 +112,4 @@ def test_failed_export_leaves_nothing(tiny_classifier, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         export_skeleton(model, tokenizer, full_keep(model.backbone), tmp_path / "sk", {})
     assert list(tmp_path.iterdir()) == []
+
