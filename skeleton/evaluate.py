@@ -8,7 +8,7 @@ import time
 import torch
 
 from skeleton.model import AdapterConfig, PromptClassifier
-from skeleton.train import map_batches
+from skeleton.train import accuracy, map_batches
 
 log = logging.getLogger("skeleton")
 
@@ -25,8 +25,7 @@ def macro_f1(logits: torch.Tensor, labels, num_labels: int) -> float:
 
 
 def metrics(logits: torch.Tensor, labels, num_labels: int) -> dict[str, float]:
-    accuracy = (logits.argmax(-1) == torch.as_tensor(labels)).float().mean().item()
-    return {"accuracy": accuracy, "macro_f1": macro_f1(logits, labels, num_labels)}
+    return {"accuracy": accuracy(logits, labels), "macro_f1": macro_f1(logits, labels, num_labels)}
 
 
 def pooled_features(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 64) -> torch.Tensor:

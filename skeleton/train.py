@@ -105,7 +105,7 @@ def objective(logits: torch.Tensor, batch: dict, config: TrainConfig) -> torch.T
     return (1 - config.distill) * loss + config.distill * soft
 
 
-def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: TrainConfig, progress=None) -> dict:
+def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: TrainConfig) -> dict:
     """Tune the prompt and head (the backbone stays frozen). Returns a small record of the run."""
     torch.manual_seed(config.seed)
     groups = [{"params": [model.prompt], "lr": config.lr_prompt}, {"params": model.head.parameters(), "lr": config.lr_head}]
@@ -136,8 +136,6 @@ def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: Trai
                 val_acc = accuracy(predict(model, val_set, pad_id), val_set["label"])
                 n = config.eval_every if step % config.eval_every == 0 else step % config.eval_every
                 log.info("step %d/%d  loss %.4f  val_accuracy %.4f", step, config.steps, running / n, val_acc)
-                if progress:
-                    progress(step, config.steps, val_acc)
                 running = 0.0
                 if val_acc > best["val_accuracy"]:
                     best = {"val_accuracy": val_acc, "step": step}

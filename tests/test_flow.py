@@ -133,3 +133,15 @@ def test_sweep_on_local_dask_cluster_matches_default_runner(prefect_server, tiny
     same = ["method", "rate", "kept_width", "accuracy", "macro_f1", "parameters", "val_accuracy"]
     pd.testing.assert_frame_equal(default[same], on_dask[same])
     assert set(default["path"].dropna()).isdisjoint(on_dask["path"].dropna())  # computed twice, not cached
+
+    # Child runs logged from the Dask workers nest under their sweep's parent run.
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_experiment_by_name("dask").experiment_id
+    parents = client.search_runs([experiment_id], "tags.`skeleton.kind` = 'sweep'")
+    assert len(parents) == 2
+    for parent in parents:
+        children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert sorted((c.data.params["method"], c.data.metrics["rate"]) for c in children) == [
+            ("grad_x_act", 0.5), ("grad_x_act", 0.75), ("random", 0.5), ("random", 0.75)]
