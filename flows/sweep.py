@@ -80,39 +80,44 @@ def full_sweep(
         "attribution_examples": attribution_examples,
         "seed": seed, "rates": rates, "methods": methods, "artifacts": str(pipeline.artifacts_dir())})
 
-    full_model = pipeline.tune_prompt(data["path"], backbone, prompt_length, train_config)
-    full = {**pipeline.evaluate(data["path"], full_model["path"]), "path": full_model["path"]}
-    probe = pipeline.linear_probe(data["path"], backbone, seed)
-    print(f"full prompt-tuned accuracy {full['accuracy']:.4f}; linear probe {probe['accuracy']:.4f}")
+    try:
+        full_model = pipeline.tune_prompt(data["path"], backbone, prompt_length, train_config)
+        full = {**pipeline.evaluate(data["path"], full_model["path"]), "path": full_model["path"]}
+        probe = pipeline.linear_probe(data["path"], backbone, seed)
+        print(f"full prompt-tuned accuracy {full['accuracy']:.4f}; linear probe {probe['accuracy']:.4f}")
 
-    # Independent sweep points are submitted together: a Dask task runner spreads them over its workers,
-    # the default runner takes them one at a time (parallel threads would only fight over the cores).
-    scores = {m: pipeline.attribute.submit(data["path"], full_model["path"], m, attribution_examples, seed)
-              for m in methods}
-    scores = {m: future.result()["path"] for m, future in scores.items()}
-    teacher = pipeline.teacher_logits(data["path"], full_model["path"])["path"] if distill else None
-    points = [(m, r) for m in methods for r in rates]
-    built = [pipeline.build_skeleton.submit(data["path"], full_model["path"], scores[m], r, retune_config, teacher)
-             for m, r in points]
-    built = [future.result() for future in built]
-    results = [pipeline.evaluate.submit(data["path"], b["path"]) for b in built]
-    rows = []
-    for (method, rate), b, future in zip(points, built, results):
-        result = future.result()
-        rows.append({"method": method, "rate": rate, "kept_width": b["kept_width"], "val_accuracy": b["val_accuracy"],
-                     **result, "path": b["path"]})
-        print(f"sweep point {len(rows)}/{len(points)}: {method} p={rate} accuracy {result['accuracy']:.4f}")
+        # Independent sweep points are submitted together: a Dask task runner spreads them over its workers,
+        # the default runner takes them one at a time (parallel threads would only fight over the cores).
+        scores = {m: pipeline.attribute.submit(data["path"], full_model["path"], m, attribution_examples, seed)
+                  for m in methods}
+        scores = {m: future.result()["path"] for m, future in scores.items()}
+        teacher = pipeline.teacher_logits(data["path"], full_model["path"])["path"] if distill else None
+        points = [(m, r) for m in methods for r in rates]
+        built = [pipeline.build_skeleton.submit(data["path"], full_model["path"], scores[m], r, retune_config, teacher)
+                 for m, r in points]
+        built = [future.result() for future in built]
+        results = [pipeline.evaluate.submit(data["path"], b["path"]) for b in built]
+        rows = []
+        for (method, rate), b, future in zip(points, built, results):
+            result = future.result()
+            rows.append({"method": method, "rate": rate, "kept_width": b["kept_width"],
+                         "val_accuracy": b["val_accuracy"], **result, "path": b["path"]})
+            print(f"sweep point {len(rows)}/{len(points)}: {method} p={rate} accuracy {result['accuracy']:.4f}")
 
-    speed = pipeline.benchmark(full["path"], [r["path"] for r in rows], batch_size=32, seq_len=max_length, repeats=20)
-    for row in rows:
-        row["speedup"] = speed[row["path"]]["speedup"]
-    for future in [tracking.log_point.submit(run_id, row) for row in rows]:
-        future.result()
-    table = results_table(rows, full, probe)
-    records = [{**record, "data": data["path"]} for record in table.to_dict("records")]
-    tracking.finish_sweep_run(run_id, records, full, probe, scores)
-    printed = table[COLUMNS].to_string(index=False, float_format="%.4f")
-    print(f"data {data['path']}\nMLflow run {run_id} ({tracking.tracking_uri()})\n{printed}")
+        speed = pipeline.benchmark(full["path"], [r["path"] for r in rows], batch_size=32, seq_len=max_length,
+                                   repeats=20)
+        for row in rows:
+            row["speedup"] = speed[row["path"]]["speedup"]
+        for future in [tracking.log_point.submit(run_id, row) for row in rows]:
+            future.result()
+        table = results_table(rows, full, probe)
+        records = [{**record, "data": data["path"]} for record in table.to_dict("records")]
+        tracking.finish_sweep_run(run_id, records, full, probe, scores)
+        printed = table[COLUMNS].to_string(index=False, float_format="%.4f")
+        print(f"data {data['path']}\nMLflow run {run_id} ({tracking.tracking_uri()})\n{printed}")
+    except BaseException:
+        tracking.fail_run(run_id)  # a crashed sweep must not look "running" in MLflow forever
+        raise
     return records
 
 

@@ -67,5 +67,5 @@ def plot_accuracy(records: list[dict], out: Path) -> Path:
     ax.set_xlabel("FFN pruning rate")
     ax.set_ylabel("test accuracy")
     ax.set_title("Skeleton accuracy vs sparsity")
-    ax.legend()
+    ax.legend(loc="lower left")
     return _save(fig, out)

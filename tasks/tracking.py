@@ -72,6 +72,11 @@ def log_point(parent_run_id: str, row: dict) -> str:
     return run_id
 
 
+def fail_run(run_id: str) -> None:
+    """Mark a sweep's parent run FAILED, so the MLflow UI never shows a crashed sweep as still running."""
+    _client().set_terminated(run_id, "FAILED")
+
+
 @task(name="finish-sweep-run", retries=2, retry_delay_seconds=2)
 def finish_sweep_run(parent_run_id: str, records: list[dict], full: dict, probe: dict, scores: dict[str, str]) -> None:
     """Baseline metrics, the results table (Parquet), the accuracy-vs-sparsity plot and attribution scores."""
@@ -82,7 +87,8 @@ def finish_sweep_run(parent_run_id: str, records: list[dict], full: dict, probe:
     client = _client()
     for key in ("accuracy", "macro_f1", "parameters"):
         client.log_metric(parent_run_id, f"full_{key}", float(full[key]))
-        client.log_metric(parent_run_id, f"linear_probe_{key}", float(probe[key])) if key in probe else None
+    for key in ("accuracy", "macro_f1"):
+        client.log_metric(parent_run_id, f"linear_probe_{key}", float(probe[key]))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pd.DataFrame(records).to_parquet(tmp / "results.parquet", index=False)

@@ -145,3 +145,21 @@ def test_sweep_on_local_dask_cluster_matches_default_runner(prefect_server, tiny
         children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
         assert sorted((c.data.params["method"], c.data.metrics["rate"]) for c in children) == [
             ("grad_x_act", 0.5), ("grad_x_act", 0.75), ("random", 0.5), ("random", 0.75)]
+
+
+def test_crashed_sweep_marks_its_mlflow_run_failed(prefect_server, tiny_backbone_dir, reviews_csv, monkeypatch):
+    import mlflow
+    from prefect import task
+
+    import flows.sweep as sweep
+
+    @task
+    def broken(*args, **kwargs):
+        raise RuntimeError("attribution exploded")
+
+    monkeypatch.setattr(sweep.pipeline.attribute, "submit", broken.submit)
+    with pytest.raises(RuntimeError, match="attribution exploded"):
+        sweep.full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, experiment="crash"))
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("crash").experiment_id])
+    assert run.info.status == "FAILED"
