@@ -82,7 +82,8 @@ def full_sweep(
 
     try:
         full_model = pipeline.tune_prompt(data["path"], backbone, prompt_length, train_config)
-        full = {**pipeline.evaluate(data["path"], full_model["path"]), "path": full_model["path"]}
+        full = {**pipeline.evaluate(data["path"], full_model["path"]), "path": full_model["path"],
+                "val_accuracy": full_model["val_accuracy"]}
         probe = pipeline.linear_probe(data["path"], backbone, seed)
         print(f"full prompt-tuned accuracy {full['accuracy']:.4f}; linear probe {probe['accuracy']:.4f}")
 

@@ -14,8 +14,10 @@ def results_table(rows: list[dict], full: dict, probe: dict):
 
     reference = [
         {"method": FULL, "rate": 0.0, "accuracy": full["accuracy"], "macro_f1": full["macro_f1"],
-         "speedup": 1.0, "parameters": full["parameters"], "path": full["path"], "logits": full["logits"]},
-        {"method": PROBE, "rate": 0.0, "accuracy": probe["accuracy"], "macro_f1": probe["macro_f1"]},
+         "speedup": 1.0, "parameters": full["parameters"], "path": full["path"], "logits": full["logits"],
+         "val_accuracy": full["val_accuracy"]},
+        {"method": PROBE, "rate": 0.0, "accuracy": probe["accuracy"], "macro_f1": probe["macro_f1"],
+         "val_accuracy": probe["val_accuracy"]},
     ]
     table = pd.DataFrame(reference + sorted(rows, key=lambda r: (r["method"], r["rate"])))
     return table.reindex(columns=COLUMNS + EXTRA).astype({"kept_width": "Int64", "parameters": "Int64"})
