@@ -30,7 +30,7 @@ def wide_backbone_dir(tmp_path_factory, minilm_tokenizer):
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("wide-bert")
-    BertModel(tiny_bert_config(hidden_size=64, intermediate_size=4096)).save_pretrained(folder)
+    BertModel(tiny_bert_config(hidden_size=64, intermediate_size=8192)).save_pretrained(folder)
     minilm_tokenizer.save_pretrained(folder)
     return folder
 
@@ -42,10 +42,10 @@ def test_nightly_passes_unchanged_and_fails_on_a_slower_skeleton(prefect_server,
     records = full_sweep(**sweep_args(wide_backbone_dir, reviews_csv, rates=[0.8], methods=["grad_x_act"],
                                       experiment="nightly-source"))
     baseline = nightly.promote(records, source="test")
-    assert [p["rate"] for p in baseline["points"]] == [0.8] and baseline["points"][0]["speedup"] > 1.5
+    assert [p["rate"] for p in baseline["points"]] == [0.8] and baseline["points"][0]["speedup"] > 2.5
 
-    # Tolerances sized for timing noise of a small model on a shared machine; the regression below is ~3x.
-    thresholds = dict(speedup_drop=0.4, accuracy_drop=0.01, experiment="nightly-test")
+    # Tolerances sized for timing noise of a small model on a shared machine; the regression below is ~4x.
+    thresholds = dict(speedup_drop=0.5, accuracy_drop=0.01, repeats=30, experiment="nightly-test")
     measured = nightly_benchmark(**thresholds)
     assert measured[0]["accuracy"] == baseline["points"][0]["accuracy"]  # same split, same model
 
