@@ -35,9 +35,9 @@ def nightly_benchmark(speedup_drop: float = 0.10, accuracy_drop: float = 0.01, r
 
     thresholds = Thresholds(speedup_drop, accuracy_drop)
     baseline = nightly.read_baseline()
-    measured = nightly.measure_reference(repeats=repeats)
+    measured = nightly.measure_reference(baseline, repeats=repeats)
     found = regressions(baseline["points"], measured, thresholds)
-    run_id = nightly.record_night(experiment, measured, found)
+    run_id = nightly.record_night(experiment, baseline, measured, found)
     for m in measured:
         print(f"rate {m['rate']}: speedup {m['speedup']:.3f}x, accuracy {m['accuracy']:.4f}")
     if found:

@@ -105,8 +105,8 @@ def full_sweep(
                          "val_accuracy": b["val_accuracy"], **result, "path": b["path"]})
             print(f"sweep point {len(rows)}/{len(points)}: {method} p={rate} accuracy {result['accuracy']:.4f}")
 
-        speed = pipeline.benchmark(full["path"], [r["path"] for r in rows], batch_size=32, seq_len=max_length,
-                                   repeats=20)
+        speed = pipeline.benchmark(full["path"], [r["path"] for r in rows], pipeline.BENCHMARK_BATCH_SIZE,
+                                   max_length, repeats=20)
         for row in rows:
             row["speedup"] = speed[row["path"]]["speedup"]
         for future in [tracking.log_point.submit(run_id, row) for row in rows]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.pipeline import artifacts_dir
+from tasks.pipeline import BENCHMARK_BATCH_SIZE, artifacts_dir
 
 
 def nightly_dir() -> Path:
@@ -36,8 +36,10 @@ def read_baseline() -> dict:
 def promote(records: list[dict], method: str = "grad_x_act", source: str = "") -> dict:
     """Make these sweep results the baseline: copies the full model, the `method` skeletons and the data."""
     from skeleton.io import atomic_dir
+    from skeleton.stages import INFO
+    from tasks.report import FULL
 
-    full = next(r for r in records if r["method"].startswith("full"))
+    full = next(r for r in records if r["method"] == FULL)
     points = sorted((r for r in records if r["method"] == method), key=lambda r: r["rate"])
     if not points:
         raise ValueError(f"no {method!r} rows in these results; methods present: "
@@ -47,10 +49,11 @@ def promote(records: list[dict], method: str = "grad_x_act", source: str = "") -
         shutil.copytree(full["path"], tmp / "models" / "full")
         for p in points:
             shutil.copytree(p["path"], tmp / "models" / f"p{p['rate']}")
-        seq_len = json.loads((Path(full["data"]) / "info.json").read_text())["max_length"]
+        seq_len = json.loads((Path(full["data"]) / INFO).read_text())["max_length"]
         baseline = {
             "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "source": source,
-            "method": method, "full_accuracy": full["accuracy"], "batch_size": 32, "seq_len": seq_len,
+            "method": method, "full_accuracy": full["accuracy"], "batch_size": BENCHMARK_BATCH_SIZE,
+            "seq_len": seq_len,
             "points": [{"rate": p["rate"], "accuracy": p["accuracy"], "speedup": p["speedup"],
                         "model": f"models/p{p['rate']}"} for p in points],
         }
@@ -59,12 +62,11 @@ def promote(records: list[dict], method: str = "grad_x_act", source: str = "") -
 
 
 @task(name="measure-reference")
-def measure_reference(repeats: int = 20) -> list[dict]:
+def measure_reference(baseline: dict, repeats: int = 20) -> list[dict]:
     """Tonight's speed-up (interleaved, same process) and test accuracy of every reference skeleton, at the
     baseline's batch size and sequence length."""
     from skeleton import stages
 
-    baseline = read_baseline()
     root = baseline_file().parent
     paths = {p["rate"]: str(root / p["model"]) for p in baseline["points"]}
     speed = stages.benchmark(str(root / "models" / "full"), list(paths.values()), baseline["batch_size"],
@@ -78,7 +80,7 @@ def measure_reference(repeats: int = 20) -> list[dict]:
 
 
 @task(name="record-night", retries=2, retry_delay_seconds=2)
-def record_night(experiment: str, measured: list[dict], found: list[str]) -> str:
+def record_night(experiment: str, baseline: dict, measured: list[dict], found: list[str]) -> str:
     """Append to the history, log the night to MLflow (tagged when it regressed) with the history plot."""
     import tempfile
 
@@ -102,7 +104,7 @@ def record_night(experiment: str, measured: list[dict], found: list[str]) -> str
     for m in measured:
         client.log_metric(run.info.run_id, f"speedup_p{m['rate']}", m["speedup"])
         client.log_metric(run.info.run_id, f"accuracy_p{m['rate']}", m["accuracy"])
-    client.log_param(run.info.run_id, "baseline_promoted_at", read_baseline()["promoted_at"])
+    client.log_param(run.info.run_id, "baseline_promoted_at", baseline["promoted_at"])
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_history(history, Path(tmp) / "speedup_history.png")
         client.log_artifact(run.info.run_id, str(plot))

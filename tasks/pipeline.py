@@ -15,6 +15,7 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARK_BATCH_SIZE = 32  # the sweep's latency measurement, and so the nightly baseline's
 
 
 def artifacts_dir() -> Path:

@@ -33,10 +33,10 @@ def _axes():
 
 
 def _save(fig, out: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
     import matplotlib.pyplot as plt
 
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
 
