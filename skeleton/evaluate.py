@@ -1,9 +1,7 @@
-"""Accuracy, macro-F1, the linear-probe reference, and interleaved latency of full vs skeleton models."""
+"""Accuracy, macro-F1 and the linear-probe reference. (Latency: skeleton.benchmark.)"""
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 
 import torch
 
@@ -34,7 +32,8 @@ def pooled_features(model: PromptClassifier, dataset, pad_id: int, batch_size: i
 
 
 def linear_probe(backbone, splits: dict, pad_id: int, num_labels: int, seed: int = 0) -> dict:
-    """The task head alone, trained to convergence (L-BFGS) on frozen, un-prompted mean-pooled features.
+    """The task head alone, trained to convergence (L-BFGS) on frozen, un-prompted features (pooled as the
+    backbone's family says: mean for BERT, last token for LLaMA).
 
     The L2 strength is picked on validation. Returns test metrics and the chosen strength.
     """
@@ -60,24 +59,3 @@ def linear_probe(backbone, splits: dict, pad_id: int, num_labels: int, seed: int
                 best = (val, l2, metrics(head(feats["test"]), labels["test"], num_labels))
     log.info("linear probe: val accuracy %.4f (l2 %g), test %s", best[0], best[1], best[2])
     return {**best[2], "val_accuracy": best[0], "l2": best[1]}
-
-
-@torch.no_grad()
-def interleaved_latency(
-    models: dict[str, PromptClassifier], batch_size: int = 32, seq_len: int = 64, repeats: int = 20, warmup: int = 3
-) -> dict[str, float]:
-    """Median forward seconds per model, timed round-robin in one process so machine noise hits all alike."""
-    vocab = next(iter(models.values())).backbone.config.vocab_size
-    ids = torch.randint(1000, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for model in models.values():
-        model.eval()
-        for _ in range(warmup):
-            model(ids, mask)
-    for _ in range(repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(ids, mask)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}

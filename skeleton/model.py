@@ -1,23 +1,28 @@
 """The task model: a frozen backbone, m trainable soft-prompt vectors and a linear head.
 
-    logits = head(mean over text tokens of backbone([prompt; embed(input_ids)]))
+    logits = head(pool(backbone([prompt; embed(input_ids)])))
 
-input_ids, attention_mask: (batch, seq) -> logits: (batch, num_labels). The prompt positions are attended to
-but excluded from the pooling, because this sentence-transformer checkpoint was trained for mean pooling of
-its text tokens. With prompt_length=0 the same module is the linear probe on frozen features.
+input_ids, attention_mask: (batch, seq), right-padded -> logits: (batch, num_labels). Pooling (AdapterConfig.pooling,
+default from the backbone's family): "mean" over the text tokens, prompt positions excluded (what the MiniLM
+sentence-transformer was trained for), or "last", the hidden state of the last text token (a causal decoder's
+only position that has read the whole text). With prompt_length=0 the module is the linear probe on frozen
+features.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from skeleton.backbones import family_of
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+POOLINGS = ("mean", "last")
 
 
 @dataclass
@@ -25,18 +30,24 @@ class AdapterConfig:
     num_labels: int
     prompt_length: int = 20
     label_names: list[str] = field(default_factory=list)
+    pooling: str | None = None  # "mean" or "last" (see module doc); None: the backbone family's default
 
     def __post_init__(self):
         if self.num_labels < 2:
             raise ValueError(f"num_labels must be at least 2, got {self.num_labels}")
         if self.prompt_length < 0:
             raise ValueError(f"prompt_length must be >= 0, got {self.prompt_length}")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))} (or None for the backbone "
+                             f"family's default), got {self.pooling!r}")
 
 
 class PromptClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, config: AdapterConfig, seed: int = 0):
         super().__init__()
         self.backbone = backbone.requires_grad_(False).eval()
+        if config.pooling is None:
+            config = replace(config, pooling=family_of(backbone).default_pooling)
         self.config = config
         embeddings = backbone.get_input_embeddings().weight
         # Initialise the prompt from randomly drawn vocabulary embeddings: the usual prompt-tuning init.
@@ -62,7 +73,11 @@ class PromptClassifier(nn.Module):
         return torch.cat([prompt, tokens], 1), torch.cat([prompt_mask, attention_mask], 1)
 
     def features(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        out = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state
+        if self.config.pooling == "last":  # the last attended position: the last text token under right padding
+            last = (attention_mask * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(1)
+            return hidden[torch.arange(len(hidden), device=hidden.device), last]
         m = self.config.prompt_length
         text, mask = hidden[:, m:], attention_mask[:, m:].unsqueeze(-1).to(hidden.dtype)
         return (text * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -85,7 +100,8 @@ class PromptClassifier(nn.Module):
     @classmethod
     def from_adapter(cls, backbone: nn.Module, folder: str | Path) -> "PromptClassifier":
         folder = Path(folder)
-        config = AdapterConfig(**json.loads((folder / ADAPTER_CONFIG).read_text()))
+        # adapters saved before pooling was configurable all pooled by mean
+        config = AdapterConfig(**{"pooling": "mean", **json.loads((folder / ADAPTER_CONFIG).read_text())})
         model = cls(backbone, config)
         model.load_adapter_state(load_file(str(folder / ADAPTER_WEIGHTS)))
         return model

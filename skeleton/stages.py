@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,13 +16,14 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from skeleton import data as data_lib
-from skeleton.attribution import attribute as attribute_neurons
+from skeleton import benchmark as bench, data as data_lib
+from skeleton.attribution import attribute as attribute_neurons, attribute_with_heads, scores_heads
 from skeleton.backbones import family_of, load_backbone
-from skeleton.evaluate import interleaved_latency, linear_probe as probe, metrics
+from skeleton.evaluate import linear_probe as probe, metrics
 from skeleton.io import atomic_dir
 from skeleton.model import AdapterConfig, PromptClassifier
-from skeleton.prune import check_rate, export_skeleton, load_skeleton, select, slice_ffn
+from skeleton.prune import (check_allocation, check_head_rate, check_rate, export_skeleton, load_skeleton, select,
+                            select_heads, slice_ffn, slice_heads)
 from skeleton.train import TrainConfig, predict, train
 
 log = logging.getLogger("skeleton")
@@ -65,7 +67,8 @@ def tune_prompt(out: Path, data: str, backbone: str, prompt_length: int, train_c
     start = time.perf_counter()
     record = train(model, dsd["train"], dsd["validation"], info["pad_id"], config)
     record["train_seconds"] = time.perf_counter() - start
-    export_skeleton(model, tokenizer, full_keep(model_backbone), out, {"rate": 0.0, "backbone": backbone, **record})
+    meta = {"rate": 0.0, "backbone": backbone, "task": info["task"], "max_length": info["max_length"], **record}
+    export_skeleton(model, tokenizer, full_keep(model_backbone), out, meta)
     return {"path": str(out), **record}
 
 
@@ -77,22 +80,43 @@ def linear_probe(data: str, backbone: str, seed: int = 0) -> dict:
 
 def attribute(out: Path, data: str, model: str, method: str, examples: int = 1024, batch_size: int = 32,
               seed: int = 0) -> dict:
-    """Score every FFN neuron on `examples` training examples; saved as Parquet (layer, neuron, score)."""
+    """Score every FFN neuron on `examples` training examples, and every attention head in the same pass when the
+    method and the backbone's family can; saved as Parquet (layer, neuron, score, unit): unit "ffn" rows are FFN
+    neurons, "head" rows attention heads (neuron = head index). Files from before heads have no unit column:
+    read_scores takes them as all "ffn"."""
     dsd, info = load_data(data)
     classifier, _, _ = load_skeleton(model)
     subset = dsd["train"].shuffle(seed=seed).select(range(min(examples, len(dsd["train"]))))
+    with_heads = scores_heads(method) and has_heads(classifier.backbone)
+    score = attribute_with_heads if with_heads else attribute_neurons
     start = time.perf_counter()
-    scores = attribute_neurons(method, classifier, subset, info["pad_id"], batch_size=batch_size, seed=seed)
+    scores = score(method, classifier, subset, info["pad_id"], batch_size=batch_size, seed=seed)
     seconds = time.perf_counter() - start
-    table = pd.DataFrame([{"layer": i, "neuron": j, "score": float(s)} for i, layer in enumerate(scores)
-                          for j, s in enumerate(layer.tolist())])
+    units = {"ffn": scores[0], "head": scores[1]} if with_heads else {"ffn": scores}
+    table = pd.DataFrame([{"layer": i, "neuron": j, "score": float(s), "unit": unit} for unit, layers in units.items()
+                          for i, layer in enumerate(layers) for j, s in enumerate(layer.tolist())])
+    record = {"method": method, "examples": len(subset), "seconds": seconds, "heads": with_heads}
     with atomic_dir(out) as tmp:
         table.to_parquet(tmp / "scores.parquet", index=False)
-    return {"path": str(out / "scores.parquet"), "method": method, "examples": len(subset), "seconds": seconds}
+        (tmp / "scores.json").write_text(json.dumps(record))  # how the scores were made, for the skeletons' meta
+    return {"path": str(out / "scores.parquet"), **record}
 
 
-def read_scores(path: str | Path) -> list[torch.Tensor]:
-    table = pd.read_parquet(path).sort_values(["layer", "neuron"])
+def has_heads(backbone) -> bool:
+    """Whether the backbone's family knows its attention heads (can score and prune them)."""
+    try:
+        family_of(backbone).attention_blocks(backbone)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def read_scores(path: str | Path, unit: str = "ffn") -> list[torch.Tensor]:
+    """Per-layer scores of one unit ("ffn" neurons or attention "head"s); [] when the file has none of that unit."""
+    table = pd.read_parquet(path)
+    if "unit" not in table:
+        table["unit"] = "ffn"  # written before head scores existed
+    table = table[table["unit"] == unit].sort_values(["layer", "neuron"])
     return [torch.tensor(group["score"].to_numpy()) for _, group in table.groupby("layer")]
 
 
@@ -107,15 +131,26 @@ def teacher_logits(out: Path, data: str, model: str) -> dict:
 
 
 def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, train_config: dict,
-                   teacher: str | None = None) -> dict:
-    """Keep the top (1 - rate) neurons per layer, slice them out, re-tune prompt and head, export.
+                   teacher: str | None = None, head_rate: float = 0.0, allocation: str = "uniform") -> dict:
+    """Keep the top (1 - rate) FFN neurons (and top (1 - head_rate) attention heads), slice the rest out, re-tune
+    prompt and head, export.
 
-    With `teacher` (train logits of the full model) and train_config["distill"] > 0, re-tuning also matches the
-    full model's soft labels."""
+    `allocation` (prune.ALLOCATIONS) decides how many each layer keeps: "uniform" (the same FFN width in every
+    layer), "global" or "per_layer"; heads follow the same rule, at least one per layer. With `teacher` (train
+    logits of the full model) and train_config["distill"] > 0, re-tuning also matches the full model's soft labels."""
     check_rate(rate)
+    check_head_rate(head_rate)
+    check_allocation(allocation)
+    head_scores = read_scores(scores, unit="head") if head_rate > 0 else []
+    if head_rate > 0 and not head_scores:
+        raise ValueError(f"head_rate={head_rate} needs attention-head scores, and {scores} has none: re-run "
+                         "attribution with a method that scores heads (e.g. grad_x_act, activation, random)")
     dsd, info = load_data(data)
-    classifier, tokenizer, _ = load_skeleton(model)
-    keep = select(read_scores(scores), rate)
+    classifier, tokenizer, parent = load_skeleton(model)
+    keep = select(read_scores(scores), rate, allocation)
+    heads = select_heads(head_scores, head_rate, allocation) if head_rate > 0 else None
+    if heads is not None:
+        slice_heads(classifier.backbone, heads)
     slice_ffn(classifier.backbone, keep)
     train_set = dsd["train"]
     if teacher:
@@ -123,9 +158,16 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
     start = time.perf_counter()
     record = train(classifier, train_set, dsd["validation"], info["pad_id"], TrainConfig(**train_config))
     record["train_seconds"] = time.perf_counter() - start
-    meta = {"rate": rate, "kept_width": len(keep[0]), "scores": scores, **record}
-    export_skeleton(classifier, tokenizer, keep, out, meta)
-    return {"path": str(out), "rate": rate, "kept_width": len(keep[0]), **record}
+    made_by = Path(scores).with_name("scores.json")
+    method = json.loads(made_by.read_text())["method"] if made_by.is_file() else None
+    widths = [len(k) for k in keep]
+    shape = {"kept_width": round(sum(widths) / len(widths)),  # the width of every layer unless they differ: the mean
+             "kept_widths": widths, "allocation": allocation, "head_rate": head_rate,
+             **({"kept_heads": [len(h) for h in heads]} if heads is not None else {})}
+    meta = {"rate": rate, **shape, "scores": scores, "method": method, "task": info["task"],
+            "backbone": parent.get("backbone"), "max_length": info["max_length"], **record}
+    export_skeleton(classifier, tokenizer, keep, out, meta, heads=heads)
+    return {"path": str(out), "rate": rate, **shape, **record}
 
 
 def evaluate(out: Path, data: str, model: str) -> dict:
@@ -141,8 +183,10 @@ def evaluate(out: Path, data: str, model: str) -> dict:
     return {**result, "logits": str(out / "test_logits.safetensors")}
 
 
-def benchmark(full: str, skeletons: list[str], batch_size: int = 32, seq_len: int = 64, repeats: int = 20) -> dict:
-    """Speed-up of each skeleton over the full model: medians of interleaved forward passes in one process."""
-    models = {path: load_skeleton(path)[0] for path in [full, *skeletons]}
-    seconds = interleaved_latency(models, batch_size=batch_size, seq_len=seq_len, repeats=repeats)
-    return {path: {"latency_s": seconds[path], "speedup": seconds[full] / seconds[path]} for path in skeletons}
+def benchmark(full: str, skeletons: list[str], batch_sizes: Sequence[int] = (32,), lengths: Sequence[int] = (64,),
+              repeats: int = 20, device: str = "cpu") -> dict:
+    """Speed-up of each skeleton over the full model, with its arithmetic bound, at every batch size x text length
+    (`skeleton.benchmark`). Returns {"environment", "rows"}; rows are named by model folder path."""
+    config = bench.BenchmarkConfig(batch_sizes=tuple(batch_sizes), lengths=tuple(lengths), repeats=repeats,
+                                   device=device)
+    return bench.benchmark_folders({path: path for path in [full, *skeletons]}, config, reference=full)

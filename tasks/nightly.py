@@ -69,13 +69,15 @@ def measure_reference(baseline: dict, repeats: int = 20) -> list[dict]:
 
     root = baseline_file().parent
     paths = {p["rate"]: str(root / p["model"]) for p in baseline["points"]}
-    speed = stages.benchmark(str(root / "models" / "full"), list(paths.values()), baseline["batch_size"],
-                             baseline["seq_len"], repeats)
+    speed = stages.benchmark(str(root / "models" / "full"), list(paths.values()), [baseline["batch_size"]],
+                             [baseline["seq_len"]], repeats)
+    speed = {r["model"]: r for r in speed["rows"]}
     night = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     measured = []
     for rate, path in paths.items():
         result = stages.evaluate(nightly_dir() / "runs" / night / f"p{rate}", str(root / "data"), path)
-        measured.append({"rate": rate, "accuracy": result["accuracy"], "speedup": speed[path]["speedup"]})
+        measured.append({"rate": rate, "accuracy": result["accuracy"], "speedup": speed[path]["speedup"],
+                         "bound_ratio": speed[path]["bound_ratio"]})
     return measured
 
 
@@ -104,6 +106,7 @@ def record_night(experiment: str, baseline: dict, measured: list[dict], found: l
     for m in measured:
         client.log_metric(run.info.run_id, f"speedup_p{m['rate']}", m["speedup"])
         client.log_metric(run.info.run_id, f"accuracy_p{m['rate']}", m["accuracy"])
+        client.log_metric(run.info.run_id, f"bound_ratio_p{m['rate']}", m["bound_ratio"])
     client.log_param(run.info.run_id, "baseline_promoted_at", baseline["promoted_at"])
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_history(history, Path(tmp) / "speedup_history.png")

@@ -1,9 +1,10 @@
-"""The sweep's results table and its accuracy-versus-sparsity plot."""
+"""The sweep's results table and its plots: accuracy and speed-up against sparsity, the nightly history."""
 from __future__ import annotations
 
 from pathlib import Path
 
-COLUMNS = ["method", "rate", "kept_width", "accuracy", "macro_f1", "speedup", "parameters", "path"]
+COLUMNS = ["method", "rate", "kept_width", "accuracy", "macro_f1", "speedup", "speedup_bound", "bound_ratio",
+           "parameters", "path"]
 EXTRA = ["val_accuracy", "logits"]  # kept in the records and the Parquet table, not printed
 FULL, PROBE = "full (prompt tuning)", "linear probe"  # the reference rows
 
@@ -14,8 +15,8 @@ def results_table(rows: list[dict], full: dict, probe: dict):
 
     reference = [
         {"method": FULL, "rate": 0.0, "accuracy": full["accuracy"], "macro_f1": full["macro_f1"],
-         "speedup": 1.0, "parameters": full["parameters"], "path": full["path"], "logits": full["logits"],
-         "val_accuracy": full["val_accuracy"]},
+         "speedup": 1.0, "speedup_bound": 1.0, "bound_ratio": 1.0, "parameters": full["parameters"],
+         "path": full["path"], "logits": full["logits"], "val_accuracy": full["val_accuracy"]},
         {"method": PROBE, "rate": 0.0, "accuracy": probe["accuracy"], "macro_f1": probe["macro_f1"],
          "val_accuracy": probe["val_accuracy"]},
     ]
@@ -70,4 +71,25 @@ def plot_accuracy(records: list[dict], out: Path) -> Path:
     ax.set_ylabel("test accuracy")
     ax.set_title("Skeleton accuracy vs sparsity")
     ax.legend(loc="lower left")
+    return _save(fig, out)
+
+
+def plot_speedup(records: list[dict], out: Path) -> Path:
+    """Measured speed-up against pruning rate, a line per selection method, beside the arithmetic bound
+    (MACs of the full model / MACs of the skeleton), each point labelled with measured / bound."""
+    rows = [r for r in records if r["method"] not in (FULL, PROBE) and r.get("speedup") is not None]
+    fig, ax = _axes()
+    bound = sorted({(0.0, 1.0)} | {(r["rate"], r["speedup_bound"]) for r in rows})
+    ax.plot(*zip(*bound), color="black", linestyle="--", marker="s", label="arithmetic bound (MACs)")
+    for method in sorted({r["method"] for r in rows}):
+        points = sorted((r["rate"], r["speedup"], r["bound_ratio"]) for r in rows if r["method"] == method)
+        line, = ax.plot([0.0] + [p[0] for p in points], [1.0] + [p[1] for p in points], marker="o", label=method)
+        for rate, speedup, ratio in points:
+            ax.annotate(f"{ratio:.2f}", (rate, speedup), textcoords="offset points", xytext=(4, -12), fontsize=8,
+                        color=line.get_color())
+    ax.set_xlabel("FFN pruning rate")
+    ax.set_ylabel("speed-up over the full model")
+    ax.set_title("Measured speed-up vs arithmetic bound")
+    ax.text(0.98, 0.02, "numbers: measured / bound", transform=ax.transAxes, ha="right", fontsize=8)
+    ax.legend(loc="upper left")
     return _save(fig, out)

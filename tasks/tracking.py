@@ -54,9 +54,16 @@ def start_sweep_run(experiment: str, params: dict) -> str:
     return run.info.run_id
 
 
+def benchmark_metrics(rows: list[dict]) -> dict[str, float]:
+    """One model's benchmark rows as MLflow metrics named by configuration, e.g. speedup_b32_t64."""
+    keys = ("latency_ms", "throughput", "speedup", "speedup_bound", "bound_ratio", "peak_mem_mb")
+    return {f"{key}_b{r['batch_size']}_t{r['text_tokens']}": float(r[key]) for r in rows for key in keys
+            if r.get(key) is not None}
+
+
 @task(name="log-sweep-point", retries=2, retry_delay_seconds=2)
-def log_point(parent_run_id: str, row: dict) -> str:
-    """A child run with the point's metrics and its exported skeleton as artifacts."""
+def log_point(parent_run_id: str, row: dict, benchmark_rows: list[dict] = ()) -> str:
+    """A child run with the point's metrics (its benchmark per configuration too) and its exported skeleton."""
     client = _client()
     parent = client.get_run(parent_run_id)
     run = client.create_run(parent.info.experiment_id, run_name=f"{row['method']}-p{row['rate']}",
@@ -64,9 +71,12 @@ def log_point(parent_run_id: str, row: dict) -> str:
     run_id = run.info.run_id
     for key in ("method", "rate", "kept_width"):
         client.log_param(run_id, key, row[key])
-    for key in ("accuracy", "macro_f1", "speedup", "parameters", "kept_width", "rate", "val_accuracy"):
+    for key in ("accuracy", "macro_f1", "speedup", "speedup_bound", "bound_ratio", "parameters", "kept_width", "rate",
+                "val_accuracy"):
         if row.get(key) is not None:
             client.log_metric(run_id, key, float(row[key]))
+    for key, value in benchmark_metrics(benchmark_rows).items():
+        client.log_metric(run_id, key, value)
     client.log_artifacts(run_id, row["path"], "skeleton")
     client.set_terminated(run_id)
     return run_id
@@ -75,6 +85,34 @@ def log_point(parent_run_id: str, row: dict) -> str:
 def fail_run(run_id: str) -> None:
     """Mark a sweep's parent run FAILED, so the MLflow UI never shows a crashed sweep as still running."""
     _client().set_terminated(run_id, "FAILED")
+
+
+@task(name="log-benchmark", retries=2, retry_delay_seconds=2)
+def log_benchmark(parent_run_id: str, result: dict, records: list[dict]) -> None:
+    """The latency benchmark on the parent run: its report (benchmark.md / .csv / .json, models named by method
+    and rate), the speed-up-vs-rate plot with the arithmetic bound, the full model's latencies as metrics and
+    where it ran as params."""
+    from skeleton.benchmark import write_report
+    from tasks.report import FULL, plot_speedup
+
+    client = _client()
+    names = {r["path"]: "full" if r["method"] == FULL else f"{r['method']} p={r['rate']}"
+             for r in records if isinstance(r.get("path"), str)}
+    named = {**result, "rows": [{**r, "model": names.get(r["model"], r["model"])} for r in result["rows"]]}
+    env = result["environment"]
+    for key in ("device", "device_name", "dtype", "threads", "torch"):
+        client.log_param(parent_run_id, f"benchmark_{key}", str(env[key]))
+    full = [r for r in named["rows"] if r["model"] == "full"]
+    for key in ("latency_ms", "throughput", "peak_mem_mb"):
+        for r in full:
+            if r.get(key) is not None:
+                client.log_metric(parent_run_id, f"full_{key}_b{r['batch_size']}_t{r['text_tokens']}", float(r[key]))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_report(named, tmp / "benchmark", title="Sweep latency: full model vs skeletons")
+        plot_speedup(records, tmp / "speedup_vs_rate.png")
+        client.log_artifacts(parent_run_id, str(tmp / "benchmark"), "benchmark")
+        client.log_artifact(parent_run_id, str(tmp / "speedup_vs_rate.png"))
 
 
 @task(name="finish-sweep-run", retries=2, retry_delay_seconds=2)

@@ -9,8 +9,30 @@ def tiny_bert_config(**overrides):
     return BertConfig(**{**settings, **overrides})
 
 
+def tiny_llama_config(**overrides):
+    """A tiny LLaMA (gated FFN, grouped-query attention, tied embeddings as in SmolLM2)."""
+    from transformers import LlamaConfig
+
+    settings = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=True,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    return LlamaConfig(**{**settings, **overrides})
+
+
 def sweep_args(backbone, data_file, /, **overrides):
     return {"backbone": str(backbone), "data_file": str(data_file), "text_column": "review",
             "label_column": "sentiment", "rates": [0.5], "methods": ["grad_x_act", "random"], "prompt_length": 4,
             "max_length": 24, "train_steps": 6, "retune_steps": 4, "attribution_examples": 16,
             "experiment": "test-sweep", **overrides}
+
+
+def load_script(name: str):
+    """A module of scripts/ (not a package), imported from its file."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -43,12 +43,52 @@ def test_padding_does_not_change_scores(tiny_classifier, batch, minilm_tokenizer
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["activation", "random", "integrated_gradients"])
+@pytest.mark.parametrize("method", ["activation", "random", "integrated_gradients", "wanda", "skill"])
 def test_other_methods_score_every_neuron(tiny_classifier, batch, minilm_tokenizer, method):
     model, _ = tiny_classifier
     scores = attribute(method, model, as_dataset(batch), minilm_tokenizer.pad_token_id, batch_size=4, n_steps=4)
     assert [s.shape for s in scores] == [(64,), (64,)]
     assert all(torch.isfinite(s).all() and (s >= 0).all() and s.max() > 0 for s in scores)
+
+
+def _down_inputs(model, batch):
+    """Every down projection's input for one batch, all positions (prompt included), and the position mask."""
+    from skeleton.attribution import capture_inputs
+
+    with torch.no_grad(), capture_inputs(down_projections(model)) as acts:
+        embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
+        model.features(embeds, mask)
+    return list(acts), mask
+
+
+def test_wanda_is_weight_norm_times_activation_norm(tiny_classifier, batch, minilm_tokenizer):
+    model, _ = tiny_classifier
+    ours = attribute("wanda", model, as_dataset(batch), minilm_tokenizer.pad_token_id, batch_size=2)
+    acts, mask = _down_inputs(model, batch)
+    for layer, (down, a) in enumerate(zip(down_projections(model), acts)):
+        norm = (a[mask.bool()].pow(2).sum(0) / len(batch["labels"])).sqrt()
+        expected = torch.stack([down.weight[:, j].abs().sum() * norm[j] for j in range(down.in_features)])
+        torch.testing.assert_close(ours[layer], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_skill_is_balanced_accuracy_of_thresholded_activation(tiny_classifier, batch, minilm_tokenizer):
+    model, _ = tiny_classifier
+    ours = attribute("skill", model, as_dataset(batch), minilm_tokenizer.pad_token_id, batch_size=3)
+    acts, mask = _down_inputs(model, batch)
+    labels = batch["labels"].tolist()
+    for layer, a in enumerate(acts):
+        pooled = [a[i][mask[i].bool()].mean(0) for i in range(len(labels))]
+        for j in range(0, a.shape[-1], 7):
+            values = [p[j].item() for p in pooled]
+            threshold = sum(values) / len(values)
+            per_class = []
+            for c in sorted(set(labels)):
+                pos = [v > threshold for v, y in zip(values, labels) if y == c]
+                neg = [v <= threshold for v, y in zip(values, labels) if y != c]
+                b = (sum(pos) / len(pos) + sum(neg) / len(neg)) / 2
+                per_class.append(max(b, 1 - b))
+            assert ours[layer][j].item() == pytest.approx(sum(per_class) / len(per_class), abs=1e-6)
+    assert all(((s >= 0.5) & (s <= 1.0)).all() for s in ours)
 
 
 def test_integrated_gradients_completeness(tiny_classifier, batch):

@@ -8,7 +8,7 @@ import time
 import pandas as pd
 import pytest
 
-from helpers import sweep_args
+from helpers import load_script, sweep_args
 from skeleton.data import DataError
 
 
@@ -34,6 +34,8 @@ def test_sweep_end_to_end_then_cached(prefect_server, tiny_backbone_dir, reviews
     assert list(table["method"]) == ["full (prompt tuning)", "linear probe", "grad_x_act", "random"]
     points = table.iloc[2:]
     assert (points["kept_width"] == 32).all() and (points["speedup"] > 0).all()
+    assert (points["speedup_bound"] > 1).all()
+    assert ((points["bound_ratio"] - points["speedup"] / points["speedup_bound"]).abs() < 1e-9).all()
     assert (points["parameters"] < table.iloc[0]["parameters"]).all()
 
     # Every exported skeleton reloads in a fresh process with the logits it was evaluated with.
@@ -86,11 +88,23 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     assert parent.data.params["backbone"] == str(tiny_backbone_dir) and "git_commit" in parent.data.params
     assert {"full_accuracy", "linear_probe_accuracy", "full_parameters"} <= set(parent.data.metrics)
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
-    assert {"results.parquet", "accuracy_vs_sparsity.png", "attribution", "full_model"} <= parent_files
+    assert {"results.parquet", "accuracy_vs_sparsity.png", "attribution", "full_model", "benchmark",
+            "speedup_vs_rate.png"} <= parent_files
+    report = {f.path for f in client.list_artifacts(parent.info.run_id, "benchmark")}
+    assert report == {"benchmark/benchmark.md", "benchmark/benchmark.csv", "benchmark/benchmark.json"}
+    assert parent.data.params["benchmark_threads"].isdigit() and "full_latency_ms_b32_t24" in parent.data.metrics
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.params["method"] for c in children) == ["grad_x_act", "random"]
+
+    # scripts/benchmark.py --from-sweep finds this sweep's models through its results table.
+    script = load_script("benchmark")
+    found = script.from_mlflow("tracked", "random", [0.5])
+    assert list(found) == ["full", "random p=0.5"] and all((p / "neurons.json").is_file() for p in found.values())
+    assert script.from_mlflow("tracked", "random", [0.9]) is None
     for child in children:
         assert {"accuracy", "macro_f1", "speedup", "parameters", "kept_width", "rate"} <= set(child.data.metrics)
+        assert {"speedup_bound", "bound_ratio", "speedup_b32_t24", "speedup_b1_t24", "bound_ratio_b32_t24",
+                "peak_mem_mb_b32_t24"} <= set(child.data.metrics)
         skeleton_files = {f.path for f in client.list_artifacts(child.info.run_id, "skeleton")}
         assert {"skeleton/backbone", "skeleton/adapter", "skeleton/neurons.json", "skeleton/manifest.json"} <= skeleton_files
 

@@ -68,10 +68,11 @@ def test_export_round_trip_in_fresh_process(tiny_classifier, batch, tmp_path):
     torch.save({"batch": batch, "expected": expected}, tmp_path / "io.pt")
     # Stock transformers loads the backbone; nothing of ours is needed to rebuild its architecture.
     script = textwrap.dedent(f"""
-        import json, torch
+        import json, sys, torch
         from transformers import AutoModel
         backbone = AutoModel.from_pretrained({str(folder / "backbone")!r})
         assert type(backbone).__module__.startswith("transformers."), type(backbone)
+        assert "skeleton" not in sys.modules  # loaded without our registration
         from skeleton.model import PromptClassifier
         model = PromptClassifier.from_adapter(backbone, {str(folder / "adapter")!r}).eval()
         io = torch.load({str(tmp_path / "io.pt")!r})
@@ -86,7 +87,8 @@ def test_export_round_trip_in_fresh_process(tiny_classifier, batch, tmp_path):
     assert result["params"] == model.num_parameters()
     assert result["width"] == kept_width(64, 0.65)
     loaded, _, neurons = load_skeleton(folder)
-    assert neurons["keep"] == [k.tolist() for k in keep] and neurons["rate"] == 0.65
+    assert neurons["keep"] == [k.tolist() for k in keep] and neurons["rate"] == 0.65 and "heads" not in neurons
+    assert json.loads((folder / "backbone" / "config.json").read_text())["model_type"] == "bert"
 
 
 def test_corrupt_artifact_is_named(tiny_classifier, tmp_path):

@@ -1,0 +1,231 @@
+"""Latency of the full model against its skeletons, beside the arithmetic bound: no Prefect, no MLflow needed.
+
+    python scripts/benchmark.py                           # the latest sweep's skeletons, else demo skeletons
+    python scripts/benchmark.py --from-sweep --method grad_x_act --rates 0.5 0.65 0.8
+    python scripts/benchmark.py --skeletons artifacts/models/<hash> artifacts/skeletons/<hash> ...
+    python scripts/benchmark.py --demo --backbone minilm  # no training: random neurons cut from the packaged model
+    python scripts/benchmark.py --device cuda --out /tmp/bench
+
+--skeletons takes exported folders; the one with rate 0 is the reference. --from-sweep (and the default)
+reads the latest finished sweep in MLflow (its results.parquet), else scans the artifacts folder for skeletons
+of --method at --rates and the newest rate-0 model; the default builds demo skeletons if neither has them.
+--demo builds a full model and skeletons at --rates from --backbone with random neuron selection and an
+untrained prompt and head (the speed of a dense forward pass depends neither on which neurons are kept nor on
+weight values); with --random-init the backbone folder needs only config.json and a tokenizer, not weights.
+Prints the report and writes benchmark.md, benchmark.csv and benchmark.json to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # runnable from a plain checkout, without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+from tasks.report import FULL  # noqa: E402  (plain Python: no Prefect, no MLflow)
+
+
+def artifacts_dir() -> Path:
+    # The rule of tasks.pipeline.artifacts_dir, without importing Prefect.
+    return Path(os.environ.get("SKELETON_ARTIFACTS", ROOT / "artifacts")).resolve()
+
+
+def from_mlflow(experiment: str, method: str, rates: list[float]) -> dict[str, Path] | None:
+    """Full model + `method` skeletons at `rates` from the latest finished sweep's results table, if any."""
+    try:
+        import mlflow
+        import pandas as pd
+
+        from tasks.tracking import tracking_uri
+    except ImportError:  # e.g. a GPU machine with torch and transformers only
+        return None
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None  # no local tracking database: nothing to read (and none to create)
+    client = mlflow.MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id],
+                              "tags.`skeleton.kind` = 'sweep' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        table = pd.read_parquet(client.download_artifacts(runs[0].info.run_id, "results.parquet", tmp))
+    full = table[table["method"] == FULL]["path"].tolist()  # the results table's reference row
+    points = {float(r.rate): r.path for r in table[table["method"] == method].itertuples()}
+    folders = {"full": full[0]} if full else {}
+    folders |= {f"{method} p={rate}": points[rate] for rate in rates if rate in points}
+    if len(folders) < len(rates) + 1 or not all(Path(p).is_dir() for p in folders.values()):
+        return None
+    print(f"skeletons of MLflow sweep run {runs[0].info.run_id} ({experiment})")
+    return {name: Path(p) for name, p in folders.items()}
+
+
+def _method_of(meta: dict) -> str | None:
+    if meta.get("method"):
+        return meta["method"]
+    made_by = Path(meta.get("scores", "")).with_name("scores.json")  # written beside the scores since heads
+    return json.loads(made_by.read_text()).get("method") if made_by.is_file() else None
+
+
+def from_artifacts(root: Path, method: str, rates: list[float]) -> dict[str, Path] | None:
+    """The newest set of skeletons made from one attribution at all `rates`, preferring `method`'s, and the
+    newest rate-0 model: for a sweep that never reached MLflow."""
+    def records(folder: Path):
+        for path in sorted(folder.glob("*/neurons.json")):
+            meta = json.loads(path.read_text())
+            yield path.parent, meta
+
+    groups: dict[str, dict[float, Path]] = {}
+    methods: dict[str, str | None] = {}
+    for folder, meta in records(root / "skeletons"):
+        if meta.get("rate") in rates and not meta.get("head_rate"):
+            key = str(meta.get("scores"))
+            groups.setdefault(key, {})[meta["rate"]] = folder
+            methods[key] = _method_of(meta)
+    complete = [k for k, g in groups.items() if len(g) == len(rates)]
+    if not complete:
+        return None
+    newest = lambda k: max(p.stat().st_mtime for p in groups[k].values())  # noqa: E731
+    key = max(complete, key=lambda k: (methods[k] == method, methods[k] is None, newest(k)))
+    full = [f for f, meta in records(root / "models") if meta.get("rate") == 0]
+    if not full:
+        return None
+    label = methods[key] or "skeleton"
+    if methods[key] not in (method, None):
+        print(f"note: no {method} skeletons at these rates; using {label}'s")
+    print(f"skeletons from {root} (scores {key}, method {methods[key] or 'not recorded'})")
+    return {"full": max(full, key=lambda p: p.stat().st_mtime),
+            **{f"{label} p={rate}": groups[key][rate] for rate in rates}}
+
+
+def build_demo(backbone: str, rates: list[float], prompt_length: int, random_init: bool, seed: int) -> dict[str, Path]:
+    """A full model and skeletons at `rates`, random neurons kept, untrained prompt and head; reused when built."""
+    import torch
+
+    from skeleton.attribution import random_scores
+    from skeleton.backbones import family_of, load_backbone, resolve_backbone
+    from skeleton.io import stable_hash
+    from skeleton.model import AdapterConfig, PromptClassifier
+    from skeleton.prune import MANIFEST, export_skeleton, select, slice_ffn
+
+    spec = dict(backbone=str(backbone), rates=rates, prompt_length=prompt_length, random_init=random_init, seed=seed)
+    root = artifacts_dir() / "benchmark" / "demo" / stable_hash(spec)
+    names = {"full": root / "full", **{f"random p={rate}": root / f"p{rate}" for rate in rates}}
+    if all((folder / MANIFEST).is_file() for folder in names.values()):
+        return names
+    if random_init:  # the architecture alone: the folder needs config.json and a tokenizer, no weights
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        path = resolve_backbone(backbone)
+        torch.manual_seed(seed)
+        model_backbone = AutoModel.from_config(AutoConfig.from_pretrained(path)).float().eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        model_backbone, tokenizer = load_backbone(backbone)
+    model = PromptClassifier(model_backbone, AdapterConfig(num_labels=2, prompt_length=prompt_length), seed=seed)
+    demo = {"demo": "random neurons, untrained prompt and head: for timing only", **spec}
+    full_keep = [torch.arange(b.down.in_features) for b in family_of(model_backbone).ffn_blocks(model_backbone)]
+    export_skeleton(model, tokenizer, full_keep, names["full"], {"rate": 0.0, **demo})
+    scores = random_scores(model, seed=seed)
+    for rate in rates:
+        skeleton = copy.deepcopy(model)
+        keep = select(scores, rate)
+        slice_ffn(skeleton.backbone, keep)
+        export_skeleton(skeleton, tokenizer, keep, names[f"random p={rate}"],
+                        {"rate": rate, "kept_width": len(keep[0]), "method": "random", **demo})
+    return names
+
+
+def skeleton_folders(paths: list[str]) -> dict[str, Path]:
+    """Name each folder by its rate (and method); the rate-0 one is the reference, listed first."""
+    named = {}
+    for path in map(Path, paths):
+        meta = json.loads((path / "neurons.json").read_text())
+        rate = meta.get("rate")
+        name = "full" if rate == 0 else f"{_method_of(meta) or path.name} p={rate}"
+        named[name if name not in named else f"{name} ({path.name})"] = path
+    reference = [n for n in named if n.startswith("full")]
+    if len(reference) != 1:
+        raise SystemExit(f"--skeletons needs exactly one rate-0 (full) model among the folders, found {len(reference)}")
+    return {reference[0]: named.pop(reference[0]), **named}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--skeletons", nargs="+", metavar="DIR", help="exported folders, one of them rate 0")
+    source.add_argument("--from-sweep", action="store_true", help="the latest sweep's skeletons (else an error)")
+    source.add_argument("--demo", action="store_true", help="build demo skeletons from --backbone (no training)")
+    parser.add_argument("--method", default="grad_x_act", help="selection method of the sweep's skeletons")
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 0.65, 0.8])
+    parser.add_argument("--experiment", default="skeleton", help="MLflow experiment of the sweeps")
+    parser.add_argument("--backbone", default="minilm", help="demo: registered backbone or checkpoint folder")
+    parser.add_argument("--random-init", action="store_true", help="demo: random weights from the backbone's config")
+    parser.add_argument("--prompt-length", type=int, default=20, help="demo: soft prompt vectors")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; always recorded)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128], help="text tokens (+ the prompt)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds per configuration (at most)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes per model and configuration (+1)")
+    parser.add_argument("--budget", type=float, default=15.0,
+                        help="seconds of timed rounds per configuration: fewer rounds (not under 5) past it; 0 = none")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="report folder (default artifacts/benchmark/<UTC time>)")
+    args = parser.parse_args(argv)
+
+    from transformers.utils import logging as hf_logging
+
+    from skeleton.benchmark import BenchmarkConfig, benchmark_folders, markdown, write_report
+
+    hf_logging.disable_progress_bar()  # loading / writing bars would bury the report
+
+    try:
+        config = BenchmarkConfig(batch_sizes=tuple(args.batch_sizes), lengths=tuple(args.lengths),
+                                 repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
+                                 threads=args.threads, budget_s=args.budget or None, memory=not args.no_memory,
+                                 seed=args.seed)
+    except ValueError as e:  # bad settings, or no GPU for --device cuda: say so before loading anything
+        parser.error(str(e))
+    started = time.perf_counter()
+    if args.skeletons:
+        folders = skeleton_folders(args.skeletons)
+    elif args.demo:
+        folders = build_demo(args.backbone, args.rates, args.prompt_length, args.random_init, args.seed)
+    else:
+        folders = (from_mlflow(args.experiment, args.method, args.rates)
+                   or from_artifacts(artifacts_dir(), args.method, args.rates))
+        if folders is None and args.from_sweep:
+            raise SystemExit(f"no finished sweep with {args.method} skeletons at rates {args.rates} in MLflow or "
+                             f"{artifacts_dir()}: run `make sweep`, or pass --skeletons / --demo")
+        if folders is None:
+            print(f"no sweep skeletons found: building demo skeletons from {args.backbone}")
+            folders = build_demo(args.backbone, args.rates, args.prompt_length, args.random_init, args.seed)
+    for name, folder in folders.items():
+        print(f"  {name}: {folder}")
+    result = benchmark_folders({name: str(path) for name, path in folders.items()}, config, reference="full")
+    result["environment"]["seconds"] = round(time.perf_counter() - started, 1)
+    out = args.out or artifacts_dir() / "benchmark" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    paths = write_report(result, out)
+    print(markdown(result))
+    print(f"report: {', '.join(str(p) for p in paths.values())} ({result['environment']['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

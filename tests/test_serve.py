@@ -1,0 +1,310 @@
+"""Unplug-and-play serving: one backbone, several task experts, outputs equal to each exported skeleton."""
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import helpers
+import pytest
+import torch
+
+from skeleton import prune
+from skeleton.backbones import FAMILIES, family_of, load_backbone
+from skeleton.model import AdapterConfig, PromptClassifier
+from skeleton.prune import ArtifactError, export_skeleton, load_skeleton, mask_ffn, select, slice_ffn
+from skeleton.serve import ExpertMismatchError, SkeletonServer
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_LENGTH = 12  # short enough that the long text below is truncated
+TEXTS = ["a gripping, beautifully made film", "dull", "it was fine, I suppose, though the second half drags on "
+         "and on and on without any of the charm of the first", "the worst plot ever", "moving", "sharp and funny"]
+# (task, rate, labels, prompt length): different rates, label counts and prompt lengths
+EXPERTS = [("sst", 0.0, 2, 4), ("news", 0.5, 3, 2), ("topic", 0.8, 5, 3)]
+
+
+def family_params():
+    params = [pytest.param("bert", id="bert")]
+    llama = getattr(helpers, "tiny_llama_config", None)
+    reason = "needs tests/helpers.tiny_llama_config and a registered llama family"
+    params.append(pytest.param("llama", id="llama", marks=pytest.mark.skipif(
+        llama is None or "llama" not in FAMILIES, reason=reason)))
+    return params
+
+
+@pytest.fixture(scope="module", params=family_params())
+def backbone_dir(request, tmp_path_factory, minilm_tokenizer):
+    if request.param == "bert":
+        return request.getfixturevalue("tiny_backbone_dir")
+    from transformers import LlamaModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaModel(helpers.tiny_llama_config(vocab_size=len(minilm_tokenizer))).save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_expert(backbone_dir, folder, task, rate, num_labels, prompt_length, seed, keep=None, heads=None, **meta):
+    """Export a skeleton with a seeded random adapter and random kept neurons (or the given per-layer `keep`, and
+    kept attention `heads`)."""
+    backbone, tokenizer = load_backbone(str(backbone_dir))
+    labels = [f"{task}{j}" for j in range(num_labels)]
+    model = PromptClassifier(backbone, AdapterConfig(num_labels, prompt_length, labels), seed=seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.head.weight.normal_(0, 1.0, generator=g)
+    if keep is None:
+        keep = select([torch.rand(b.down.in_features, generator=g) for b in family_of(backbone).ffn_blocks(backbone)],
+                      rate)
+    if heads is not None:
+        prune.slice_heads(backbone, heads)
+    slice_ffn(backbone, keep)
+    return export_skeleton(model, tokenizer, keep, folder,
+                           {"rate": rate, "task": task, "method": "random", "max_length": MAX_LENGTH, **meta},
+                           **({"heads": heads} if heads is not None else {}))
+
+
+@pytest.fixture(scope="module")
+def expert_dirs(backbone_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("experts")
+    return {f"{task}-random-p{rate}": make_expert(backbone_dir, root / task, task, rate, labels, prompt, seed=i)
+            for i, (task, rate, labels, prompt) in enumerate(EXPERTS)}
+
+
+@pytest.fixture(scope="module")
+def server(backbone_dir, expert_dirs):
+    server = SkeletonServer.load(str(backbone_dir))
+    for folder in expert_dirs.values():
+        server.add(folder)
+    return server
+
+
+def standalone_logits(folder, texts):
+    model, tokenizer, _ = load_skeleton(folder)
+    enc = tokenizer(texts, truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(enc["input_ids"], enc["attention_mask"])
+
+
+def test_outputs_equal_exported_skeletons(server, expert_dirs):
+    assert server.names == sorted(expert_dirs)  # named <task>-<method>-p<rate> from neurons.json
+    for name, folder in expert_dirs.items():
+        got, expected = server.logits(name, TEXTS), standalone_logits(folder, TEXTS)
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max().item() <= 1e-5, name
+        if server.experts[name].meta["rate"] > 0:  # and the expert's network is not the full one
+            with torch.no_grad():
+                unplugged = server.experts[name].model(*server.encode(name, TEXTS)).cpu()
+            assert (unplugged - expected).abs().max().item() > 1e-3, name
+        predictions = server.classify(name, TEXTS)
+        labels = server.experts[name].labels
+        assert [p.label for p in predictions] == [labels[i] for i in expected.argmax(-1).tolist()]
+        probs = torch.tensor([list(p.probabilities.values()) for p in predictions])
+        torch.testing.assert_close(probs, torch.softmax(expected, -1), rtol=0, atol=1e-5)
+    assert server.active is None
+
+
+def test_switching_back_and_forth_gives_identical_answers(server, backbone_dir):
+    full, _ = load_backbone(str(backbone_dir))
+    params = {n: p for n, p in server.backbone.named_parameters()}
+    first = {name: server.logits(name, TEXTS) for name in server.names}
+    for name in [*server.names, *reversed(server.names), *server.names]:
+        assert torch.equal(server.logits(name, TEXTS), first[name]), name
+        # restored: the backbone's own parameter objects, unchanged
+        assert all(p is params[n] for n, p in server.backbone.named_parameters())
+    for key, value in full.state_dict().items():
+        assert torch.equal(server.backbone.state_dict()[key], value), key
+
+
+def test_cached_slices_answer_the_same(backbone_dir, expert_dirs, server):
+    cached = SkeletonServer.load(str(backbone_dir), cache_slices=True)
+    for folder in expert_dirs.values():
+        cached.add(folder)
+    for name in server.names:
+        assert torch.equal(cached.logits(name, TEXTS), server.logits(name, TEXTS))
+    memory, lean = cached.memory(), server.memory()
+    assert memory["backbone"] == lean["backbone"]
+    assert all(memory[n] > lean[n] for n in server.names)  # the sliced weights are held
+
+
+def test_mixed_requests_are_grouped_by_task_in_request_order(server, monkeypatch):
+    names = server.names
+    requests = [(names[i % len(names)], text) for i, text in enumerate(TEXTS * 2)]
+    plugs = []
+    plug = server._plug
+    monkeypatch.setattr(server, "_plug", lambda expert: (plugs.append(expert.name), plug(expert)))
+    answers = server.serve(requests)
+    assert sorted(plugs) == names  # one plug per task, not per request
+    assert server.serve([]) == [] and server.classify(names[0], []) == []
+    assert [a.task for a in answers] == [task for task, _ in requests]
+    for name in names:
+        mine = [i for i, (task, _) in enumerate(requests) if task == name]
+        alone = server.classify(name, [requests[i][1] for i in mine])
+        assert [answers[i] for i in mine] == alone
+
+
+def test_unknown_task_lists_loaded_experts(server):
+    with pytest.raises(KeyError, match=r"unknown task expert 'nope'; known: news-random-p0.5, sst-random-p0.0"):
+        server.classify("nope", TEXTS)
+    with pytest.raises(KeyError, match="unknown task expert 'nope'"):
+        server.serve([(server.names[0], "fine"), ("nope", "fine")])
+    assert server.active is None
+
+
+def test_corrupt_expert_is_refused(backbone_dir, expert_dirs, tmp_path):
+    folder = shutil.copytree(expert_dirs["news-random-p0.5"], tmp_path / "news")
+    weights = folder / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    server = SkeletonServer(*load_backbone(str(backbone_dir)))
+    with pytest.raises(ArtifactError, match="expert 'corrupt': .*adapter_model.safetensors.*corrupt"):
+        server.add(folder, name="corrupt")
+    assert server.names == []
+
+
+def test_expert_of_another_backbone_is_refused(backbone_dir, minilm_tokenizer, tmp_path):
+    other_dir = tmp_path / "other-backbone"
+    backbone, _ = load_backbone(str(backbone_dir))
+    torch.manual_seed(1)  # same architecture, different weights
+    type(backbone)(backbone.config).save_pretrained(other_dir)
+    minilm_tokenizer.save_pretrained(other_dir)
+    foreign = make_expert(other_dir, tmp_path / "foreign", "sst", 0.5, 2, 4, seed=0)
+    server = SkeletonServer(*load_backbone(str(backbone_dir)), source="tiny")
+    with pytest.raises(ExpertMismatchError, match=r"expert 'sst-random-p0.5' .* is not an expert of backbone "
+                                                   r"'tiny': .* differs from the backbone's"):
+        server.add(foreign)
+    # Same weights, different architecture setting: refused by the config check.
+    twisted = make_expert(backbone_dir, tmp_path / "twisted", "sst", 0.5, 2, 4, seed=0)
+    config_path = twisted / "backbone" / "config.json"
+    config = json.loads(config_path.read_text())
+    key = "layer_norm_eps" if "layer_norm_eps" in config else "rms_norm_eps"
+    config[key] = 0.5
+    config_path.write_text(json.dumps(config))
+    manifest = json.loads((twisted / "manifest.json").read_text())
+    from skeleton.io import file_sha256
+
+    manifest["backbone/config.json"] = file_sha256(config_path)
+    (twisted / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExpertMismatchError, match=f"config differs in {key}"):
+        server.add(twisted)
+    assert server.names == []
+
+
+def test_per_layer_widths(backbone_dir, tmp_path):
+    backbone, tokenizer = load_backbone(str(backbone_dir))
+    if not getattr(family_of(backbone), "per_layer_shapes", False):
+        pytest.skip(f"{type(family_of(backbone)).__name__} exports no per-layer FFN widths")
+    widths = [b.down.in_features for b in family_of(backbone).ffn_blocks(backbone)]
+    g = torch.Generator().manual_seed(3)
+    keep = [torch.sort(torch.randperm(w, generator=g)[: w // (2 + i)]).values for i, w in enumerate(widths)]
+    assert len({len(k) for k in keep}) > 1
+    folder = make_expert(backbone_dir, tmp_path / "uneven", "uneven", 0.6, 3, 2, seed=5, keep=keep)
+    server = SkeletonServer(backbone, tokenizer)
+    name = server.add(folder)
+    torch.testing.assert_close(server.logits(name, TEXTS), standalone_logits(folder, TEXTS), rtol=0, atol=1e-5)
+    # and against the oracle: the full model with the dropped neurons' down-projection columns zeroed
+    oracle = copy.deepcopy(server.experts[name].model)
+    mask_ffn(oracle.backbone, keep)
+    with torch.no_grad():
+        expected = oracle(*server.encode(name, TEXTS))
+    torch.testing.assert_close(server.logits(name, TEXTS), expected, rtol=0, atol=1e-5)
+
+
+def test_pruned_heads(tmp_path, minilm_tokenizer):
+    """Experts with pruned attention heads (and uneven FFN widths) plug in too, where the family knows heads."""
+    if not hasattr(prune, "slice_heads"):
+        pytest.skip("no head pruning in skeleton.prune")
+    from transformers import BertModel
+
+    torch.manual_seed(2)
+    backbone_dir = tmp_path / "four-heads"
+    BertModel(helpers.tiny_bert_config(num_attention_heads=4)).save_pretrained(backbone_dir)
+    minilm_tokenizer.save_pretrained(backbone_dir)
+    heads = [torch.tensor([0, 2, 3]), torch.tensor([1])]
+    g = torch.Generator().manual_seed(4)
+    keep = [torch.sort(torch.randperm(64, generator=g)[:w]).values for w in (40, 16)]
+    folder = make_expert(backbone_dir, tmp_path / "heads", "heads", 0.5, 3, 2, seed=6, keep=keep, heads=heads)
+    plain = make_expert(backbone_dir, tmp_path / "plain", "plain", 0.5, 2, 2, seed=7)
+    server = SkeletonServer.load(str(backbone_dir))
+    name, other = server.add(folder), server.add(plain)
+    for _ in range(2):  # back and forth: the head counts are restored too
+        torch.testing.assert_close(server.logits(name, TEXTS), standalone_logits(folder, TEXTS), rtol=0, atol=1e-5)
+        torch.testing.assert_close(server.logits(other, TEXTS), standalone_logits(plain, TEXTS), rtol=0, atol=1e-5)
+    assert [block.num_heads for block in family_of(server.backbone).attention_blocks(server.backbone)] == [4, 4]
+
+
+def test_duplicate_name_is_refused(server, expert_dirs):
+    with pytest.raises(ValueError, match="already loaded"):
+        server.add(expert_dirs["sst-random-p0.0"])
+
+
+def run_cli(*args, stdin=None):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), *map(str, args)], cwd=ROOT,
+                         input=stdin, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_cli_list_and_classify(server, expert_dirs, backbone_dir):
+    root = expert_dirs["sst-random-p0.0"].parent
+    listing = run_cli("list", "--skeletons", root)
+    for name, folder in expert_dirs.items():
+        assert any(line.startswith(name) and line.endswith(str(folder)) for line in listing.splitlines()), listing
+    out = run_cli("classify", "--skeletons", root, "--backbone", backbone_dir, "--task", "news", "--json", *TEXTS[:2])
+    expected = server.classify("news-random-p0.5", TEXTS[:2])
+    got = [json.loads(line) for line in out.splitlines()]
+    assert [g["label"] for g in got] == [p.label for p in expected]
+    for g, p in zip(got, expected):
+        assert g["probabilities"] == pytest.approx(p.probabilities, abs=1e-6)
+    plain = run_cli("classify", "--skeletons", root, "--backbone", backbone_dir, "--task", "topic-random-p0.8",
+                    stdin="\n".join(TEXTS) + "\n")
+    expected = [p.label for p in server.classify("topic-random-p0.8", TEXTS)]
+    assert [line.split("\t")[0] for line in plain.splitlines()] == expected
+
+
+def test_cli_lists_and_serves_experts_logged_to_mlflow(server, expert_dirs, backbone_dir):
+    from tasks import tracking
+
+    parent = tracking.start_sweep_run.fn("test-serve", {"task": "news", "backbone": str(backbone_dir)})
+    point = tracking.log_point.fn(parent, {"method": "random", "rate": 0.5, "kept_width": 32,
+                                           "path": str(expert_dirs["news-random-p0.5"]), "val_accuracy": 0.5})
+    listing = run_cli("list", "--run", parent)
+    assert "news-random-p0.5" in listing and f"runs:/{point}/skeleton" in listing, listing
+    assert "news-random-p0.5" in run_cli("list", "--mlflow", "--experiment", "test-serve")
+    out = run_cli("classify", "--run", point, "--task", "news-random-p0.5", "--json", TEXTS[0])
+    assert json.loads(out)["label"] == server.classify("news-random-p0.5", TEXTS[:1])[0].label
+
+
+def test_experts_built_by_the_pipeline_stages(tiny_backbone_dir, reviews_csv, tmp_path):
+    """Skeletons made by the sweep's stages record task, method, backbone and max_length: served by name."""
+    from skeleton import stages
+
+    data = stages.prepare_data(tmp_path / "data", "reviews", str(tiny_backbone_dir), max_length=16,
+                               data_file=str(reviews_csv), text_column="review", label_column="sentiment")
+    train_config = {"steps": 2, "batch_size": 8, "eval_every": 2, "warmup_steps": 1}
+    full = stages.tune_prompt(tmp_path / "full", data["path"], str(tiny_backbone_dir), 4, train_config)
+    scores = stages.attribute(tmp_path / "scores", data["path"], full["path"], "grad_x_act", examples=16)
+    built = stages.build_skeleton(tmp_path / "sk", data["path"], full["path"], scores["path"], 0.5, train_config)
+    meta = json.loads((Path(built["path"]) / "neurons.json").read_text())
+    assert (meta["task"], meta["method"], meta["backbone"], meta["max_length"]) == (
+        "reviews", "grad_x_act", str(tiny_backbone_dir), 16)
+    server = SkeletonServer.load(meta["backbone"])
+    assert [server.add(full["path"]), server.add(built["path"])] == ["reviews-full-p0.0", "reviews-grad_x_act-p0.5"]
+    texts = ["review 1: a great and moving film " * 4, "dull"]
+    model, tokenizer, _ = load_skeleton(built["path"])
+    enc = tokenizer(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5", texts), expected, rtol=0, atol=1e-5)
+    assert {p.label for p in server.classify("reviews-full-p0.0", texts)} <= {"neg", "pos"}
+
+
+def test_default_names():
+    from skeleton.serve import default_name
+
+    assert default_name({"task": "rt", "method": "grad_x_act", "rate": 0.65}, "x") == "rt-grad_x_act-p0.65"
+    assert default_name({"task": "rt", "rate": 0.0}, "x") == "rt-full-p0.0"
+    assert default_name({"task": "rt", "method": "m", "rate": 0.5, "head_rate": 0.25, "allocation": "global"},
+                        "x") == "rt-m-p0.5-h0.25-global"
+    assert default_name({"rate": 0.5}, "/skeletons/abc123") == "abc123"  # exported before the task was recorded
