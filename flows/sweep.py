@@ -1,12 +1,14 @@
 """The Skeleton sweep, end to end, as the Prefect flow `skeleton`.
 
-    data -> prompt tuning -> attribution (per method) -> skeleton per (method, rate): slice, re-tune, export
-         -> evaluation of every model -> interleaved latency vs arithmetic bound
-         -> MLflow (parent run + child run per point)
+    per seed: data -> prompt tuning -> attribution (per method) -> skeleton per (method, FFN rate, head rate):
+              slice, re-tune, export -> evaluation of every model
+    then: interleaved latency vs arithmetic bound per skeleton shape -> MLflow (parent run + child run per point)
 
 Run it locally (ephemeral Prefect, SQLite MLflow in the project folder):
     python -m flows.sweep                      # rotten_tomatoes on minilm, rates 0.5 0.65 0.8
     python -m flows.sweep --task reuters_r8
+    python -m flows.sweep --methods all --seeds 0 1 2   # every selection method, mean and spread over 3 seeds
+    python -m flows.sweep --head-rates 0 0.25 --allocation global --fold
     python -m flows.sweep --data-file my.csv --text-column review --label-column sentiment
 or deployed: `prefect deployment run skeleton/full-sweep -p task=reuters_r8`.
 """
@@ -26,10 +28,14 @@ from prefect import flow  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from tasks import pipeline, tracking  # noqa: E402
-from tasks.report import COLUMNS, results_table  # noqa: E402
+from tasks.report import results_table, summary_table  # noqa: E402
 
 DEFAULT_RATES = [0.5, 0.65, 0.8]
 DEFAULT_METHODS = ["grad_x_act", "random"]
+DEFAULT_HEAD_RATES = [0.0]
+DEFAULT_SEEDS = [0]
+DEFAULT_TARGETS: list[float] = []  # joint-budget points are opt-in
+SPLIT_SEED = 0  # the train/validation/test split stays the same whatever the training seeds
 
 
 def _file_hash(path: str | None) -> str | None:
@@ -45,82 +51,110 @@ def full_sweep(
     backbone: str = "minilm",
     rates: list[float] = DEFAULT_RATES,
     methods: list[str] = DEFAULT_METHODS,
+    head_rates: list[float] = DEFAULT_HEAD_RATES,
+    allocation: str = "uniform",
+    fold: bool = False,
+    target_speedups: list[float] = DEFAULT_TARGETS,
     prompt_length: int = 20,
     max_length: int = 64,
     train_steps: int = 800,
     retune_steps: int = 200,
+    retune_evals: int = 4,
     distill: float = 0.5,
     attribution_examples: int = 1024,
-    seed: int = 0,
+    seeds: list[int] = DEFAULT_SEEDS,
     data_file: str | None = None,
     text_column: str = "text",
     label_column: str = "label",
     experiment: str = "skeleton",
 ) -> list[dict]:
-    """Run the sweep and return the results table as records."""
-    from skeleton.attribution import METHODS
+    """Run the sweep and return the results table as records: per seed, the full model, the linear probe and a
+    skeleton per (method, FFN rate, head rate) and per (method, target speed-up): the joint budget decides how
+    much of the FFN and of the attention heads to cut. methods=["all"] runs every registered selection method."""
+    from skeleton.attribution import METHODS, scores_heads
     from skeleton.backbones import resolve_backbone
-    from skeleton.benchmark import at
-    from skeleton.prune import check_rate
+    from skeleton.prune import check_allocation, check_head_rate, check_rate
 
     # Bad input fails here, before any training starts.
     rates = [check_rate(r) for r in rates]
+    head_rates = [check_head_rate(r) for r in head_rates]
+    check_allocation(allocation)
+    for target in target_speedups:
+        if not target > 1.0:
+            raise ValueError(f"target speed-ups must be above 1, got {target!r}; e.g. 2.0 for twice as fast")
+    if retune_evals < 1:
+        raise ValueError(f"retune_evals must be at least 1, got {retune_evals}")
+    if not seeds:
+        raise ValueError("seeds must name at least one seed, e.g. [0] or [0, 1, 2]")
+    methods = METHODS.names() if methods == ["all"] else methods
     for method in methods:
         METHODS[method]
+    if any(head_rates):
+        unable = [m for m in methods if not scores_heads(m)]
+        if unable:
+            raise ValueError(f"head rates > 0 need methods that score attention heads; {', '.join(unable)} do not "
+                             f"(those that do: {', '.join(m for m in METHODS if scores_heads(m))})")
     resolve_backbone(backbone)
     task_name = "file:" + Path(data_file).name if data_file else task
 
-    data = pipeline.prepare_data(task_name, backbone, max_length, seed, data_file and str(Path(data_file).resolve()),
-                                 text_column, label_column, _file_hash(data_file))
+    data = pipeline.prepare_data(task_name, backbone, max_length, SPLIT_SEED,
+                                 data_file and str(Path(data_file).resolve()), text_column, label_column,
+                                 _file_hash(data_file))
     print(f"data: {data['split_sizes']} labels {data['label_names']}")
-    train_config = {"steps": train_steps, "seed": seed}
-    retune_config = {"steps": retune_steps, "seed": seed, "warmup_steps": 10, "eval_every": max(1, retune_steps // 4),
-                     "distill": distill}
     run_id = tracking.start_sweep_run(experiment, {
         "task": task_name, "backbone": backbone, "prompt_length": prompt_length, "max_length": max_length,
-        "train_steps": train_steps, "retune_steps": retune_steps, "distill": distill,
-        "attribution_examples": attribution_examples,
-        "seed": seed, "rates": rates, "methods": methods, "artifacts": str(pipeline.artifacts_dir())})
-
+        "train_steps": train_steps, "retune_steps": retune_steps, "retune_evals": retune_evals, "distill": distill,
+        "attribution_examples": attribution_examples, "seeds": seeds, "rates": rates, "methods": methods,
+        "head_rates": head_rates, "allocation": allocation, "fold": fold, "target_speedups": target_speedups,
+        "artifacts": str(pipeline.artifacts_dir())})
+    points = [(m, r, h, None) for m in methods for r in rates for h in head_rates]
+    points += [(m, 0.0, 0.0, t) for m in methods for t in target_speedups]
+    retune = {"steps": retune_steps, "warmup_steps": 10, "eval_every": max(1, retune_steps // retune_evals),
+              "distill": distill}
     try:
-        full_model = pipeline.tune_prompt(data["path"], backbone, prompt_length, train_config)
-        full = {**pipeline.evaluate(data["path"], full_model["path"]), "path": full_model["path"],
-                "val_accuracy": full_model["val_accuracy"]}
-        probe = pipeline.linear_probe(data["path"], backbone, seed)
-        print(f"full prompt-tuned accuracy {full['accuracy']:.4f}; linear probe {probe['accuracy']:.4f}")
+        fulls, probes, rows, scores = {}, {}, [], {}
+        for seed in seeds:
+            full_model = pipeline.tune_prompt(data["path"], backbone, prompt_length, {"steps": train_steps, "seed": seed})
+            fulls[seed] = {**pipeline.evaluate(data["path"], full_model["path"]), "path": full_model["path"],
+                           "val_accuracy": full_model["val_accuracy"]}
+            probes[seed] = pipeline.linear_probe(data["path"], backbone, seed)
+            print(f"seed {seed}: full prompt-tuned accuracy {fulls[seed]['accuracy']:.4f}; "
+                  f"linear probe {probes[seed]['accuracy']:.4f}")
 
-        # Independent sweep points are submitted together: a Dask task runner spreads them over its workers,
-        # the default runner takes them one at a time (parallel threads would only fight over the cores).
-        scores = {m: pipeline.attribute.submit(data["path"], full_model["path"], m, attribution_examples, seed)
-                  for m in methods}
-        scores = {m: future.result()["path"] for m, future in scores.items()}
-        teacher = pipeline.teacher_logits(data["path"], full_model["path"])["path"] if distill else None
-        points = [(m, r) for m in methods for r in rates]
-        built = [pipeline.build_skeleton.submit(data["path"], full_model["path"], scores[m], r, retune_config, teacher)
-                 for m, r in points]
-        built = [future.result() for future in built]
-        results = [pipeline.evaluate.submit(data["path"], b["path"]) for b in built]
-        rows = []
-        for (method, rate), b, future in zip(points, built, results):
-            result = future.result()
-            rows.append({"method": method, "rate": rate, "kept_width": b["kept_width"],
-                         "val_accuracy": b["val_accuracy"], **result, "path": b["path"]})
-            print(f"sweep point {len(rows)}/{len(points)}: {method} p={rate} accuracy {result['accuracy']:.4f}")
+            # Independent sweep points are submitted together: a Dask task runner spreads them over its workers,
+            # the default runner takes them one at a time (parallel threads would only fight over the cores).
+            futures = {m: pipeline.attribute.submit(data["path"], full_model["path"], m, attribution_examples, seed)
+                       for m in methods}
+            scores[seed] = {m: future.result()["path"] for m, future in futures.items()}
+            teacher = pipeline.teacher_logits(data["path"], full_model["path"])["path"] if distill else None
+            built = [pipeline.build_skeleton.submit(data["path"], full_model["path"], scores[seed][m], r,
+                                                    {**retune, "seed": seed}, teacher, h, allocation, fold, t)
+                     for m, r, h, t in points]
+            built = [future.result() for future in built]
+            results = [pipeline.evaluate.submit(data["path"], b["path"]) for b in built]
+            for (method, _, _, target), b, future in zip(points, built, results):
+                result = future.result()
+                point = f"x{target:g}" if target else f"p={b['rate']:g} h={b['head_rate']:g}"
+                rows.append({"seed": seed, "method": method, "point": point, "rate": b["rate"],
+                             "head_rate": b["head_rate"],
+                             "kept_width": b["kept_width"], "kept_widths": b["kept_widths"],
+                             "kept_heads": b.get("kept_heads"), "val_accuracy": b["val_accuracy"], **result,
+                             "path": b["path"]})
+                print(f"seed {seed} point {len(rows)}/{len(points) * len(seeds)}: {method} {point} "
+                      f"(p={b['rate']:.3f} h={b['head_rate']:.3f}) accuracy {result['accuracy']:.4f}")
 
-        bench = pipeline.benchmark(full["path"], [r["path"] for r in rows], pipeline.BENCHMARK_BATCH_SIZES,
-                                   [max_length], repeats=20)
-        headline = at(bench, pipeline.BENCHMARK_BATCH_SIZE, max_length)
-        for row in rows:
-            row.update({key: headline[row["path"]][key] for key in ("speedup", "speedup_bound", "bound_ratio")})
-        logged = [tracking.log_point.submit(run_id, row, [b for b in bench["rows"] if b["model"] == row["path"]])
+        bench, measured_as = _benchmark(rows, fulls[seeds[0]]["path"], max_length)
+        table = results_table(rows, fulls, probes)
+        records = [{**record, "data": data["path"]} for record in table.to_dict("records")]
+        logged = [tracking.log_point.submit(run_id, row, [b for b in bench["rows"]
+                                                          if b["model"] == measured_as[row["path"]]])
                   for row in rows]
         for future in logged:
             future.result()
-        table = results_table(rows, full, probe)
-        records = [{**record, "data": data["path"]} for record in table.to_dict("records")]
+        summary = summary_table(records)
         tracking.log_benchmark(run_id, bench, records)
-        tracking.finish_sweep_run(run_id, records, full, probe, scores)
-        printed = table[COLUMNS].to_string(index=False, float_format="%.4f")
+        tracking.finish_sweep_run(run_id, records, summary.to_dict("records"), scores)
+        printed = summary.to_string(index=False, float_format="%.4f", na_rep="-")
         print(f"data {data['path']}\nMLflow run {run_id} ({tracking.tracking_uri()})\n{printed}")
     except BaseException:
         tracking.fail_run(run_id)  # a crashed sweep must not look "running" in MLflow forever
@@ -128,20 +162,51 @@ def full_sweep(
     return records
 
 
+def _benchmark(rows: list[dict], full: str, max_length: int) -> tuple[dict, dict[str, str]]:
+    """Latency of each distinct skeleton shape against the full model (seeds and methods that cut the same widths
+    and heads share one measurement), copied onto every row. Returns the benchmark and, per skeleton path, the
+    path measured for its shape."""
+    from skeleton.benchmark import at
+
+    first: dict[tuple, str] = {}
+    measured_as = {}
+    for row in rows:
+        shape = (tuple(row["kept_widths"]), tuple(row["kept_heads"] or ()))
+        measured_as[row["path"]] = first.setdefault(shape, row["path"])
+    bench = pipeline.benchmark(full, list(first.values()), pipeline.BENCHMARK_BATCH_SIZES, [max_length], repeats=20)
+    headline = at(bench, pipeline.BENCHMARK_BATCH_SIZE, max_length)
+    for row in rows:
+        row.update({key: headline[measured_as[row["path"]]][key] for key in ("speedup", "speedup_bound", "bound_ratio")})
+    return bench, measured_as
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the Skeleton sweep as a Prefect flow (ephemeral server).")
     parser.add_argument("--task", default="rotten_tomatoes")
     parser.add_argument("--backbone", default="minilm", help="registered name or a local checkpoint folder")
     parser.add_argument("--rates", type=float, nargs="+", default=DEFAULT_RATES)
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
+                        help="selection methods to compare, or 'all' for every registered one")
+    parser.add_argument("--head-rates", type=float, nargs="+", default=DEFAULT_HEAD_RATES,
+                        help="shares of attention heads to cut as well (each combined with every FFN rate)")
+    parser.add_argument("--allocation", default="uniform",
+                        help="how kept neurons and heads spread over layers: uniform, global or per_layer")
+    parser.add_argument("--target-speedups", type=float, nargs="+", default=[],
+                        help="joint budget points: cut FFN neurons and heads until the multiply-adds fall by this "
+                        "factor, e.g. 2.0")
+    parser.add_argument("--fold", action="store_true",
+                        help="fold removed FFN neurons' mean activation into the down projection's bias")
     parser.add_argument("--prompt-length", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=800)
     parser.add_argument("--retune-steps", type=int, default=200)
+    parser.add_argument("--retune-evals", type=int, default=4,
+                        help="validation checks while re-tuning a skeleton; the best adapter is kept")
     parser.add_argument("--distill", type=float, default=0.5,
                         help="weight of the full model's soft labels when re-tuning a skeleton (0 = off)")
     parser.add_argument("--attribution-examples", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
+                        help="training seeds; with several the table shows mean and spread")
     parser.add_argument("--data-file", help="your own CSV / JSONL / Parquet file instead of --task")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label")

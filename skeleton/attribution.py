@@ -192,6 +192,23 @@ def integrated_gradients(
         return _accumulate(model, dataset, pad_id, batch_size, score)
 
 
+@torch.no_grad()
+def mean_activations(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 32) -> Scores:
+    """Signed mean of every FFN neuron's activation over all non-padding positions (soft prompt included)."""
+    downs = down_projections(model)
+    sums = [torch.zeros(d.in_features, dtype=torch.float64) for d in downs]
+    positions = 0
+    model.eval()
+    for batch in batches(dataset, pad_id, batch_size):
+        with capture_inputs(downs) as acts:
+            model.features(*model.embed(batch["input_ids"], batch["attention_mask"]))
+        mask = torch.cat([torch.ones(len(batch["labels"]), model.config.prompt_length), batch["attention_mask"]], 1)
+        for total, a in zip(sums, acts):
+            total += (a * mask[..., None]).sum((0, 1)).double()
+        positions += mask.sum().item()
+    return [(t / positions).float() for t in sums]
+
+
 def attribute(method: str, model: PromptClassifier, dataset, pad_id: int, **kwargs) -> Scores:
     return METHODS[method](model, dataset, pad_id, **kwargs)
 

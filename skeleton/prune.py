@@ -143,13 +143,16 @@ def allocate(scores: list[torch.Tensor], rate: float, allocation: str = "uniform
 def select(scores: list[torch.Tensor], rate: float, allocation: str = "uniform") -> list[torch.Tensor]:
     """Per layer, the sorted indices of the top-scoring neurons; how many per layer is the allocation rule's
     ("uniform": the same kept width in every layer)."""
-    counts = allocate(scores, rate, allocation)
-    return [torch.sort(torch.topk(s, k).indices).values for s, k in zip(scores, counts)]
+    return keep_top(scores, allocate(scores, rate, allocation))
 
 
 def select_heads(scores: list[torch.Tensor], rate: float, allocation: str = "uniform") -> list[torch.Tensor]:
     """Per layer, the sorted indices of the top-scoring attention heads; at least one per layer."""
-    counts = ALLOCATIONS[allocation](scores, check_head_rate(rate), 1)
+    return keep_top(scores, ALLOCATIONS[allocation](scores, check_head_rate(rate), 1))
+
+
+def keep_top(scores: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+    """Per layer, the sorted indices of its `count` top-scoring units."""
     return [torch.sort(torch.topk(s, k).indices).values for s, k in zip(scores, counts)]
 
 
@@ -179,6 +182,20 @@ def slice_ffn(backbone: nn.Module, keep: list[torch.Tensor]) -> nn.Module:
             _slice_linear(up, index, 0)
         _slice_linear(block.down, index, 1)
     family.sync_config(backbone)
+    return backbone
+
+
+@torch.no_grad()
+def fold_removed(backbone: nn.Module, keep: list[torch.Tensor], means: list[torch.Tensor]) -> nn.Module:
+    """Add each removed neuron's mean contribution, W_down[:, j] * mean activation_j, to the down projection's
+    bias (in place, before slicing): the skeleton then keeps what those neurons added on average."""
+    for block, index, mean in zip(family_of(backbone).ffn_blocks(backbone), keep, means):
+        if block.down.bias is None:
+            raise ValueError(f"folding removed neurons needs a bias on the FFN down projection, which the "
+                             f"{type(family_of(backbone)).__name__} has not; build without fold")
+        removed = torch.ones(block.down.in_features, dtype=torch.bool)
+        removed[index] = False
+        block.down.bias += block.down.weight[:, removed] @ mean[removed].to(block.down.weight.dtype)
     return backbone
 
 

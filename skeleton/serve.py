@@ -52,7 +52,7 @@ def read_meta(folder: str | Path) -> dict:
 
 def default_name(meta: dict, folder: str | Path) -> str:
     """<task>-<method>-p<rate> from a skeleton's recorded meta (the full model is method "full"), then
-    -h<head rate> and -<allocation> where they are not the defaults; the folder name when the task is not
+    -h<head rate>, -<allocation> and -fold where they are not the defaults; the folder name when the task is not
     recorded (skeletons exported before it was)."""
     if not meta.get("task"):
         return Path(folder).name
@@ -63,6 +63,8 @@ def default_name(meta: dict, folder: str | Path) -> str:
         parts.append(f"h{float(meta['head_rate'])}")
     if meta.get("allocation", "uniform") != "uniform":
         parts.append(meta["allocation"])
+    if meta.get("fold"):
+        parts.append("fold")
     return "-".join(parts)
 
 
@@ -109,6 +111,7 @@ class Expert:
     keep: list[torch.Tensor]  # per FFN layer, indices into the backbone's neurons (widths may differ per layer)
     heads: list[torch.Tensor] | None  # per layer, kept attention heads; None: all
     model: PromptClassifier  # shares the server's backbone; its prompt and head are the expert's own
+    down_bias: dict[int, torch.Tensor]  # per FFN layer, the down projection's bias of a folded skeleton
     max_length: int
     meta: dict
     slices: list | None = field(default=None, repr=False)  # pre-sliced weights when the server caches them
@@ -189,7 +192,8 @@ class SkeletonServer:
                                           f"{type(self.family).__name__} cannot plug in")
             heads = self._check_index(name, folder, "head", record["heads"], self._heads)
         model = PromptClassifier.from_adapter(self.backbone, folder / "adapter").to(self.device).eval()
-        expert = Expert(name, folder, keep, heads, model, int(meta.get("max_length") or DEFAULT_MAX_LENGTH), meta)
+        expert = Expert(name, folder, keep, heads, model, {}, int(meta.get("max_length") or DEFAULT_MAX_LENGTH),
+                        meta)
         self._check_backbone(expert)
         if self.cache_slices:
             expert.slices = self._slice(expert)
@@ -246,8 +250,15 @@ class SkeletonServer:
             sliced[names[id(slot.weight)]] = (slot.dim, index)
             if slot.bias is not None and slot.dim == 0:
                 sliced[names[id(slot.bias)]] = (0, index)
+        # A folded skeleton's down biases carry its removed neurons' mean output: the expert's own, not the backbone's.
+        folded = {names[id(layer[-1].bias)]: i for i, layer in enumerate(self._ffn)
+                  if expert.meta.get("fold") and layer[-1].bias is not None}
         seen = set()
         for key, tensor in _exported_tensors(folder):
+            if key in folded:
+                expert.down_bias[folded[key]] = tensor.to(self.device)
+                seen.add(key)
+                continue
             if key not in expected:
                 refuse(f"it has a tensor {key!r} the backbone does not")
             want = expected[key]
@@ -275,11 +286,14 @@ class SkeletonServer:
     def _slice(self, expert: Expert) -> list[tuple]:
         """(linear, weight, bias) for every linear the expert slices, index-selected from the original weights."""
         out = []
+        down_bias = {id(layer[-1]): expert.down_bias.get(i) for i, layer in enumerate(self._ffn)}
         for slot, index in self._sliced(expert):
             weight = nn.Parameter(slot.weight.detach().index_select(slot.dim, index), requires_grad=False)
             bias = slot.bias  # a down / output projection's bias is per output feature: not sliced
             if bias is not None and slot.dim == 0:
                 bias = nn.Parameter(bias.detach()[index], requires_grad=False)
+            elif down_bias.get(id(slot)) is not None:
+                bias = nn.Parameter(down_bias[id(slot)], requires_grad=False)
             out.append((slot.linear, weight, bias))
         return out
 
@@ -365,7 +379,7 @@ class SkeletonServer:
         for name in self.names:
             e = self.experts[name]
             extra = [t for _, w, b in (e.slices or []) for t in (w, b) if t is not None]
-            experts[name] = held_bytes(e.model, *e.keep, *(e.heads or []), *extra) - backbone
+            experts[name] = held_bytes(e.model, *e.keep, *(e.heads or []), *e.down_bias.values(), *extra) - backbone
         return {"backbone": backbone, **experts}
 
 

@@ -17,13 +17,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from skeleton import benchmark as bench, data as data_lib
-from skeleton.attribution import attribute as attribute_neurons, attribute_with_heads, scores_heads
+from skeleton.attribution import (attribute as attribute_neurons, attribute_with_heads, mean_activations,
+                                  scores_heads)
 from skeleton.backbones import family_of, load_backbone
+from skeleton.budget import plan
 from skeleton.evaluate import linear_probe as probe, metrics
 from skeleton.io import atomic_dir
 from skeleton.model import AdapterConfig, PromptClassifier
-from skeleton.prune import (check_allocation, check_head_rate, check_rate, export_skeleton, load_skeleton, select,
-                            select_heads, slice_ffn, slice_heads)
+from skeleton.prune import (check_allocation, check_head_rate, check_rate, export_skeleton, fold_removed, keep_top,
+                            load_skeleton, select, select_heads, slice_ffn, slice_heads)
 from skeleton.train import TrainConfig, predict, train
 
 log = logging.getLogger("skeleton")
@@ -131,26 +133,43 @@ def teacher_logits(out: Path, data: str, model: str) -> dict:
 
 
 def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, train_config: dict,
-                   teacher: str | None = None, head_rate: float = 0.0, allocation: str = "uniform") -> dict:
+                   teacher: str | None = None, head_rate: float = 0.0, allocation: str = "uniform",
+                   fold: bool = False, fold_examples: int = 256, target_speedup: float | None = None) -> dict:
     """Keep the top (1 - rate) FFN neurons (and top (1 - head_rate) attention heads), slice the rest out, re-tune
     prompt and head, export.
 
     `allocation` (prune.ALLOCATIONS) decides how many each layer keeps: "uniform" (the same FFN width in every
     layer), "global" or "per_layer"; heads follow the same rule, at least one per layer. With `teacher` (train
-    logits of the full model) and train_config["distill"] > 0, re-tuning also matches the full model's soft labels."""
+    logits of the full model) and train_config["distill"] > 0, re-tuning also matches the full model's soft labels.
+    With `target_speedup`, the joint budget (skeleton.budget.plan) decides instead of rate / head_rate / allocation
+    how many neurons and heads each layer keeps, for texts of the data's max_length.
+    With `fold`, each removed FFN neuron's mean activation (over `fold_examples` training examples) is folded
+    into the down projection's bias before slicing."""
     check_rate(rate)
     check_head_rate(head_rate)
     check_allocation(allocation)
-    head_scores = read_scores(scores, unit="head") if head_rate > 0 else []
+    head_scores = read_scores(scores, unit="head") if head_rate > 0 or target_speedup else []
     if head_rate > 0 and not head_scores:
         raise ValueError(f"head_rate={head_rate} needs attention-head scores, and {scores} has none: re-run "
                          "attribution with a method that scores heads (e.g. grad_x_act, activation, random)")
     dsd, info = load_data(data)
     classifier, tokenizer, parent = load_skeleton(model)
-    keep = select(read_scores(scores), rate, allocation)
-    heads = select_heads(head_scores, head_rate, allocation) if head_rate > 0 else None
+    ffn_scores = read_scores(scores)
+    if target_speedup:  # the achieved rates are recorded as this skeleton's rate and head_rate
+        ffn_counts, head_counts = plan(classifier, ffn_scores, head_scores, target_speedup, info["max_length"])
+        keep = keep_top(ffn_scores, ffn_counts)
+        rate = 1 - sum(ffn_counts) / sum(len(s) for s in ffn_scores)
+        head_rate = 1 - sum(head_counts) / sum(len(h) for h in head_scores) if head_scores else 0.0
+        heads = keep_top(head_scores, head_counts) if head_rate > 0 else None
+    else:
+        keep = select(ffn_scores, rate, allocation)
+        heads = select_heads(head_scores, head_rate, allocation) if head_rate > 0 else None
     if heads is not None:
         slice_heads(classifier.backbone, heads)
+    if fold:  # the means of the network as it will run: heads already cut, every FFN neuron still there
+        sample = dsd["train"].shuffle(seed=train_config.get("seed", 0))
+        sample = sample.select(range(min(fold_examples, len(sample))))
+        fold_removed(classifier.backbone, keep, mean_activations(classifier, sample, info["pad_id"]))
     slice_ffn(classifier.backbone, keep)
     train_set = dsd["train"]
     if teacher:
@@ -162,7 +181,8 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
     method = json.loads(made_by.read_text())["method"] if made_by.is_file() else None
     widths = [len(k) for k in keep]
     shape = {"kept_width": round(sum(widths) / len(widths)),  # the width of every layer unless they differ: the mean
-             "kept_widths": widths, "allocation": allocation, "head_rate": head_rate,
+             "kept_widths": widths, "allocation": "joint" if target_speedup else allocation, "head_rate": head_rate,
+             "fold": fold, "target_speedup": target_speedup,
              **({"kept_heads": [len(h) for h in heads]} if heads is not None else {})}
     meta = {"rate": rate, **shape, "scores": scores, "method": method, "task": info["task"],
             "backbone": parent.get("backbone"), "max_length": info["max_length"], **record}

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from skeleton.model import PromptClassifier
 
 log = logging.getLogger("skeleton")
+PROGRESS_EVERY = 20  # steps between progress lines (a real-model step can take seconds)
 
 
 @dataclass
@@ -132,6 +133,8 @@ def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: Trai
             scheduler.step()
             step += 1
             running += loss.item()
+            if step % PROGRESS_EVERY == 0 and step % config.eval_every:
+                log.info("step %d/%d  loss %.4f", step, config.steps, loss.item())
             if step % config.eval_every == 0 or step == config.steps:
                 val_acc = accuracy(predict(model, val_set, pad_id), val_set["label"])
                 n = config.eval_every if step % config.eval_every == 0 else step % config.eval_every

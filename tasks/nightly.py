@@ -39,6 +39,8 @@ def promote(records: list[dict], method: str = "grad_x_act", source: str = "") -
     from skeleton.stages import INFO
     from tasks.report import FULL
 
+    seed = records[0].get("seed", 0)  # a sweep over several seeds: its first seed's models are the baseline
+    records = [r for r in records if r.get("seed", 0) == seed and not r.get("head_rate")]
     full = next(r for r in records if r["method"] == FULL)
     points = sorted((r for r in records if r["method"] == method), key=lambda r: r["rate"])
     if not points:

@@ -66,13 +66,15 @@ def log_point(parent_run_id: str, row: dict, benchmark_rows: list[dict] = ()) ->
     """A child run with the point's metrics (its benchmark per configuration too) and its exported skeleton."""
     client = _client()
     parent = client.get_run(parent_run_id)
-    run = client.create_run(parent.info.experiment_id, run_name=f"{row['method']}-p{row['rate']}",
+    name = f"{row['method']}-p{row['rate']}" + (f"-h{row['head_rate']}" if row["head_rate"] else "")
+    run = client.create_run(parent.info.experiment_id, run_name=f"{name}-seed{row['seed']}",
                             tags={"mlflow.parentRunId": parent_run_id, "skeleton.kind": "point"})
     run_id = run.info.run_id
-    for key in ("method", "rate", "kept_width"):
-        client.log_param(run_id, key, row[key])
+    for key in ("method", "rate", "head_rate", "seed", "kept_width", "kept_widths", "kept_heads"):
+        if row.get(key) is not None:
+            client.log_param(run_id, key, row[key])
     for key in ("accuracy", "macro_f1", "speedup", "speedup_bound", "bound_ratio", "parameters", "kept_width", "rate",
-                "val_accuracy"):
+                "head_rate", "val_accuracy"):
         if row.get(key) is not None:
             client.log_metric(run_id, key, float(row[key]))
     for key, value in benchmark_metrics(benchmark_rows).items():
@@ -96,8 +98,9 @@ def log_benchmark(parent_run_id: str, result: dict, records: list[dict]) -> None
     from tasks.report import FULL, plot_speedup
 
     client = _client()
-    names = {r["path"]: "full" if r["method"] == FULL else f"{r['method']} p={r['rate']}"
-             for r in records if isinstance(r.get("path"), str)}
+    names = {r["path"]: "full" if r["method"] == FULL else
+             f"{r['method']} p={r['rate']}" + (f" h={r['head_rate']}" if r["head_rate"] else "")
+             for r in reversed(records) if isinstance(r.get("path"), str)}  # reversed: the first seed's name wins
     named = {**result, "rows": [{**r, "model": names.get(r["model"], r["model"])} for r in result["rows"]]}
     env = result["environment"]
     for key in ("device", "device_name", "dtype", "threads", "torch"):
@@ -116,24 +119,31 @@ def log_benchmark(parent_run_id: str, result: dict, records: list[dict]) -> None
 
 
 @task(name="finish-sweep-run", retries=2, retry_delay_seconds=2)
-def finish_sweep_run(parent_run_id: str, records: list[dict], full: dict, probe: dict, scores: dict[str, str]) -> None:
-    """Baseline metrics, the results table (Parquet), the accuracy-vs-sparsity plot and attribution scores."""
+def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict],
+                     scores: dict[int, dict[str, str]]) -> None:
+    """Reference metrics (means over seeds), the per-seed results and the summary (Parquet), the
+    accuracy-vs-sparsity plot, the attribution scores and the first seed's full model."""
     import pandas as pd
 
-    from tasks.report import plot_accuracy
+    from tasks.report import FULL, PROBE, plot_accuracy
 
     client = _client()
-    for key in ("accuracy", "macro_f1", "parameters"):
-        client.log_metric(parent_run_id, f"full_{key}", float(full[key]))
-    for key in ("accuracy", "macro_f1"):
-        client.log_metric(parent_run_id, f"linear_probe_{key}", float(probe[key]))
+    reference = {r["method"]: r for r in summary if r["method"] in (FULL, PROBE)}
+    for prefix, name, keys in (("full", FULL, ("accuracy", "accuracy_std", "macro_f1", "parameters")),
+                               ("linear_probe", PROBE, ("accuracy", "accuracy_std", "macro_f1"))):
+        for key in keys:
+            value = reference[name][key]
+            if value == value:  # a standard deviation over one seed is NaN: not logged
+                client.log_metric(parent_run_id, f"{prefix}_{key}", float(value))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pd.DataFrame(records).to_parquet(tmp / "results.parquet", index=False)
+        pd.DataFrame(summary).to_parquet(tmp / "summary.parquet", index=False)
         plot_accuracy(records, tmp / "accuracy_vs_sparsity.png")
-        client.log_artifact(parent_run_id, str(tmp / "results.parquet"))
-        client.log_artifact(parent_run_id, str(tmp / "accuracy_vs_sparsity.png"))
-    for method, path in scores.items():
-        client.log_artifact(parent_run_id, path, f"attribution/{method}")
-    client.log_artifacts(parent_run_id, full["path"], "full_model")
+        for name in ("results.parquet", "summary.parquet", "accuracy_vs_sparsity.png"):
+            client.log_artifact(parent_run_id, str(tmp / name))
+    for seed, by_method in scores.items():
+        for method, path in by_method.items():
+            client.log_artifact(parent_run_id, path, f"attribution/seed{seed}/{method}")
+    client.log_artifacts(parent_run_id, reference[FULL]["path"], "full_model")
     client.set_terminated(parent_run_id)

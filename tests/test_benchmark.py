@@ -195,8 +195,11 @@ def test_benchmark_on_cuda():
 def test_speedup_plot(tmp_path):
     from tasks.report import FULL, PROBE, plot_speedup
 
-    records = [{"method": FULL, "rate": 0.0, "speedup": 1.0}, {"method": PROBE, "rate": 0.0, "speedup": None}]
-    records += [{"method": m, "rate": r, "speedup": s, "speedup_bound": b, "bound_ratio": s / b}
+    common = {"seed": 0, "head_rate": 0.0, "accuracy": 0.8}
+    records = [{**common, "method": FULL, "point": "", "rate": 0.0, "speedup": 1.0},
+               {**common, "method": PROBE, "point": "", "rate": 0.0, "speedup": None}]
+    records += [{**common, "method": m, "point": f"p={r} h=0", "rate": r, "speedup": s, "speedup_bound": b,
+                 "bound_ratio": s / b}
                 for m in ("grad_x_act", "random") for r, s, b in ((0.5, 1.4, 1.47), (0.8, 1.9, 2.07))]
     assert plot_speedup(records, tmp_path / "speedup.png").stat().st_size > 0
 

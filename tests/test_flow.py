@@ -177,3 +177,33 @@ def test_crashed_sweep_marks_its_mlflow_run_failed(prefect_server, tiny_backbone
     client = mlflow.MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("crash").experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_sweep_over_seeds_head_rates_and_a_joint_budget(prefect_server, tiny_backbone_dir, reviews_csv):
+    """Two seeds, a head rate beside FFN-only, a joint-budget point and folding: per-seed records, a summary with
+    the spread over seeds, all in MLflow."""
+    import mlflow
+
+    from flows.sweep import full_sweep
+    from tasks.report import summary_table
+
+    records = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, methods=["grad_x_act"], head_rates=[0.0, 0.5],
+                                      target_speedups=[1.5], fold=True, seeds=[0, 1], experiment="seeds"))
+    table = pd.DataFrame(records)
+    assert sorted(table["seed"].unique()) == [0, 1]
+    points = table[table["method"] == "grad_x_act"]
+    assert sorted(points["point"].unique()) == ["p=0.5 h=0", "p=0.5 h=0.5", "x1.5"]
+    assert (points.groupby("point").size() == 2).all()
+    assert (points[points["point"] == "x1.5"]["speedup_bound"] >= 1.5 - 1e-9).all()
+    summary = summary_table(records)
+    assert (summary["seeds"] == 2).all() and summary["accuracy_std"].notna().all()
+    full = table[table["method"] == "full (prompt tuning)"]
+    assert summary.iloc[0]["accuracy"] == pytest.approx(full["accuracy"].mean())
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("seeds")
+    parent = client.search_runs([experiment.experiment_id], "tags.`skeleton.kind` = 'sweep'")[0]
+    assert {"summary.parquet", "results.parquet"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert "full_accuracy_std" in parent.data.metrics
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 6 and {c.data.params["seed"] for c in children} == {"0", "1"}

@@ -311,3 +311,54 @@ def test_stages_score_and_prune_heads(tiny_backbone_dir, reviews_csv, tmp_path):
     assert plain["kept_width"] == 32 and "kept_heads" not in plain
     assert json.loads((tmp_path / "plain" / "backbone" / "config.json").read_text())["model_type"] == "bert"
     assert "heads" not in json.loads((tmp_path / "plain" / "neurons.json").read_text())
+    # A joint budget decides the rates itself and records what it achieved.
+    joint = stages.build_skeleton(tmp_path / "joint", data["path"], full["path"], scores["path"], 0.0, train_config,
+                                  target_speedup=1.5)
+    assert joint["allocation"] == "joint" and joint["target_speedup"] == 1.5 and joint["rate"] > 0
+    assert json.loads((tmp_path / "joint" / "neurons.json").read_text())["rate"] == joint["rate"]
+
+
+def _planned_skeleton(model, ffn, heads, target):
+    from skeleton.budget import plan
+    from skeleton.prune import keep_top
+
+    ffn_counts, head_counts = plan(model, ffn, heads, target, text_len=24)
+    pruned = copy.deepcopy(model)
+    if heads and sum(head_counts) < HEADS * len(heads):
+        slice_heads(pruned.backbone, keep_top(heads, head_counts))
+    slice_ffn(pruned.backbone, keep_top(ffn, ffn_counts))
+    return pruned, ffn_counts, head_counts
+
+
+@pytest.mark.parametrize("target", [1.5, 2.0, 3.0])
+def test_joint_budget_meets_its_target_in_multiply_adds(classifier, target):
+    from skeleton.benchmark import count_macs
+
+    model, _ = classifier
+    heads = [torch.rand(HEADS, generator=torch.Generator().manual_seed(i)) * 8 for i in range(2)]
+    pruned, ffn_counts, head_counts = _planned_skeleton(model, ffn_scores(), heads, target)
+    full, small = count_macs(model, 32, 24).total, count_macs(pruned, 32, 24).total
+    assert full / target * 0.7 < small <= full / target  # met, rounding down to widths of 8 cuts a little more
+    assert all(c % 8 == 0 and c >= 8 for c in ffn_counts) and all(1 <= h <= HEADS for h in head_counts)
+
+
+def test_joint_budget_cuts_the_cheapest_importance_first(classifier):
+    model, _ = classifier
+    important = [torch.full((HEADS,), 1e3) for _ in range(2)]
+    negligible = [torch.full((HEADS,), 1e-6) for _ in range(2)]
+    _, ffn_counts, head_counts = _planned_skeleton(model, ffn_scores(), important, 1.3)
+    assert head_counts == [HEADS, HEADS] and sum(ffn_counts) < 128  # heads matter: only FFN neurons go
+    _, ffn_counts, head_counts = _planned_skeleton(model, ffn_scores(), negligible, 1.3)
+    assert sum(head_counts) < 2 * HEADS and ffn_counts == [64, 64]  # heads are free to lose: they go first
+
+
+def test_joint_budget_without_head_scores_cuts_ffn_only_and_says_when_out_of_reach(classifier):
+    from skeleton.budget import plan
+
+    model, _ = classifier
+    _, ffn_counts, head_counts = _planned_skeleton(model, ffn_scores(), [], 1.2)
+    assert head_counts == [] and sum(ffn_counts) < 128
+    with pytest.raises(ValueError, match="out of reach"):
+        plan(model, ffn_scores(), [], 3.0, text_len=24)
+    with pytest.raises(ValueError, match="target speed-up must be above 1"):
+        plan(model, ffn_scores(), [], 1.0, text_len=24)

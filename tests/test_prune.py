@@ -115,3 +115,46 @@ def test_failed_export_leaves_nothing(tiny_classifier, tmp_path, monkeypatch):
         export_skeleton(model, tokenizer, full_keep(model.backbone), tmp_path / "sk", {})
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_folding_keeps_the_mean_output_of_removed_neurons(tiny_classifier, batch):
+    """Layer 0's FFN input does not depend on pruning, so with means taken on the same examples, the folded
+    skeleton's down-projection output summed over all positions equals the full model's; plain removal does not."""
+    import copy
+
+    from datasets import Dataset
+
+    from skeleton.attribution import down_projections, mean_activations
+    from skeleton.prune import fold_removed
+
+    model, _ = tiny_classifier
+    ids = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
+    data = Dataset.from_dict({"input_ids": ids, "label": batch["labels"].tolist()})
+    keep = random_keep(model, 0.65)
+
+    def summed_down_output(classifier):
+        out = []
+        handle = down_projections(classifier)[0].register_forward_hook(lambda _m, _a, o: out.append(o))
+        with torch.no_grad():
+            embeds, mask = classifier.embed(batch["input_ids"], batch["attention_mask"])
+            classifier.features(embeds, mask)
+        handle.remove()
+        return (out[0] * mask[..., None]).sum((0, 1))
+
+    folded, plain = copy.deepcopy(model), copy.deepcopy(model)
+    fold_removed(folded.backbone, keep, mean_activations(folded, data, pad_id=0, batch_size=3))
+    slice_ffn(folded.backbone, keep)
+    slice_ffn(plain.backbone, keep)
+    full = summed_down_output(model)
+    torch.testing.assert_close(summed_down_output(folded), full, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(summed_down_output(plain), full, rtol=1e-4, atol=1e-4)
+
+
+def test_folding_needs_a_down_bias(tiny_classifier):
+    from skeleton.prune import fold_removed
+
+    model, _ = tiny_classifier
+    for layer in model.backbone.encoder.layer:
+        layer.output.dense.bias = None
+    with pytest.raises(ValueError, match="needs a bias on the FFN down projection"):
+        fold_removed(model.backbone, random_keep(model, 0.5), [torch.zeros(64)] * 2)

@@ -267,7 +267,7 @@ def test_cli_lists_and_serves_experts_logged_to_mlflow(server, expert_dirs, back
     from tasks import tracking
 
     parent = tracking.start_sweep_run.fn("test-serve", {"task": "news", "backbone": str(backbone_dir)})
-    point = tracking.log_point.fn(parent, {"method": "random", "rate": 0.5, "kept_width": 32,
+    point = tracking.log_point.fn(parent, {"seed": 0, "method": "random", "rate": 0.5, "head_rate": 0.0, "kept_width": 32,
                                            "path": str(expert_dirs["news-random-p0.5"]), "val_accuracy": 0.5})
     listing = run_cli("list", "--run", parent)
     assert "news-random-p0.5" in listing and f"runs:/{point}/skeleton" in listing, listing
@@ -298,6 +298,17 @@ def test_experts_built_by_the_pipeline_stages(tiny_backbone_dir, reviews_csv, tm
         expected = model(enc["input_ids"], enc["attention_mask"])
     torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5", texts), expected, rtol=0, atol=1e-5)
     assert {p.label for p in server.classify("reviews-full-p0.0", texts)} <= {"neg", "pos"}
+    # A folded skeleton's down biases differ from the backbone's: the expert carries them.
+    folded = stages.build_skeleton(tmp_path / "folded", data["path"], full["path"], scores["path"], 0.5, train_config,
+                                   fold=True)
+    assert server.add(folded["path"]) == "reviews-grad_x_act-p0.5-fold"
+    model, _, _ = load_skeleton(folded["path"])
+    with torch.no_grad():
+        expected_folded = model(enc["input_ids"], enc["attention_mask"])
+    assert not torch.allclose(expected_folded, expected, atol=1e-4)
+    torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5-fold", texts), expected_folded, rtol=0,
+                               atol=1e-5)
+    torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5", texts), expected, rtol=0, atol=1e-5)
 
 
 def test_default_names():
