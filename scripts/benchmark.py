@@ -62,6 +62,10 @@ def from_mlflow(experiment: str, method: str, rates: list[float]) -> dict[str, P
 
     with tempfile.TemporaryDirectory() as tmp:
         table = pd.read_parquet(client.download_artifacts(runs[0].info.run_id, "results.parquet", tmp))
+    if "seed" in table:  # a sweep over several seeds: its first seed's models (every seed's have the same shapes)
+        table = table[table["seed"] == table["seed"].iloc[0]]
+    if "head_rate" in table:  # FFN-only skeletons: the rates name them
+        table = table[table["head_rate"].fillna(0.0) == 0.0]
     full = table[table["method"] == FULL]["path"].tolist()  # the results table's reference row
     points = {float(r.rate): r.path for r in table[table["method"] == method].itertuples()}
     folders = {"full": full[0]} if full else {}
