@@ -85,7 +85,7 @@ def _method_of(meta: dict) -> str | None:
 
 def from_artifacts(root: Path, method: str, rates: list[float]) -> dict[str, Path] | None:
     """The newest set of skeletons made from one attribution at all `rates`, preferring `method`'s, and the
-    newest rate-0 model: for a sweep that never reached MLflow."""
+    newest rate-0 model of the same architecture: for a sweep that never reached MLflow."""
     def records(folder: Path):
         for path in sorted(folder.glob("*/neurons.json")):
             meta = json.loads(path.read_text())
@@ -103,7 +103,13 @@ def from_artifacts(root: Path, method: str, rates: list[float]) -> dict[str, Pat
         return None
     newest = lambda k: max(p.stat().st_mtime for p in groups[k].values())  # noqa: E731
     key = max(complete, key=lambda k: (methods[k] == method, methods[k] is None, newest(k)))
-    full = [f for f, meta in records(root / "models") if meta.get("rate") == 0]
+    def architecture(folder: Path):  # a full model of the skeletons' own backbone, not of another one
+        config = json.loads((folder / "backbone" / "config.json").read_text())
+        return config.get("hidden_size"), config.get("num_hidden_layers"), config.get("vocab_size")
+
+    skeleton_architecture = architecture(next(iter(groups[key].values())))
+    full = [f for f, meta in records(root / "models")
+            if meta.get("rate") == 0 and architecture(f) == skeleton_architecture]
     if not full:
         return None
     label = methods[key] or "skeleton"

@@ -48,7 +48,7 @@ def summary_table(records: list[dict]):
     order = {FULL: 0, PROBE: 1}
     summary = summary.sort_values(["method", "rate", "head_rate"], kind="stable",
                                   key=lambda col: col.map(order).fillna(2) if col.name == "method" else col)
-    return summary[SUMMARY].reset_index(drop=True)
+    return summary[SUMMARY].astype({"kept_width": "Int64", "parameters": "Int64"}).reset_index(drop=True)
 
 
 def _label(row: dict) -> str:
