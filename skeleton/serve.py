@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from skeleton.backbones import family_of, load_backbone
+from skeleton.backbones import attention_blocks, family_of, load_backbone
 from skeleton.model import PromptClassifier
 from skeleton.prune import MANIFEST, ArtifactError, verify
 from skeleton.registry import Registry
@@ -140,10 +140,7 @@ class SkeletonServer:
         self._ffn = [[_Slot(up, 0, up.weight, up.bias) for up in block.up]
                      + [_Slot(block.down, 1, block.down.weight, block.down.bias)]
                      for block in self.family.ffn_blocks(backbone)]
-        try:
-            self._attention = self.family.attention_blocks(backbone)
-        except NotImplementedError:
-            self._attention = []
+        self._attention = attention_blocks(backbone)
         self._heads = [block.num_heads for block in self._attention]
         self._attn = [[_Slot(linear, 0, linear.weight, linear.bias) for linear in block.qkv]
                       + [_Slot(block.out, 1, block.out.weight, block.out.bias)] for block in self._attention]

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from skeleton import benchmark as bench, data as data_lib
 from skeleton.attribution import (attribute as attribute_neurons, attribute_with_heads, mean_activations,
                                   scores_heads)
-from skeleton.backbones import family_of, load_backbone
+from skeleton.backbones import attention_blocks, family_of, load_backbone
 from skeleton.budget import plan
 from skeleton.evaluate import linear_probe as probe, metrics
 from skeleton.io import atomic_dir
@@ -89,7 +89,7 @@ def attribute(out: Path, data: str, model: str, method: str, examples: int = 102
     dsd, info = load_data(data)
     classifier, _, _ = load_skeleton(model)
     subset = dsd["train"].shuffle(seed=seed).select(range(min(examples, len(dsd["train"]))))
-    with_heads = scores_heads(method) and has_heads(classifier.backbone)
+    with_heads = scores_heads(method) and bool(attention_blocks(classifier.backbone))
     score = attribute_with_heads if with_heads else attribute_neurons
     start = time.perf_counter()
     scores = score(method, classifier, subset, info["pad_id"], batch_size=batch_size, seed=seed)
@@ -102,15 +102,6 @@ def attribute(out: Path, data: str, model: str, method: str, examples: int = 102
         table.to_parquet(tmp / "scores.parquet", index=False)
         (tmp / "scores.json").write_text(json.dumps(record))  # how the scores were made, for the skeletons' meta
     return {"path": str(out / "scores.parquet"), **record}
-
-
-def has_heads(backbone) -> bool:
-    """Whether the backbone's family knows its attention heads (can score and prune them)."""
-    try:
-        family_of(backbone).attention_blocks(backbone)
-    except NotImplementedError:
-        return False
-    return True
 
 
 def read_scores(path: str | Path, unit: str = "ffn") -> list[torch.Tensor]:
