@@ -58,9 +58,9 @@ def full_sweep(
     prompt_length: int = 20,
     max_length: int = 64,
     train_steps: int = 800,
-    retune_steps: int = 200,
-    retune_evals: int = 4,
-    distill: float = 0.5,
+    retune_steps: int = 300,
+    retune_evals: int = 3,
+    distill: float = 0.0,
     attribution_examples: int = 1024,
     seeds: list[int] = DEFAULT_SEEDS,
     data_file: str | None = None,
@@ -199,10 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-length", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=800)
-    parser.add_argument("--retune-steps", type=int, default=200)
-    parser.add_argument("--retune-evals", type=int, default=4,
+    parser.add_argument("--retune-steps", type=int, default=300)
+    parser.add_argument("--retune-evals", type=int, default=3,
                         help="validation checks while re-tuning a skeleton; the best adapter is kept")
-    parser.add_argument("--distill", type=float, default=0.5,
+    parser.add_argument("--distill", type=float, default=0.0,
                         help="weight of the full model's soft labels when re-tuning a skeleton (0 = off)")
     parser.add_argument("--attribution-examples", type=int, default=1024)
     parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS,

@@ -47,7 +47,7 @@ class Family:
     """How to find the FFN blocks (and attention heads) of a loaded backbone (`AutoModel`, no task head)."""
 
     model_types: tuple[str, ...] = ()
-    default_pooling: str = "mean"  # how PromptClassifier pools text tokens unless the adapter config says
+    default_pooling: str = "attention"  # how PromptClassifier pools text tokens unless the adapter config says
 
     def ffn_blocks(self, backbone: nn.Module) -> list[FFN]:
         raise NotImplementedError

@@ -6,7 +6,7 @@ import logging
 import torch
 
 from skeleton.model import AdapterConfig, PromptClassifier
-from skeleton.train import accuracy, map_batches
+from skeleton.train import accuracy, length_sorted
 
 log = logging.getLogger("skeleton")
 
@@ -26,36 +26,63 @@ def metrics(logits: torch.Tensor, labels, num_labels: int) -> dict[str, float]:
     return {"accuracy": accuracy(logits, labels), "macro_f1": macro_f1(logits, labels, num_labels)}
 
 
-def pooled_features(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    return map_batches(lambda b: model.features(*model.embed(b["input_ids"], b["attention_mask"])), dataset, pad_id,
-                       batch_size)
+@torch.no_grad()
+def frozen_states(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 64) -> list[tuple[torch.Tensor, ...]]:
+    """(hidden states, attention mask, labels) per batch of length-sorted examples: the backbone's output once, for
+    heads that train on frozen features."""
+    out = []
+    for batch in length_sorted(dataset, pad_id, batch_size):
+        embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
+        hidden = model.backbone(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        out.append((hidden, mask, batch["labels"]))
+    return out
+
+
+def _fit(parameters, loss) -> None:
+    """Minimise loss() over `parameters` to convergence: full-batch L-BFGS."""
+    optimizer = torch.optim.LBFGS(parameters, lr=1, max_iter=500, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+
+
+L2_STRENGTHS = (0.0, 1e-4, 1e-3, 1e-2)
 
 
 def linear_probe(backbone, splits: dict, pad_id: int, num_labels: int, seed: int = 0) -> dict:
-    """The task head alone, trained to convergence (L-BFGS) on frozen, un-prompted features (pooled as the
-    backbone's family says: mean for BERT, last token for LLaMA).
+    """The task head alone (the same pooling and linear layer as prompt tuning, as the backbone's family says),
+    trained to convergence on frozen, un-prompted hidden states.
 
-    The L2 strength is picked on validation. Returns test metrics and the chosen strength.
+    A pooling query (attention pooling) is fitted once, together with a linear layer; then, on the features it
+    pools, the linear layer is refitted for each L2 strength and the strength is picked on validation (refitting the
+    query per strength would cost a pass over every token per step). Returns test metrics and the chosen strength.
     """
     probe = PromptClassifier(backbone, AdapterConfig(num_labels=num_labels, prompt_length=0), seed=seed)
-    feats = {name: pooled_features(probe, ds, pad_id) for name, ds in splits.items()}
-    labels = {name: torch.tensor(ds["label"]) for name, ds in splits.items()}
+    states = {name: frozen_states(probe, ds, pad_id) for name, ds in splits.items()}
+    labels = {name: torch.cat([y for _, _, y in batches]) for name, batches in states.items()}
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def pooled(split: str) -> torch.Tensor:
+        return torch.cat([probe.pool(hidden, mask) for hidden, mask, _ in states[split]])
+
+    if probe.query is not None:
+        _fit(probe.head_parameters(), lambda: cross_entropy(probe.head(pooled("train")), labels["train"]))
+    with torch.no_grad():
+        features = {name: pooled(name) for name in states}
     best = None
-    for l2 in (0.0, 1e-4, 1e-3, 1e-2):
+    for l2 in L2_STRENGTHS:
         torch.manual_seed(seed)
-        head = torch.nn.Linear(feats["train"].shape[1], num_labels)
-        optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=500, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
-
-        def closure():
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(head(feats["train"]), labels["train"]) + l2 * head.weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
+        head = torch.nn.Linear(features["train"].shape[1], num_labels)
+        _fit(head.parameters(), lambda head=head, l2=l2: cross_entropy(head(features["train"]), labels["train"])
+             + l2 * head.weight.pow(2).sum())
         with torch.no_grad():
-            val = metrics(head(feats["validation"]), labels["validation"], num_labels)["accuracy"]
+            val = metrics(head(features["validation"]), labels["validation"], num_labels)["accuracy"]
             if best is None or val > best[0]:
-                best = (val, l2, metrics(head(feats["test"]), labels["test"], num_labels))
+                best = (val, l2, metrics(head(features["test"]), labels["test"], num_labels))
     log.info("linear probe: val accuracy %.4f (l2 %g), test %s", best[0], best[1], best[2])
     return {**best[2], "val_accuracy": best[0], "l2": best[1]}

@@ -1,12 +1,14 @@
-"""The task model: a frozen backbone, m trainable soft-prompt vectors and a linear head.
+"""The task model: a frozen backbone, m trainable soft-prompt vectors and a small head (pooling + linear).
 
-    logits = head(pool(backbone([prompt; embed(input_ids)])))
+    logits = linear(pool(backbone([prompt; embed(input_ids)])))
 
 input_ids, attention_mask: (batch, seq), right-padded -> logits: (batch, num_labels). Pooling (AdapterConfig.pooling,
-default from the backbone's family): "mean" over the text tokens, prompt positions excluded (what the MiniLM
-sentence-transformer was trained for), or "last", the hidden state of the last text token (a causal decoder's
-only position that has read the whole text). With prompt_length=0 the module is the linear probe on frozen
-features.
+default from the backbone's family), always over the text tokens, prompt positions excluded:
+  "mean"       their mean (what the MiniLM sentence-transformer was trained for);
+  "attention"  their mean plus an attention-weighted mean under one learned query vector (d trainable numbers,
+               starting at zero, i.e. at twice the mean): lets the head weigh the words that carry the label;
+  "last"       the last text token's state (a causal decoder's only position that has read the whole text).
+With prompt_length=0 the module is the linear probe on frozen features.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from skeleton.backbones import family_of
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-POOLINGS = ("mean", "last")
+POOLINGS = ("mean", "attention", "last")
 
 
 @dataclass
@@ -30,7 +32,7 @@ class AdapterConfig:
     num_labels: int
     prompt_length: int = 20
     label_names: list[str] = field(default_factory=list)
-    pooling: str | None = None  # "mean" or "last" (see module doc); None: the backbone family's default
+    pooling: str | None = None  # one of POOLINGS (see module doc); None: the backbone family's default
 
     def __post_init__(self):
         if self.num_labels < 2:
@@ -55,6 +57,7 @@ class PromptClassifier(nn.Module):
         rows = torch.randint(0, embeddings.shape[0], (config.prompt_length,), generator=generator)
         self.prompt = nn.Parameter(embeddings[rows].detach().clone())
         self.head = nn.Linear(embeddings.shape[1], config.num_labels)
+        self.query = nn.Parameter(torch.zeros(embeddings.shape[1])) if config.pooling == "attention" else None
         with torch.no_grad():
             self.head.weight.normal_(0, 0.02, generator=generator)
             self.head.bias.zero_()
@@ -74,19 +77,33 @@ class PromptClassifier(nn.Module):
 
     def features(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
-        hidden = out.last_hidden_state
+        return self.pool(out.last_hidden_state, attention_mask)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, m+T, d) hidden states -> (B, d) features of the text tokens (the first m positions are the prompt)."""
         if self.config.pooling == "last":  # the last attended position: the last text token under right padding
             last = (attention_mask * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(1)
             return hidden[torch.arange(len(hidden), device=hidden.device), last]
         m = self.config.prompt_length
         text, mask = hidden[:, m:], attention_mask[:, m:].unsqueeze(-1).to(hidden.dtype)
-        return (text * mask).sum(1) / mask.sum(1).clamp(min=1)
+        mean = (text * mask).sum(1) / mask.sum(1).clamp(min=1)
+        if self.query is None:
+            return mean
+        weights = (text @ self.query).masked_fill(mask[..., 0] == 0, torch.finfo(hidden.dtype).min).softmax(1)
+        return mean + (weights.unsqueeze(-1) * text).sum(1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(*self.embed(input_ids, attention_mask)))
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """What trains besides the prompt: the linear layer, and the pooling query if there is one."""
+        return [*self.head.parameters(), *([self.query] if self.query is not None else [])]
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return {"prompt": self.prompt.detach(), "head.weight": self.head.weight.detach(), "head.bias": self.head.bias.detach()}
+        state = {"prompt": self.prompt, "head.weight": self.head.weight, "head.bias": self.head.bias}
+        if self.query is not None:
+            state["query"] = self.query
+        return {k: v.detach() for k, v in state.items()}
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -111,3 +128,5 @@ class PromptClassifier(nn.Module):
             self.prompt.copy_(state["prompt"])
             self.head.weight.copy_(state["head.weight"])
             self.head.bias.copy_(state["head.bias"])
+            if self.query is not None:
+                self.query.copy_(state["query"])

@@ -71,15 +71,21 @@ def batches(dataset, pad_id: int, batch_size: int, shuffle: bool = False, seed: 
     return DataLoader(dataset, batch_sampler=bucketed_batches(lengths, batch_size, seed), collate_fn=collate(pad_id))
 
 
-@torch.no_grad()
-def map_batches(fn, dataset, pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """fn(batch) over length-sorted batches (little padding), concatenated back in dataset order."""
+def length_sorted(dataset, pad_id: int, batch_size: int = 64) -> DataLoader:
+    """Batches of length-sorted examples (little padding); the loader's batch_sampler holds each batch's rows."""
     lengths = [len(ids) for ids in dataset["input_ids"]]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     sampler = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    out = torch.cat([fn(b) for b in DataLoader(dataset, batch_sampler=sampler, collate_fn=collate(pad_id))])
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate(pad_id))
+
+
+@torch.no_grad()
+def map_batches(fn, dataset, pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """fn(batch) over length-sorted batches, concatenated back in dataset order."""
+    loader = length_sorted(dataset, pad_id, batch_size)
+    out = torch.cat([fn(b) for b in loader])
     result = torch.empty_like(out)
-    result[torch.tensor(order)] = out
+    result[torch.tensor([i for rows in loader.batch_sampler for i in rows])] = out
     return result
 
 
@@ -109,7 +115,7 @@ def objective(logits: torch.Tensor, batch: dict, config: TrainConfig) -> torch.T
 def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: TrainConfig) -> dict:
     """Tune the prompt and head (the backbone stays frozen). Returns a small record of the run."""
     torch.manual_seed(config.seed)
-    groups = [{"params": [model.prompt], "lr": config.lr_prompt}, {"params": model.head.parameters(), "lr": config.lr_head}]
+    groups = [{"params": [model.prompt], "lr": config.lr_prompt}, {"params": model.head_parameters(), "lr": config.lr_head}]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
     def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%

@@ -22,7 +22,7 @@ def tiny_llama_config(**overrides):
 def sweep_args(backbone, data_file, /, **overrides):
     return {"backbone": str(backbone), "data_file": str(data_file), "text_column": "review",
             "label_column": "sentiment", "rates": [0.5], "methods": ["grad_x_act", "random"], "prompt_length": 4,
-            "max_length": 24, "train_steps": 6, "retune_steps": 4, "attribution_examples": 16,
+            "max_length": 24, "train_steps": 6, "retune_steps": 4, "attribution_examples": 16, "distill": 0.5,
             "experiment": "test-sweep", **overrides}
 
 

@@ -15,7 +15,7 @@ from datasets import Dataset
 from helpers import tiny_llama_config
 from skeleton.attribution import attribute, down_projections
 from skeleton.backbones import LlamaFamily, family_of, load_backbone
-from skeleton.model import ADAPTER_CONFIG, AdapterConfig, PromptClassifier
+from skeleton.model import ADAPTER_CONFIG, POOLINGS, AdapterConfig, PromptClassifier
 from skeleton.prune import export_skeleton, kept_width, load_skeleton, mask_ffn, select, slice_ffn
 
 WORDS = ("a an and the it was film plot ever worst dull far too long fine gripping beautifully made review : , . "
@@ -53,6 +53,13 @@ def llama(tiny_llama_dir):
     with torch.no_grad():  # a trained-looking head, so logits differ across classes
         model.head.weight.normal_(0, 1.0)
     return model.eval(), tokenizer
+
+
+def set_pooling(model: PromptClassifier, pooling: str) -> None:
+    """Switch an existing classifier's pooling; "attention" gets a random (non-zero) query."""
+    model.config.pooling = pooling
+    query = torch.randn(model.head.in_features, generator=torch.Generator().manual_seed(0))
+    model.query = torch.nn.Parameter(query) if pooling == "attention" else None
 
 
 @pytest.fixture
@@ -150,13 +157,13 @@ def as_dataset(batch):
                               "label": batch["labels"].tolist()})
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", POOLINGS)
 def test_fast_grad_x_activation_equals_captum(llama, llama_batch, pooling):
     """Our one-backward scores equal captum's LayerGradientXActivation on the inputs of every down_proj."""
     from captum.attr import LayerGradientXActivation
 
     model, tokenizer = llama
-    model.config.pooling = pooling
+    set_pooling(model, pooling)
     ours = attribute("grad_x_act", model, as_dataset(llama_batch), tokenizer.pad_token_id, batch_size=4)
     embeds, mask = model.embed(llama_batch["input_ids"], llama_batch["attention_mask"])
 
@@ -172,11 +179,11 @@ def test_fast_grad_x_activation_equals_captum(llama, llama_batch, pooling):
     assert all(s.max() > 0 for s in ours)
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", POOLINGS)
 def test_padding_changes_nothing(llama, llama_batch, pooling):
     """Right padding inside a batch gives each example the logits (and attribution scores) it gets alone."""
     model, tokenizer = llama
-    model.config.pooling = pooling
+    set_pooling(model, pooling)
     ids, mask = llama_batch["input_ids"], llama_batch["attention_mask"]
     with torch.no_grad():
         together = model(ids, mask)
@@ -189,7 +196,8 @@ def test_padding_changes_nothing(llama, llama_batch, pooling):
 
 
 def test_pooling_options(llama, llama_batch):
-    """"last" reads the hidden state of each example's last text token; "mean" averages its text tokens."""
+    """"last" reads the hidden state of each example's last text token; "mean" averages its text tokens;
+    "attention" adds to the mean their softmax(h @ query)-weighted mean."""
     model, _ = llama
     embeds, mask = model.embed(llama_batch["input_ids"], llama_batch["attention_mask"])
     with torch.no_grad():
@@ -200,15 +208,21 @@ def test_pooling_options(llama, llama_batch):
         mean = torch.stack([hidden[i, m:m + n].mean(0) for i, n in enumerate(lengths.tolist())])
         assert model.config.pooling == "last"
         torch.testing.assert_close(model.features(embeds, mask), last)
-        model.config.pooling = "mean"
+        set_pooling(model, "mean")
         torch.testing.assert_close(model.features(embeds, mask), mean)
+        set_pooling(model, "attention")
+        attended = []
+        for i, n in enumerate(lengths.tolist()):
+            text = hidden[i, m:m + n]
+            attended.append(text.mean(0) + (text @ model.query).softmax(0) @ text)
+        torch.testing.assert_close(model.features(embeds, mask), torch.stack(attended))
 
 
 def test_pooling_default_comes_from_family_and_is_saved(llama, tiny_backbone_dir, tmp_path):
     model, _ = llama
     bert, _ = load_backbone(str(tiny_backbone_dir))
     assert model.config.pooling == "last"
-    assert PromptClassifier(bert, AdapterConfig(num_labels=2)).config.pooling == "mean"
+    assert PromptClassifier(bert, AdapterConfig(num_labels=2)).config.pooling == "attention"
     assert PromptClassifier(bert, AdapterConfig(num_labels=2, pooling="last")).config.pooling == "last"
     model.save_adapter(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
@@ -221,7 +235,7 @@ def test_pooling_default_comes_from_family_and_is_saved(llama, tiny_backbone_dir
 
 
 def test_unknown_pooling_is_rejected():
-    with pytest.raises(ValueError, match=r"pooling must be one of 'mean', 'last'.*got 'max'"):
+    with pytest.raises(ValueError, match=r"pooling must be one of 'mean', 'attention', 'last'.*got 'max'"):
         AdapterConfig(num_labels=2, pooling="max")
 
 
