@@ -58,8 +58,8 @@ def full_sweep(
     prompt_length: int = 20,
     max_length: int = 64,
     train_steps: int = 800,
-    retune_steps: int = 300,
-    retune_evals: int = 3,
+    retune_steps: int = 200,
+    retune_evals: int = 4,
     distill: float = 0.0,
     attribution_examples: int = 1024,
     seeds: list[int] = DEFAULT_SEEDS,
@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-length", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=800)
-    parser.add_argument("--retune-steps", type=int, default=300)
-    parser.add_argument("--retune-evals", type=int, default=3,
+    parser.add_argument("--retune-steps", type=int, default=200)
+    parser.add_argument("--retune-evals", type=int, default=4,
                         help="validation checks while re-tuning a skeleton; the best adapter is kept")
     parser.add_argument("--distill", type=float, default=0.0,
                         help="weight of the full model's soft labels when re-tuning a skeleton (0 = off)")
