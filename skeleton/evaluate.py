@@ -33,8 +33,7 @@ def frozen_states(model: PromptClassifier, dataset, pad_id: int, batch_size: int
     out = []
     for batch in length_sorted(dataset, pad_id, batch_size):
         embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
-        hidden = model.backbone(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-        out.append((hidden, mask, batch["labels"]))
+        out.append((model.hidden(embeds, mask), mask, batch["labels"]))
     return out
 
 

@@ -75,9 +75,12 @@ class PromptClassifier(nn.Module):
         prompt_mask = attention_mask.new_ones(batch, self.config.prompt_length)
         return torch.cat([prompt, tokens], 1), torch.cat([prompt_mask, attention_mask], 1)
 
+    def hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states (B, m+T, d)."""
+        return self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
     def features(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
-        return self.pool(out.last_hidden_state, attention_mask)
+        return self.pool(self.hidden(inputs_embeds, attention_mask), attention_mask)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, m+T, d) hidden states -> (B, d) features of the text tokens (the first m positions are the prompt)."""
