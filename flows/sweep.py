@@ -58,9 +58,10 @@ def full_sweep(
     prompt_length: int = 20,
     max_length: int = 64,
     train_steps: int = 800,
-    retune_steps: int = 200,
+    retune_steps: int = 400,
     retune_evals: int = 4,
     distill: float = 0.0,
+    precision: str = "bf16",
     attribution_examples: int = 1024,
     seeds: list[int] = DEFAULT_SEEDS,
     data_file: str | None = None,
@@ -74,6 +75,7 @@ def full_sweep(
     from skeleton.attribution import METHODS, scores_heads
     from skeleton.backbones import resolve_backbone
     from skeleton.prune import check_allocation, check_head_rate, check_rate
+    from skeleton.train import PRECISIONS
 
     # Bad input fails here, before any training starts.
     rates = [check_rate(r) for r in rates]
@@ -82,6 +84,8 @@ def full_sweep(
     for target in target_speedups:
         if not target > 1.0:
             raise ValueError(f"target speed-ups must be above 1, got {target!r}; e.g. 2.0 for twice as fast")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if retune_evals < 1:
         raise ValueError(f"retune_evals must be at least 1, got {retune_evals}")
     if not seeds:
@@ -104,17 +108,18 @@ def full_sweep(
     run_id = tracking.start_sweep_run(experiment, {
         "task": task_name, "backbone": backbone, "prompt_length": prompt_length, "max_length": max_length,
         "train_steps": train_steps, "retune_steps": retune_steps, "retune_evals": retune_evals, "distill": distill,
-        "attribution_examples": attribution_examples, "seeds": seeds, "rates": rates, "methods": methods,
+        "precision": precision, "attribution_examples": attribution_examples, "seeds": seeds, "rates": rates, "methods": methods,
         "head_rates": head_rates, "allocation": allocation, "fold": fold, "target_speedups": target_speedups,
         "artifacts": str(pipeline.artifacts_dir())})
     points = [(m, r, h, None) for m in methods for r in rates for h in head_rates]
     points += [(m, 0.0, 0.0, t) for m in methods for t in target_speedups]
     retune = {"steps": retune_steps, "warmup_steps": 10, "eval_every": max(1, retune_steps // retune_evals),
-              "distill": distill}
+              "distill": distill, "precision": precision}
     try:
         fulls, probes, rows, scores = {}, {}, [], {}
         for seed in seeds:
-            full_model = pipeline.tune_prompt(data["path"], backbone, prompt_length, {"steps": train_steps, "seed": seed})
+            full_model = pipeline.tune_prompt(data["path"], backbone, prompt_length, {"steps": train_steps, "seed": seed,
+                                                                                  "precision": precision})
             fulls[seed] = {**pipeline.evaluate(data["path"], full_model["path"]), "path": full_model["path"],
                            "val_accuracy": full_model["val_accuracy"]}
             probes[seed] = pipeline.linear_probe(data["path"], backbone, seed)
@@ -199,11 +204,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-length", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=800)
-    parser.add_argument("--retune-steps", type=int, default=200)
+    parser.add_argument("--retune-steps", type=int, default=400)
     parser.add_argument("--retune-evals", type=int, default=4,
                         help="validation checks while re-tuning a skeleton; the best adapter is kept")
     parser.add_argument("--distill", type=float, default=0.0,
                         help="weight of the full model's soft labels when re-tuning a skeleton (0 = off)")
+    parser.add_argument("--precision", default="bf16",
+                        help="training arithmetic, fp32 or bf16: bf16 autocast is about 1.7x faster on CPUs with AVX512-BF16 "
+                        "(use fp32 on CPUs without it); evaluation and exports are always float32")
     parser.add_argument("--attribution-examples", type=int, default=1024)
     parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
                         help="training seeds; with several the table shows mean and spread")

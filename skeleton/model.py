@@ -92,7 +92,8 @@ class PromptClassifier(nn.Module):
         mean = (text * mask).sum(1) / mask.sum(1).clamp(min=1)
         if self.query is None:
             return mean
-        weights = (text @ self.query).masked_fill(mask[..., 0] == 0, torch.finfo(hidden.dtype).min).softmax(1)
+        scores = (text @ self.query).float()  # float: under bf16 autocast the -inf fill must not overflow
+        weights = scores.masked_fill(mask[..., 0] == 0, torch.finfo(scores.dtype).min).softmax(1)
         return mean + (weights.unsqueeze(-1) * text).sum(1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from skeleton.model import PromptClassifier
 
 log = logging.getLogger("skeleton")
+PRECISIONS = ("fp32", "bf16")
 PROGRESS_EVERY = 20  # steps between progress lines (a real-model step can take seconds)
 
 
@@ -25,12 +26,15 @@ class TrainConfig:
     seed: int = 0
     distill: float = 0.0  # weight of the teacher's soft labels (needs a "teacher" logits column); 0 = off
     temperature: float = 2.0
+    precision: str = "fp32"  # "bf16": autocast the training forward/backward (evaluation stays float32)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1:
             raise ValueError(f"steps, batch_size and eval_every must be positive: {self}")
         if not 0.0 <= self.distill <= 1.0 or self.temperature <= 0:
             raise ValueError(f"distill must be in [0, 1] and temperature positive: {self}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 def collate(pad_id: int):
@@ -132,7 +136,9 @@ def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: Trai
         epoch += 1
         for batch in batches(train_set, pad_id, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch):
             model.train()
-            loss = objective(model(batch["input_ids"], batch["attention_mask"]), batch, config)
+            with torch.autocast(model.prompt.device.type, torch.bfloat16, enabled=config.precision == "bf16"):
+                logits = model(batch["input_ids"], batch["attention_mask"])
+            loss = objective(logits.float(), batch, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -113,6 +113,7 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     ({"rates": [0.5, 1.0]}, ValueError, r"pruning rate must be in \[0, 1\)"),
     ({"methods": ["grad_x_actt"]}, KeyError, "unknown selection method 'grad_x_actt'"),
     ({"backbone": "bert-huge"}, ValueError, "unknown backbone 'bert-huge'"),
+    ({"precision": "fp16"}, ValueError, "precision must be one of fp32, bf16, got 'fp16'"),
     ({"label_column": "stars"}, DataError, "column 'stars' not found"),
     ({"data_file": "missing.csv"}, DataError, "data file not found"),
     ({"data_file": None, "task": "sst3"}, DataError, "unknown task 'sst3'.*rotten_tomatoes"),

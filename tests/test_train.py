@@ -16,11 +16,12 @@ def toy_data(minilm_tokenizer):
                               "label": [i % 2 for i in range(len(texts))]})
 
 
-def tuned(tiny_backbone_dir, data, seed):
+def tuned(tiny_backbone_dir, data, seed, precision="fp32"):
     backbone, tokenizer = load_backbone(str(tiny_backbone_dir))
     model = PromptClassifier(backbone, AdapterConfig(num_labels=2, prompt_length=4), seed=seed)
     frozen = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    record = train(model, data, data, tokenizer.pad_token_id, TrainConfig(steps=6, batch_size=8, eval_every=3, seed=seed))
+    record = train(model, data, data, tokenizer.pad_token_id, TrainConfig(steps=6, batch_size=8, eval_every=3, seed=seed,
+                                                                          precision=precision))
     assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in frozen.items())  # backbone stays frozen
     return model.adapter_state(), record
 
@@ -32,6 +33,14 @@ def test_training_is_seeded_and_deterministic(tiny_backbone_dir, toy_data):
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not torch.equal(first["prompt"], other["prompt"])
     assert record["steps"] == 6 and record["step"] in (3, 6) and 0 <= record["val_accuracy"] <= 1
+
+
+def test_bf16_training_is_deterministic_and_keeps_float32_adapters(tiny_backbone_dir, toy_data):
+    first, _ = tuned(tiny_backbone_dir, toy_data, seed=3, precision="bf16")
+    second, _ = tuned(tiny_backbone_dir, toy_data, seed=3, precision="bf16")
+    full_precision, _ = tuned(tiny_backbone_dir, toy_data, seed=3)
+    assert all(torch.equal(first[k], second[k]) and first[k].dtype == torch.float32 for k in first)
+    assert not torch.equal(first["prompt"], full_precision["prompt"])  # the forward really ran in bf16
 
 
 def test_bucketed_batches_cover_every_example_once():
@@ -47,6 +56,8 @@ def test_bucketed_batches_cover_every_example_once():
 def test_bad_train_config():
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="fp16")
     with pytest.raises(ValueError, match="num_labels"):
         AdapterConfig(num_labels=1)
 
