@@ -58,8 +58,8 @@ def full_sweep(
     prompt_length: int = 20,
     max_length: int = 64,
     train_steps: int = 800,
-    retune_steps: int = 400,
-    retune_evals: int = 4,
+    retune_steps: int = 300,
+    retune_evals: int = 3,
     distill: float = 0.0,
     precision: str = "bf16",
     attribution_examples: int = 1024,
@@ -108,7 +108,8 @@ def full_sweep(
     run_id = tracking.start_sweep_run(experiment, {
         "task": task_name, "backbone": backbone, "prompt_length": prompt_length, "max_length": max_length,
         "train_steps": train_steps, "retune_steps": retune_steps, "retune_evals": retune_evals, "distill": distill,
-        "precision": precision, "attribution_examples": attribution_examples, "seeds": seeds, "rates": rates, "methods": methods,
+        "precision": precision, "attribution_examples": attribution_examples, "seeds": seeds, "rates": rates,
+        "methods": methods,
         "head_rates": head_rates, "allocation": allocation, "fold": fold, "target_speedups": target_speedups,
         "artifacts": str(pipeline.artifacts_dir())})
     points = [(m, r, h, None) for m in methods for r in rates for h in head_rates]
@@ -204,14 +205,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-length", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=800)
-    parser.add_argument("--retune-steps", type=int, default=400)
-    parser.add_argument("--retune-evals", type=int, default=4,
+    parser.add_argument("--retune-steps", type=int, default=300)
+    parser.add_argument("--retune-evals", type=int, default=3,
                         help="validation checks while re-tuning a skeleton; the best adapter is kept")
     parser.add_argument("--distill", type=float, default=0.0,
                         help="weight of the full model's soft labels when re-tuning a skeleton (0 = off)")
     parser.add_argument("--precision", default="bf16",
-                        help="training arithmetic, fp32 or bf16: bf16 autocast is about 1.7x faster on CPUs with AVX512-BF16 "
-                        "(use fp32 on CPUs without it); evaluation and exports are always float32")
+                        help="training arithmetic, fp32 or bf16: bf16 autocast is about 1.7x faster on CPUs with "
+                        "AVX512-BF16 (use fp32 on CPUs without it); evaluation and exports are always float32")
     parser.add_argument("--attribution-examples", type=int, default=1024)
     parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
                         help="training seeds; with several the table shows mean and spread")
