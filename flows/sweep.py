@@ -123,7 +123,7 @@ def full_sweep(
                                                                                   "precision": precision})
             fulls[seed] = {**pipeline.evaluate(data["path"], full_model["path"]), "path": full_model["path"],
                            "val_accuracy": full_model["val_accuracy"]}
-            probes[seed] = pipeline.linear_probe(data["path"], backbone, seed)
+            probes[seed] = pipeline.linear_probe(data["path"], backbone, seed, precision)
             print(f"seed {seed}: full prompt-tuned accuracy {fulls[seed]['accuracy']:.4f}; "
                   f"linear probe {probes[seed]['accuracy']:.4f}")
 

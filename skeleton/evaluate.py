@@ -6,7 +6,7 @@ import logging
 import torch
 
 from skeleton.model import AdapterConfig, PromptClassifier
-from skeleton.train import accuracy, length_sorted
+from skeleton.train import accuracy, autocast, length_sorted
 
 log = logging.getLogger("skeleton")
 
@@ -27,13 +27,16 @@ def metrics(logits: torch.Tensor, labels, num_labels: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def frozen_states(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 64) -> list[tuple[torch.Tensor, ...]]:
+def frozen_states(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 64,
+                  precision: str = "fp32") -> list[tuple[torch.Tensor, ...]]:
     """(hidden states, attention mask, labels) per batch of length-sorted examples: the backbone's output once, for
-    heads that train on frozen features."""
+    heads that train on frozen features. The states are float32 whatever the arithmetic that made them."""
     out = []
     for batch in length_sorted(dataset, pad_id, batch_size):
         embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
-        out.append((model.hidden(embeds, mask), mask, batch["labels"]))
+        with autocast(precision, embeds.device):
+            hidden = model.hidden(embeds, mask)
+        out.append((hidden.float(), mask, batch["labels"]))
     return out
 
 
@@ -53,7 +56,7 @@ def _fit(parameters, loss) -> None:
 L2_STRENGTHS = (0.0, 1e-4, 1e-3, 1e-2)
 
 
-def linear_probe(backbone, splits: dict, pad_id: int, num_labels: int, seed: int = 0) -> dict:
+def linear_probe(backbone, splits: dict, pad_id: int, num_labels: int, seed: int = 0, precision: str = "fp32") -> dict:
     """The task head alone (the same pooling and linear layer as prompt tuning, as the backbone's family says),
     trained to convergence on frozen, un-prompted hidden states.
 
@@ -62,7 +65,7 @@ def linear_probe(backbone, splits: dict, pad_id: int, num_labels: int, seed: int
     query per strength would cost a pass over every token per step). Returns test metrics and the chosen strength.
     """
     probe = PromptClassifier(backbone, AdapterConfig(num_labels=num_labels, prompt_length=0), seed=seed)
-    states = {name: frozen_states(probe, ds, pad_id) for name, ds in splits.items()}
+    states = {name: frozen_states(probe, ds, pad_id, precision=precision) for name, ds in splits.items()}
     labels = {name: torch.cat([y for _, _, y in batches]) for name, batches in states.items()}
     cross_entropy = torch.nn.functional.cross_entropy
 

@@ -74,10 +74,10 @@ def tune_prompt(out: Path, data: str, backbone: str, prompt_length: int, train_c
     return {"path": str(out), **record}
 
 
-def linear_probe(data: str, backbone: str, seed: int = 0) -> dict:
+def linear_probe(data: str, backbone: str, seed: int = 0, precision: str = "fp32") -> dict:
     dsd, info = load_data(data)
     model_backbone, _ = load_backbone(backbone)
-    return probe(model_backbone, dsd, info["pad_id"], len(info["label_names"]), seed=seed)
+    return probe(model_backbone, dsd, info["pad_id"], len(info["label_names"]), seed=seed, precision=precision)
 
 
 def attribute(out: Path, data: str, model: str, method: str, examples: int = 1024, batch_size: int = 32,

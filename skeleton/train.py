@@ -37,6 +37,11 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
+def autocast(precision: str, device: torch.device):
+    """The arithmetic of a forward pass: bf16 autocast for "bf16" (parameters stay float32), plain float32 else."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+
+
 def collate(pad_id: int):
     """Pad a list of tokenized examples to the longest one in the batch."""
 
@@ -136,7 +141,7 @@ def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: Trai
         epoch += 1
         for batch in batches(train_set, pad_id, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch):
             model.train()
-            with torch.autocast(model.prompt.device.type, torch.bfloat16, enabled=config.precision == "bf16"):
+            with autocast(config.precision, model.prompt.device):
                 logits = model(batch["input_ids"], batch["attention_mask"])
             loss = objective(logits.float(), batch, config)
             optimizer.zero_grad(set_to_none=True)

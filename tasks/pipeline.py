@@ -66,10 +66,10 @@ def tune_prompt(data: str, backbone: str, prompt_length: int, train_config: dict
 
 
 @task(name="linear-probe", **CACHED)
-def linear_probe(data: str, backbone: str, seed: int) -> dict:
+def linear_probe(data: str, backbone: str, seed: int, precision: str) -> dict:
     from skeleton import stages
 
-    return stages.linear_probe(data, backbone, seed)
+    return stages.linear_probe(data, backbone, seed, precision)
 
 
 @task(name="attribute", **CACHED)

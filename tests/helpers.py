@@ -1,6 +1,15 @@
 """Shared test helpers (importable from test modules: pytest puts tests/ on sys.path)."""
 
 
+def as_dataset(batch):
+    """A tokenized batch (padded tensors) as an unpadded Dataset, the form the training and attribution loops read."""
+    from datasets import Dataset
+
+    ids = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids],
+                              "label": batch["labels"].tolist()})
+
+
 def tiny_bert_config(**overrides):
     from transformers import BertConfig
 

@@ -1,14 +1,8 @@
 import pytest
 import torch
-from datasets import Dataset
 
+from helpers import as_dataset
 from skeleton.attribution import METHODS, attribute, down_projections, gold_log_prob, integrated_gradients_at
-
-
-def as_dataset(batch):
-    ids = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
-    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids],
-                              "label": batch["labels"].tolist()})
 
 
 def test_fast_grad_x_activation_equals_captum(tiny_classifier, batch, minilm_tokenizer):

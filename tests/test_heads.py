@@ -8,21 +8,14 @@ import textwrap
 import pandas as pd
 import pytest
 import torch
-from datasets import Dataset
 
-from helpers import tiny_bert_config
+from helpers import as_dataset, tiny_bert_config
 from skeleton.attribution import METHODS, attribute, attribute_with_heads, out_projections, scores_heads
 from skeleton.backbones import Family
 from skeleton.prune import (ALLOCATIONS, allocate, export_skeleton, load_skeleton, mask_ffn, mask_heads, select,
                             select_heads, slice_ffn, slice_heads)
 
 HEADS, HEAD_DIM = 4, 8  # tiny BERT with 4 heads of 8 (hidden 32)
-
-
-def as_dataset(batch):
-    ids = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
-    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids],
-                              "label": batch["labels"].tolist()})
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,8 @@ import textwrap
 
 import pytest
 import torch
-from datasets import Dataset
 
-from helpers import tiny_llama_config
+from helpers import as_dataset, tiny_llama_config
 from skeleton.attribution import attribute, down_projections
 from skeleton.backbones import LlamaFamily, family_of, load_backbone
 from skeleton.model import ADAPTER_CONFIG, POOLINGS, AdapterConfig, PromptClassifier
@@ -149,12 +148,6 @@ def test_export_round_trip_with_stock_transformers(llama, llama_batch, tmp_path)
     assert neurons["keep"] == [k.tolist() for k in keep]
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, mask), expected["classifier"], rtol=0, atol=1e-5)
-
-
-def as_dataset(batch):
-    ids = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
-    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids],
-                              "label": batch["labels"].tolist()})
 
 
 @pytest.mark.parametrize("pooling", POOLINGS)

@@ -76,11 +76,12 @@ def test_attention_query_trains_and_reloads(tiny_backbone_dir, toy_data, tmp_pat
                                    model(batch["input_ids"], batch["attention_mask"]), rtol=0, atol=0)
 
 
-def test_linear_probe_trains_the_prompt_tuning_head(tiny_backbone_dir, toy_data):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_linear_probe_trains_the_prompt_tuning_head(tiny_backbone_dir, toy_data, precision):
     """The probe is the same head (attention pooling + linear) on frozen, un-prompted states; it learns the toy
     task (the label is the adjective) and is deterministic."""
     backbone, tokenizer = load_backbone(str(tiny_backbone_dir))
     splits = {"train": toy_data, "validation": toy_data, "test": toy_data}
-    result = linear_probe(backbone, splits, tokenizer.pad_token_id, num_labels=2)
+    result = linear_probe(backbone, splits, tokenizer.pad_token_id, num_labels=2, precision=precision)
     assert result["accuracy"] > 0.9 and result["val_accuracy"] > 0.9 and result["l2"] in L2_STRENGTHS
-    assert linear_probe(backbone, splits, tokenizer.pad_token_id, num_labels=2) == result
+    assert linear_probe(backbone, splits, tokenizer.pad_token_id, num_labels=2, precision=precision) == result
