@@ -75,7 +75,7 @@ def full_sweep(
     from skeleton.attribution import METHODS, scores_heads
     from skeleton.backbones import resolve_backbone
     from skeleton.prune import check_allocation, check_head_rate, check_rate
-    from skeleton.train import PRECISIONS
+    from skeleton.train import check_precision
 
     # Bad input fails here, before any training starts.
     rates = [check_rate(r) for r in rates]
@@ -84,8 +84,7 @@ def full_sweep(
     for target in target_speedups:
         if not target > 1.0:
             raise ValueError(f"target speed-ups must be above 1, got {target!r}; e.g. 2.0 for twice as fast")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     if retune_evals < 1:
         raise ValueError(f"retune_evals must be at least 1, got {retune_evals}")
     if not seeds:
@@ -109,8 +108,8 @@ def full_sweep(
         "task": task_name, "backbone": backbone, "prompt_length": prompt_length, "max_length": max_length,
         "train_steps": train_steps, "retune_steps": retune_steps, "retune_evals": retune_evals, "distill": distill,
         "precision": precision, "attribution_examples": attribution_examples, "seeds": seeds, "rates": rates,
-        "methods": methods,
-        "head_rates": head_rates, "allocation": allocation, "fold": fold, "target_speedups": target_speedups,
+        "methods": methods, "head_rates": head_rates, "allocation": allocation, "fold": fold,
+        "target_speedups": target_speedups,
         "artifacts": str(pipeline.artifacts_dir())})
     points = [(m, r, h, None) for m in methods for r in rates for h in head_rates]
     points += [(m, 0.0, 0.0, t) for m in methods for t in target_speedups]

@@ -33,8 +33,12 @@ class TrainConfig:
             raise ValueError(f"steps, batch_size and eval_every must be positive: {self}")
         if not 0.0 <= self.distill <= 1.0 or self.temperature <= 0:
             raise ValueError(f"distill must be in [0, 1] and temperature positive: {self}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_precision(self.precision)
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def autocast(precision: str, device: torch.device):
