@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="how kept neurons and heads spread over layers: uniform, global or per_layer")
     parser.add_argument("--target-speedups", type=float, nargs="+", default=[],
                         help="joint budget points: cut FFN neurons and heads until the multiply-adds fall by this "
-                        "factor, e.g. 2.0")
+                        "factor, e.g. 2.0; of the head/FFN mixes that do, the one with the lowest validation loss "
+                        "before re-tuning is kept")
     parser.add_argument("--fold", action="store_true",
                         help="fold removed FFN neurons' mean activation into the down projection's bias")
     parser.add_argument("--prompt-length", type=int, default=20)

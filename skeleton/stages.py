@@ -20,7 +20,7 @@ from skeleton import benchmark as bench, data as data_lib
 from skeleton.attribution import (attribute as attribute_neurons, attribute_with_heads, mean_activations,
                                   scores_heads)
 from skeleton.backbones import attention_blocks, family_of, load_backbone
-from skeleton.budget import plan
+from skeleton.budget import loss_after_cutting, plan
 from skeleton.evaluate import linear_probe as probe, metrics
 from skeleton.io import atomic_dir
 from skeleton.model import AdapterConfig, PromptClassifier
@@ -132,8 +132,9 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
     `allocation` (prune.ALLOCATIONS) decides how many each layer keeps: "uniform" (the same FFN width in every
     layer), "global" or "per_layer"; heads follow the same rule, at least one per layer. With `teacher` (train
     logits of the full model) and train_config["distill"] > 0, re-tuning also matches the full model's soft labels.
-    With `target_speedup`, the joint budget (skeleton.budget.plan) decides instead of rate / head_rate / allocation
-    how many neurons and heads each layer keeps, for texts of the data's max_length.
+    With `target_speedup`, the joint budget (skeleton.budget.plan) decides instead of rate / head_rate how many
+    neurons and heads to cut, for texts of the data's max_length: of its candidate mixes, the one whose cut model
+    has the lowest validation loss before re-tuning (the candidates and their losses are in the record).
     With `fold`, each removed FFN neuron's mean activation (over `fold_examples` training examples) is folded
     into the down projection's bias before slicing."""
     check_rate(rate)
@@ -146,12 +147,14 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
     dsd, info = load_data(data)
     classifier, tokenizer, parent = load_skeleton(model)
     ffn_scores = read_scores(scores)
+    joint = {}
     if target_speedup:  # the achieved rates are recorded as this skeleton's rate and head_rate
-        ffn_counts, head_counts = plan(classifier, ffn_scores, head_scores, target_speedup, info["max_length"])
-        keep = keep_top(ffn_scores, ffn_counts)
-        rate = 1 - sum(ffn_counts) / sum(len(s) for s in ffn_scores)
-        head_rate = 1 - sum(head_counts) / sum(len(h) for h in head_scores) if head_scores else 0.0
-        heads = keep_top(head_scores, head_counts) if head_rate > 0 else None
+        judge = loss_after_cutting(classifier, ffn_scores, head_scores, dsd["validation"], info["pad_id"])
+        choice, tried = plan(classifier, ffn_scores, head_scores, target_speedup, info["max_length"], judge, allocation)
+        joint = {"target_speedup": target_speedup, "joint_candidates": tried}
+        keep = keep_top(ffn_scores, choice.ffn)
+        rate, head_rate = choice.rate(ffn_scores), choice.head_rate(head_scores)
+        heads = keep_top(head_scores, choice.heads) if head_rate > 0 else None
     else:
         keep = select(ffn_scores, rate, allocation)
         heads = select_heads(head_scores, head_rate, allocation) if head_rate > 0 else None
@@ -172,8 +175,8 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
     method = json.loads(made_by.read_text())["method"] if made_by.is_file() else None
     widths = [len(k) for k in keep]
     shape = {"kept_width": round(sum(widths) / len(widths)),  # the width of every layer unless they differ: the mean
-             "kept_widths": widths, "allocation": "joint" if target_speedup else allocation, "head_rate": head_rate,
-             "fold": fold, "target_speedup": target_speedup,
+             "kept_widths": widths, "allocation": allocation, "head_rate": head_rate, "fold": fold,
+             "target_speedup": target_speedup, **joint,
              **({"kept_heads": [len(h) for h in heads]} if heads is not None else {})}
     meta = {"rate": rate, **shape, "scores": scores, "method": method, "task": info["task"],
             "backbone": parent.get("backbone"), "max_length": info["max_length"], **record}

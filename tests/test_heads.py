@@ -307,51 +307,85 @@ def test_stages_score_and_prune_heads(tiny_backbone_dir, reviews_csv, tmp_path):
     # A joint budget decides the rates itself and records what it achieved.
     joint = stages.build_skeleton(tmp_path / "joint", data["path"], full["path"], scores["path"], 0.0, train_config,
                                   target_speedup=1.5)
-    assert joint["allocation"] == "joint" and joint["target_speedup"] == 1.5 and joint["rate"] > 0
-    assert json.loads((tmp_path / "joint" / "neurons.json").read_text())["rate"] == joint["rate"]
+    assert joint["target_speedup"] == 1.5 and joint["rate"] > 0
+    tried = joint["joint_candidates"]  # the mixes it judged on validation, and their losses
+    assert len(tried) > 1 and all(t["score"] > 0 for t in tried)
+    best = min(tried, key=lambda t: t["score"])
+    assert (joint["rate"], joint["head_rate"]) == (best["rate"], best["head_rate"])
+    meta = json.loads((tmp_path / "joint" / "neurons.json").read_text())
+    assert meta["rate"] == joint["rate"] and meta["joint_candidates"] == tried
 
 
-def _planned_skeleton(model, ffn, heads, target):
-    from skeleton.budget import plan
-    from skeleton.prune import keep_top
-
-    ffn_counts, head_counts = plan(model, ffn, heads, target, text_len=24)
-    pruned = copy.deepcopy(model)
-    if heads and sum(head_counts) < HEADS * len(heads):
-        slice_heads(pruned.backbone, keep_top(heads, head_counts))
-    slice_ffn(pruned.backbone, keep_top(ffn, ffn_counts))
-    return pruned, ffn_counts, head_counts
+def _heads(seed=0):
+    return [torch.rand(HEADS, generator=torch.Generator().manual_seed(seed + i)) * 8 for i in range(2)]
 
 
-@pytest.mark.parametrize("target", [1.5, 2.0, 3.0])
-def test_joint_budget_meets_its_target_in_multiply_adds(classifier, target):
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("target", [1.5, 2.0, 2.5])
+def test_every_joint_candidate_meets_its_target_in_multiply_adds(classifier, target, allocation):
     from skeleton.benchmark import count_macs
+    from skeleton.budget import candidates, cut
 
     model, _ = classifier
-    heads = [torch.rand(HEADS, generator=torch.Generator().manual_seed(i)) * 8 for i in range(2)]
-    pruned, ffn_counts, head_counts = _planned_skeleton(model, ffn_scores(), heads, target)
-    full, small = count_macs(model, 32, 24).total, count_macs(pruned, 32, 24).total
-    assert full / target * 0.7 < small <= full / target  # met, rounding down to widths of 8 cuts a little more
-    assert all(c % 8 == 0 and c >= 8 for c in ffn_counts) and all(1 <= h <= HEADS for h in head_counts)
+    ffn, heads = ffn_scores(), _heads()
+    options = candidates(model, ffn, heads, target, text_len=24, allocation=allocation)
+    assert len({tuple(c.heads) for c in options}) == len(options) >= 1  # distinct head counts
+    assert [sum(c.heads) for c in options] == sorted((sum(c.heads) for c in options), reverse=True)
+    assert (options[0].heads == [HEADS, HEADS]) == (target == 1.5)  # FFN alone reaches only the mildest target
+    full = count_macs(model, 32, 24).total
+    for c in options:
+        small = count_macs(cut(model, ffn, heads, c), 32, 24).total
+        assert full / target * 0.7 < small <= full / target  # met; rounding to widths of 8 cuts a little more
+        assert c.macs * 32 == small  # the budget's arithmetic is the benchmark's
+        assert all(k % 8 == 0 and k >= 8 for k in c.ffn) and all(1 <= h <= HEADS for h in c.heads)
+    # The more heads a candidate cuts, the fewer FFN neurons it has to.
+    assert [sum(c.ffn) for c in options] == sorted(sum(c.ffn) for c in options)
 
 
-def test_joint_budget_cuts_the_cheapest_importance_first(classifier):
+def test_joint_budget_takes_the_candidate_its_judge_scores_lowest(classifier):
+    from skeleton.budget import candidates, plan
+
     model, _ = classifier
-    important = [torch.full((HEADS,), 1e3) for _ in range(2)]
-    negligible = [torch.full((HEADS,), 1e-6) for _ in range(2)]
-    _, ffn_counts, head_counts = _planned_skeleton(model, ffn_scores(), important, 1.3)
-    assert head_counts == [HEADS, HEADS] and sum(ffn_counts) < 128  # heads matter: only FFN neurons go
-    _, ffn_counts, head_counts = _planned_skeleton(model, ffn_scores(), negligible, 1.3)
-    assert sum(head_counts) < 2 * HEADS and ffn_counts == [64, 64]  # heads are free to lose: they go first
+    ffn, heads = ffn_scores(), _heads()
+    options = candidates(model, ffn, heads, 1.5, 24)
+    cut_heads = lambda c: sum(HEADS - h for h in c.heads)  # noqa: E731
+    choice, tried = plan(model, ffn, heads, 1.5, 24, judge=cut_heads)  # heads are dear: FFN only
+    assert choice == options[0] and choice.heads == [HEADS, HEADS] and tried[0]["head_rate"] == 0
+    choice, tried = plan(model, ffn, heads, 1.5, 24, judge=lambda c: -cut_heads(c))  # heads are cheap
+    assert choice == options[-1] and choice.head_rate(heads) == max(t["head_rate"] for t in tried) > 0
+    assert [t["score"] for t in tried] == [-cut_heads(c) for c in options]
+    assert [t["rate"] for t in tried] == [c.rate(ffn) for c in options]
+
+
+def test_validation_loss_judge_scores_the_cut_copy(classifier, batch):
+    """The sweep's judge: cross-entropy on validation of the model cut as the candidate says, before re-tuning."""
+    from skeleton.budget import Candidate, cut, loss_after_cutting
+    from skeleton.train import predict
+
+    model, tokenizer = classifier
+    data, pad = as_dataset(batch), tokenizer.pad_token_id
+    ffn, heads = ffn_scores(), _heads()
+    before = [p.clone() for p in model.parameters()]
+    judge = loss_after_cutting(model, ffn, heads, data, pad)
+    uncut, harsh = Candidate([64, 64], [HEADS, HEADS], 0), Candidate([8, 8], [1, 1], 0)
+
+    def loss(m):
+        return torch.nn.functional.cross_entropy(predict(m, data, pad), batch["labels"]).item()
+
+    assert judge(uncut) == pytest.approx(loss(model), abs=1e-6)
+    assert judge(harsh) == pytest.approx(loss(cut(model, ffn, heads, harsh)), abs=1e-6)
+    assert abs(judge(harsh) - judge(uncut)) > 1e-3
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # candidates cut copies
 
 
 def test_joint_budget_without_head_scores_cuts_ffn_only_and_says_when_out_of_reach(classifier):
     from skeleton.budget import plan
 
     model, _ = classifier
-    _, ffn_counts, head_counts = _planned_skeleton(model, ffn_scores(), [], 1.2)
-    assert head_counts == [] and sum(ffn_counts) < 128
+    never = lambda c: pytest.fail("a single candidate needs no judge")  # noqa: E731
+    choice, tried = plan(model, ffn_scores(), [], 1.2, text_len=24, judge=never)
+    assert choice.heads == [] and sum(choice.ffn) < 128 and len(tried) == 1 and tried[0]["score"] is None
     with pytest.raises(ValueError, match="out of reach"):
-        plan(model, ffn_scores(), [], 3.0, text_len=24)
+        plan(model, ffn_scores(), [], 3.0, text_len=24, judge=never)
     with pytest.raises(ValueError, match="target speed-up must be above 1"):
-        plan(model, ffn_scores(), [], 1.0, text_len=24)
+        plan(model, ffn_scores(), [], 1.0, text_len=24, judge=never)
