@@ -102,7 +102,7 @@ def cut(model: PromptClassifier, ffn_scores: list[torch.Tensor], head_scores: li
         candidate: Candidate) -> PromptClassifier:
     """A copy of `model` with the candidate's top-scoring heads and FFN neurons kept, the rest sliced out."""
     pruned = copy.deepcopy(model)
-    if candidate.heads and candidate.head_rate(head_scores) > 0:
+    if candidate.head_rate(head_scores) > 0:
         slice_heads(pruned.backbone, keep_top(head_scores, candidate.heads))
     slice_ffn(pruned.backbone, keep_top(ffn_scores, candidate.ffn))
     return pruned
