@@ -74,6 +74,7 @@ def full_sweep(
     much of the FFN and of the attention heads to cut. methods=["all"] runs every registered selection method."""
     from skeleton.attribution import METHODS, scores_heads
     from skeleton.backbones import resolve_backbone
+    from skeleton.budget import check_target_speedup
     from skeleton.prune import check_allocation, check_head_rate, check_rate
     from skeleton.train import check_precision
 
@@ -81,9 +82,7 @@ def full_sweep(
     rates = [check_rate(r) for r in rates]
     head_rates = [check_head_rate(r) for r in head_rates]
     check_allocation(allocation)
-    for target in target_speedups:
-        if not target > 1.0:
-            raise ValueError(f"target speed-ups must be above 1, got {target!r}; e.g. 2.0 for twice as fast")
+    target_speedups = [check_target_speedup(t) for t in target_speedups]
     check_precision(precision)
     if retune_evals < 1:
         raise ValueError(f"retune_evals must be at least 1, got {retune_evals}")

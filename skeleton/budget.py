@@ -43,13 +43,18 @@ class Candidate:
         return 1 - sum(self.ffn) / sum(len(s) for s in ffn_scores)
 
 
+def check_target_speedup(target_speedup: float) -> float:
+    if not target_speedup > 1.0:
+        raise ValueError(f"target speed-up must be above 1, got {target_speedup!r}; e.g. 2.0 for twice as fast")
+    return float(target_speedup)
+
+
 def candidates(model: PromptClassifier, ffn_scores: list[torch.Tensor], head_scores: list[torch.Tensor],
                target_speedup: float, text_len: int, allocation: str = "uniform") -> list[Candidate]:
     """Per head share, the least FFN cut that brings MACs(skeleton) to at most MACs(full) / target_speedup on texts
     of `text_len` tokens. Without head scores, one FFN-only candidate. Shares whose FFN cut cannot reach the
     target are left out; if none can, a ValueError says how far the deepest cut gets."""
-    if not target_speedup > 1.0:
-        raise ValueError(f"target speed-up must be above 1, got {target_speedup!r}; e.g. 2.0 for twice as fast")
+    check_target_speedup(target_speedup)
     backbone = model.backbone
     family = family_of(backbone)
     seq = text_len + model.config.prompt_length

@@ -114,6 +114,7 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     ({"methods": ["grad_x_actt"]}, KeyError, "unknown selection method 'grad_x_actt'"),
     ({"backbone": "bert-huge"}, ValueError, "unknown backbone 'bert-huge'"),
     ({"precision": "fp16"}, ValueError, "precision must be one of fp32, bf16, got 'fp16'"),
+    ({"target_speedups": [2.0, 1.0]}, ValueError, "target speed-up must be above 1, got 1.0"),
     ({"label_column": "stars"}, DataError, "column 'stars' not found"),
     ({"data_file": "missing.csv"}, DataError, "data file not found"),
     ({"data_file": None, "task": "sst3"}, DataError, "unknown task 'sst3'.*rotten_tomatoes"),
