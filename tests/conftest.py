@@ -1,8 +1,12 @@
+import atexit
 import os
+import shutil
 import tempfile
 
-# Before anything imports the tasks: the whole test session writes artifacts and MLflow runs to a scratch folder.
+# Before anything imports the tasks: the whole test session writes artifacts and MLflow runs to a scratch folder,
+# removed at exit (each session leaves about 180 MB otherwise).
 SCRATCH = tempfile.mkdtemp(prefix="skeleton-tests-")
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 os.environ["SKELETON_ARTIFACTS"] = os.path.join(SCRATCH, "artifacts")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{SCRATCH}/mlflow.db"
 os.environ["HF_HUB_OFFLINE"] = "1"
