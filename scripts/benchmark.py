@@ -164,7 +164,7 @@ def skeleton_folders(paths: list[str]) -> dict[str, Path]:
     for path in map(Path, paths):
         meta = json.loads((path / "neurons.json").read_text())
         rate = meta.get("rate")
-        name = "full" if rate == 0 else f"{_method_of(meta) or path.name} p={rate}"
+        name = "full" if rate == 0 else f"{_method_of(meta) or path.name} p={rate:.3g}"
         named[name if name not in named else f"{name} ({path.name})"] = path
     reference = [n for n in named if n.startswith("full")]
     if len(reference) != 1:

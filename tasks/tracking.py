@@ -99,7 +99,7 @@ def log_benchmark(parent_run_id: str, result: dict, records: list[dict]) -> None
 
     client = _client()
     names = {r["path"]: "full" if r["method"] == FULL else
-             f"{r['method']} p={r['rate']}" + (f" h={r['head_rate']}" if r["head_rate"] else "")
+             f"{r['method']} p={r['rate']:.3g}" + (f" h={r['head_rate']:.3g}" if r["head_rate"] else "")
              for r in reversed(records) if isinstance(r.get("path"), str)}  # reversed: the first seed's name wins
     named = {**result, "rows": [{**r, "model": names.get(r["model"], r["model"])} for r in result["rows"]]}
     env = result["environment"]
