@@ -38,10 +38,16 @@ def client_and_experiment(name: str) -> tuple[mlflow.MlflowClient, str]:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return client, found.experiment_id
-    # With the default local store, an explicit artifact location keeps artifacts beside the database,
-    # whatever the working directory; a tracking server decides for itself.
-    location = None if "MLFLOW_TRACKING_URI" in os.environ else (ROOT / "mlruns").as_uri()
-    return client, client.create_experiment(name, artifact_location=location)
+    return client, client.create_experiment(name, artifact_location=artifact_location())
+
+
+def artifact_location() -> str | None:
+    """A local SQLite store keeps artifacts in `mlruns/` beside its database, whatever the working directory
+    (MLflow's default, ./mlruns, would follow the caller's); a tracking server decides for itself."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+    return None
 
 
 @task(name="start-sweep-run", retries=2, retry_delay_seconds=2)
