@@ -8,7 +8,7 @@ Run it locally (ephemeral Prefect, SQLite MLflow in the project folder):
     python -m flows.sweep                      # rotten_tomatoes on minilm, rates 0.5 0.65 0.8
     python -m flows.sweep --task reuters_r8
     python -m flows.sweep --methods all --seeds 0 1 2   # every selection method, mean and spread over 3 seeds
-    python -m flows.sweep --head-rates 0 0.25 --allocation global --fold
+    python -m flows.sweep --head-rates 0 0.25 --allocation global --no-reconstruct
     python -m flows.sweep --data-file my.csv --text-column review --label-column sentiment
 or deployed: `prefect deployment run skeleton/full-sweep -p task=reuters_r8`.
 """
@@ -31,11 +31,22 @@ from tasks import pipeline, tracking  # noqa: E402
 from tasks.report import results_table, summary_table  # noqa: E402
 
 DEFAULT_RATES = [0.5, 0.65, 0.8]
-DEFAULT_METHODS = ["grad_x_act", "random"]
 DEFAULT_HEAD_RATES = [0.0]
 DEFAULT_SEEDS = [0]
 DEFAULT_TARGETS: list[float] = []  # joint-budget points are opt-in
+# What a parameter left unset (None) means: budgets in optimizer steps and examples, sized so a default sweep takes
+# about 15 minutes on 2 CPU cores. A registered backbone may change them: a smollm2 step costs ~8x MiniLM's.
+DEFAULTS = {"methods": ["grad_x_act", "random"], "reconstruct": False, "train_steps": 800,
+            "retune_steps": 300, "retune_evals": 3, "attribution_examples": 1024}
+BACKBONE_DEFAULTS = {"smollm2": {"methods": ["grad_x_act"], "reconstruct": True, "train_steps": 120,
+                                 "retune_steps": 120, "retune_evals": 1, "attribution_examples": 256}}
 SPLIT_SEED = 0  # the train/validation/test split stays the same whatever the training seeds
+
+
+def resolve_defaults(backbone: str, **given) -> dict:
+    """The given parameters in their order, each one left None replaced by the backbone's default."""
+    defaults = {**DEFAULTS, **BACKBONE_DEFAULTS.get(backbone, {})}
+    return {name: defaults[name] if value is None else value for name, value in given.items()}
 
 
 def _file_hash(path: str | None) -> str | None:
@@ -50,19 +61,19 @@ def full_sweep(
     task: str = "rotten_tomatoes",
     backbone: str = "minilm",
     rates: list[float] = DEFAULT_RATES,
-    methods: list[str] = DEFAULT_METHODS,
+    methods: list[str] | None = None,
     head_rates: list[float] = DEFAULT_HEAD_RATES,
     allocation: str = "uniform",
-    fold: bool = False,
+    reconstruct: bool | None = None,
     target_speedups: list[float] = DEFAULT_TARGETS,
     prompt_length: int = 20,
     max_length: int = 64,
-    train_steps: int = 800,
-    retune_steps: int = 300,
-    retune_evals: int = 3,
+    train_steps: int | None = None,
+    retune_steps: int | None = None,
+    retune_evals: int | None = None,
     distill: float = 0.0,
     precision: str = "bf16",
-    attribution_examples: int = 1024,
+    attribution_examples: int | None = None,
     seeds: list[int] = DEFAULT_SEEDS,
     data_file: str | None = None,
     text_column: str = "text",
@@ -71,13 +82,17 @@ def full_sweep(
 ) -> list[dict]:
     """Run the sweep and return the results table as records: per seed, the full model, the linear probe and a
     skeleton per (method, FFN rate, head rate) and per (method, target speed-up): the joint budget decides how
-    much of the FFN and of the attention heads to cut. methods=["all"] runs every registered selection method."""
+    much of the FFN and of the attention heads to cut. methods=["all"] runs every registered selection method.
+    Parameters left None take the backbone's defaults (DEFAULTS, updated by BACKBONE_DEFAULTS[backbone])."""
     from skeleton.attribution import METHODS, scores_heads
     from skeleton.backbones import resolve_backbone
     from skeleton.budget import check_target_speedup
     from skeleton.prune import check_allocation, check_head_rate, check_rate
     from skeleton.train import check_precision
 
+    methods, reconstruct, train_steps, retune_steps, retune_evals, attribution_examples = resolve_defaults(
+        backbone, methods=methods, reconstruct=reconstruct, train_steps=train_steps, retune_steps=retune_steps,
+        retune_evals=retune_evals, attribution_examples=attribution_examples).values()
     # Bad input fails here, before any training starts.
     rates = [check_rate(r) for r in rates]
     head_rates = [check_head_rate(r) for r in head_rates]
@@ -107,7 +122,7 @@ def full_sweep(
         "task": task_name, "backbone": backbone, "prompt_length": prompt_length, "max_length": max_length,
         "train_steps": train_steps, "retune_steps": retune_steps, "retune_evals": retune_evals, "distill": distill,
         "precision": precision, "attribution_examples": attribution_examples, "seeds": seeds, "rates": rates,
-        "methods": methods, "head_rates": head_rates, "allocation": allocation, "fold": fold,
+        "methods": methods, "head_rates": head_rates, "allocation": allocation, "reconstruct": reconstruct,
         "target_speedups": target_speedups,
         "artifacts": str(pipeline.artifacts_dir())})
     points = [(m, r, h, None) for m in methods for r in rates for h in head_rates]
@@ -132,7 +147,7 @@ def full_sweep(
             scores[seed] = {m: future.result()["path"] for m, future in futures.items()}
             teacher = pipeline.teacher_logits(data["path"], full_model["path"])["path"] if distill else None
             built = [pipeline.build_skeleton.submit(data["path"], full_model["path"], scores[seed][m], r,
-                                                    {**retune, "seed": seed}, teacher, h, allocation, fold, t)
+                                                    {**retune, "seed": seed}, teacher, h, allocation, reconstruct, t)
                      for m, r, h, t in points]
             built = [future.result() for future in built]
             results = [pipeline.evaluate.submit(data["path"], b["path"]) for b in built]
@@ -184,13 +199,22 @@ def _benchmark(rows: list[dict], full: str, max_length: int) -> tuple[dict, dict
     return bench, measured_as
 
 
+def _default(name: str) -> str:
+    """A parameter's default as help text: the general one, then each backbone's own."""
+    def text(value):
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    own = [f"{backbone}: {text(values[name])}" for backbone, values in BACKBONE_DEFAULTS.items() if name in values]
+    return "; ".join([text(DEFAULTS[name]), *own])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the Skeleton sweep as a Prefect flow (ephemeral server).")
     parser.add_argument("--task", default="rotten_tomatoes")
     parser.add_argument("--backbone", default="minilm", help="registered name or a local checkpoint folder")
     parser.add_argument("--rates", type=float, nargs="+", default=DEFAULT_RATES)
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
-                        help="selection methods to compare, or 'all' for every registered one")
+    parser.add_argument("--methods", nargs="+",
+                        help=f"selection methods to compare, or 'all' for every registered one (default: {_default('methods')})")
     parser.add_argument("--head-rates", type=float, nargs="+", default=DEFAULT_HEAD_RATES,
                         help="shares of attention heads to cut as well (each combined with every FFN rate)")
     parser.add_argument("--allocation", default="uniform",
@@ -199,20 +223,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="joint budget points: cut FFN neurons and heads until the multiply-adds fall by this "
                         "factor, e.g. 2.0; of the head/FFN mixes that do, the one with the lowest validation loss "
                         "before re-tuning is kept")
-    parser.add_argument("--fold", action="store_true",
-                        help="fold removed FFN neurons' mean activation into the down projection's bias")
+    parser.add_argument("--reconstruct", action=argparse.BooleanOptionalAction,
+                        help="refit the kept neurons' down-projection columns by least squares so the skeleton's "
+                        f"FFN output keeps what the removed neurons added (default: {_default('reconstruct')})")
     parser.add_argument("--prompt-length", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--train-steps", type=int, default=800)
-    parser.add_argument("--retune-steps", type=int, default=300)
-    parser.add_argument("--retune-evals", type=int, default=3,
-                        help="validation checks while re-tuning a skeleton; the best adapter is kept")
+    parser.add_argument("--train-steps", type=int, help=f"prompt-tuning steps (default: {_default('train_steps')})")
+    parser.add_argument("--retune-steps", type=int, help=f"skeleton re-tuning steps (default: {_default('retune_steps')})")
+    parser.add_argument("--retune-evals", type=int, help="validation checks while re-tuning a skeleton; the best "
+                        f"adapter is kept (default: {_default('retune_evals')})")
     parser.add_argument("--distill", type=float, default=0.0,
                         help="weight of the full model's soft labels when re-tuning a skeleton (0 = off)")
     parser.add_argument("--precision", default="bf16",
                         help="training arithmetic, fp32 or bf16: bf16 autocast is about 1.7x faster on CPUs with "
                         "AVX512-BF16 (use fp32 on CPUs without it); evaluation and exports are always float32")
-    parser.add_argument("--attribution-examples", type=int, default=1024)
+    parser.add_argument("--attribution-examples", type=int,
+                        help=f"training examples to score neurons on (default: {_default('attribution_examples')})")
     parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
                         help="training seeds; with several the table shows mean and spread")
     parser.add_argument("--data-file", help="your own CSV / JSONL / Parquet file instead of --task")

@@ -21,6 +21,7 @@ from skeleton.train import batches
 log = logging.getLogger("skeleton")
 
 Scores = list[torch.Tensor]
+Moments = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (mean, covariance)
 METHODS: Registry[Callable[..., Scores]] = Registry("selection method")
 
 
@@ -193,20 +194,25 @@ def integrated_gradients(
 
 
 @torch.no_grad()
-def mean_activations(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 32) -> Scores:
-    """Signed mean of every FFN neuron's activation over all non-padding positions (soft prompt included)."""
+def activation_moments(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 32) -> Moments:
+    """Per FFN layer, the mean (k,) and the covariance (k, k) of the down projection's input over all non-padding
+    positions (soft prompt included), accumulated in float64: what `prune.reconstruct_ffn` regresses on."""
     downs = down_projections(model)
     sums = [torch.zeros(d.in_features, dtype=torch.float64) for d in downs]
+    products = [torch.zeros(d.in_features, d.in_features, dtype=torch.float64) for d in downs]
     positions = 0
     model.eval()
     for batch in batches(dataset, pad_id, batch_size):
         with capture_inputs(downs) as acts:
-            model.features(*model.embed(batch["input_ids"], batch["attention_mask"]))
-        mask = torch.cat([torch.ones(len(batch["labels"]), model.config.prompt_length), batch["attention_mask"]], 1)
-        for total, a in zip(sums, acts):
-            total += (a * mask[..., None]).sum((0, 1)).double()
-        positions += mask.sum().item()
-    return [(t / positions).float() for t in sums]
+            embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
+            model.features(embeds, mask)
+        for total, product, a in zip(sums, products, acts):
+            a = a[mask.bool()].float()  # (positions, k); the float32 product per batch keeps this fast
+            total += a.sum(0).double()
+            product += (a.T @ a).double()
+        positions += int(mask.sum())
+    means = [t / positions for t in sums]
+    return [(mean, product / positions - torch.outer(mean, mean)) for mean, product in zip(means, products)]
 
 
 def attribute(method: str, model: PromptClassifier, dataset, pad_id: int, **kwargs) -> Scores:

@@ -186,16 +186,28 @@ def slice_ffn(backbone: nn.Module, keep: list[torch.Tensor]) -> nn.Module:
 
 
 @torch.no_grad()
-def fold_removed(backbone: nn.Module, keep: list[torch.Tensor], means: list[torch.Tensor]) -> nn.Module:
-    """Add each removed neuron's mean contribution, W_down[:, j] * mean activation_j, to the down projection's
-    bias (in place, before slicing): the skeleton then keeps what those neurons added on average."""
-    for block, index, mean in zip(family_of(backbone).ffn_blocks(backbone), keep, means):
-        if block.down.bias is None:
-            raise ValueError(f"folding removed neurons needs a bias on the FFN down projection, which the "
-                             f"{type(family_of(backbone)).__name__} has not; build without fold")
-        removed = torch.ones(block.down.in_features, dtype=torch.bool)
+def reconstruct_ffn(backbone: nn.Module, keep: list[torch.Tensor], moments: list[tuple[torch.Tensor, torch.Tensor]],
+                    damping: float = 0.01) -> nn.Module:
+    """Refit the kept neurons' down-projection columns so the FFN output keeps what the removed neurons added
+    (in place, before slicing). Each layer's removed activations are predicted from the kept ones by least
+    squares on calibration statistics (`attribution.activation_moments`), a_R ~ mu_R + C (a_S - mu_S) with
+    C = Cov_RS Cov_SS^-1, and W_down[:, R] times that prediction is folded into W_down[:, S] and the down bias.
+    A down projection without a bias (LLaMA) gets the regression through the origin, on raw second moments.
+    `damping` (times the mean kept variance) is added to Cov_SS's diagonal: near-duplicate neurons stay stable."""
+    for block, index, (mean, cov) in zip(family_of(backbone).ffn_blocks(backbone), keep, moments):
+        down = block.down
+        mean, cov, index = mean.to(down.weight.device), cov.to(down.weight.device), index.to(down.weight.device)
+        removed = torch.ones(down.in_features, dtype=torch.bool, device=index.device)
         removed[index] = False
-        block.down.bias += block.down.weight[:, removed] @ mean[removed].to(block.down.weight.dtype)
+        if down.bias is None:  # no intercept to absorb the means: regress on E[a a^T]
+            cov = cov + torch.outer(mean, mean)
+        kept_cov = cov[index][:, index]
+        kept_cov = kept_cov + damping * kept_cov.diagonal().mean() * torch.eye(len(index), dtype=cov.dtype, device=cov.device)
+        coef = torch.linalg.solve(kept_cov, cov[index][:, removed]).T  # (|R|, |S|)
+        w_removed = down.weight[:, removed].double()
+        down.weight[:, index] += (w_removed @ coef).to(down.weight.dtype)
+        if down.bias is not None:
+            down.bias += (w_removed @ (mean[removed] - coef @ mean[index])).to(down.bias.dtype)
     return backbone
 
 

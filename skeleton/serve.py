@@ -52,7 +52,7 @@ def read_meta(folder: str | Path) -> dict:
 
 def default_name(meta: dict, folder: str | Path) -> str:
     """<task>-<method>-p<rate> from a skeleton's recorded meta (the full model is method "full"), then
-    -h<head rate>, -<allocation> and -fold where they are not the defaults; the folder name when the task is not
+    -h<head rate>, -<allocation> and -rec (reconstructed) where they are not the defaults; the folder name when the task is not
     recorded (skeletons exported before it was)."""
     if not meta.get("task"):
         return Path(folder).name
@@ -63,8 +63,8 @@ def default_name(meta: dict, folder: str | Path) -> str:
         parts.append(f"h{float(meta['head_rate'])}")
     if meta.get("allocation", "uniform") != "uniform":
         parts.append(meta["allocation"])
-    if meta.get("fold"):
-        parts.append("fold")
+    if meta.get("reconstruct"):
+        parts.append("rec")
     return "-".join(parts)
 
 
@@ -111,7 +111,8 @@ class Expert:
     keep: list[torch.Tensor]  # per FFN layer, indices into the backbone's neurons (widths may differ per layer)
     heads: list[torch.Tensor] | None  # per layer, kept attention heads; None: all
     model: PromptClassifier  # shares the server's backbone; its prompt and head are the expert's own
-    down_bias: dict[int, torch.Tensor]  # per FFN layer, the down projection's bias of a folded skeleton
+    # per FFN layer, the down projection (weight, bias) of a reconstructed skeleton: refit, so its own, not a slice
+    down: dict[int, tuple[torch.Tensor, torch.Tensor | None]]
     max_length: int
     meta: dict
     slices: list | None = field(default=None, repr=False)  # pre-sliced weights when the server caches them
@@ -247,13 +248,18 @@ class SkeletonServer:
             sliced[names[id(slot.weight)]] = (slot.dim, index)
             if slot.bias is not None and slot.dim == 0:
                 sliced[names[id(slot.bias)]] = (0, index)
-        # A folded skeleton's down biases carry its removed neurons' mean output: the expert's own, not the backbone's.
-        folded = {names[id(layer[-1].bias)]: i for i, layer in enumerate(self._ffn)
-                  if expert.meta.get("fold") and layer[-1].bias is not None}
+        # A reconstructed skeleton's down projections were refit: the expert's own weights, not the backbone's.
+        own = {}  # state-dict name -> (layer, "weight" or "bias")
+        if expert.meta.get("reconstruct"):
+            for i, layer in enumerate(self._ffn):
+                own[names[id(layer[-1].weight)]] = (i, "weight")
+                if layer[-1].bias is not None:
+                    own[names[id(layer[-1].bias)]] = (i, "bias")
+        down = {}
         seen = set()
         for key, tensor in _exported_tensors(folder):
-            if key in folded:
-                expert.down_bias[folded[key]] = tensor.to(self.device)
+            if key in own:
+                down.setdefault(own[key][0], {})[own[key][1]] = tensor.to(self.device)
                 seen.add(key)
                 continue
             if key not in expected:
@@ -273,6 +279,12 @@ class SkeletonServer:
         missing = sorted(set(expected) - seen)
         if missing:
             refuse(f"its checkpoint lacks {', '.join(missing[:5])}")
+        for i, parts in down.items():
+            shape, dtype = (self._ffn[i][-1].weight.shape[0], len(expert.keep[i])), self._ffn[i][-1].weight.dtype
+            if parts["weight"].shape != shape or parts["weight"].dtype != dtype:
+                refuse(f"layer {i}'s down projection is {tuple(parts['weight'].shape)} {parts['weight'].dtype}, its "
+                       f"kept neurons need {shape} {dtype}")
+            expert.down[i] = (parts["weight"], parts.get("bias"))
         # Same tokens in, or the outputs could not match: the exported tokenizer must agree with ours.
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         if tokenizer.get_vocab() != self.tokenizer.get_vocab():
@@ -283,14 +295,16 @@ class SkeletonServer:
     def _slice(self, expert: Expert) -> list[tuple]:
         """(linear, weight, bias) for every linear the expert slices, index-selected from the original weights."""
         out = []
-        down_bias = {id(layer[-1]): expert.down_bias.get(i) for i, layer in enumerate(self._ffn)}
+        own = {id(layer[-1]): expert.down[i] for i, layer in enumerate(self._ffn) if i in expert.down}
         for slot, index in self._sliced(expert):
+            if id(slot) in own:  # a reconstructed down projection: the expert's own weights
+                weight, bias = (None if t is None else nn.Parameter(t, requires_grad=False) for t in own[id(slot)])
+                out.append((slot.linear, weight, bias))
+                continue
             weight = nn.Parameter(slot.weight.detach().index_select(slot.dim, index), requires_grad=False)
             bias = slot.bias  # a down / output projection's bias is per output feature: not sliced
             if bias is not None and slot.dim == 0:
                 bias = nn.Parameter(bias.detach()[index], requires_grad=False)
-            elif down_bias.get(id(slot)) is not None:
-                bias = nn.Parameter(down_bias[id(slot)], requires_grad=False)
             out.append((slot.linear, weight, bias))
         return out
 
@@ -376,7 +390,8 @@ class SkeletonServer:
         for name in self.names:
             e = self.experts[name]
             extra = [t for _, w, b in (e.slices or []) for t in (w, b) if t is not None]
-            experts[name] = held_bytes(e.model, *e.keep, *(e.heads or []), *e.down_bias.values(), *extra) - backbone
+            own = [t for pair in e.down.values() for t in pair if t is not None]
+            experts[name] = held_bytes(e.model, *e.keep, *(e.heads or []), *own, *extra) - backbone
         return {"backbone": backbone, **experts}
 
 

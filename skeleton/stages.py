@@ -17,15 +17,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from skeleton import benchmark as bench, data as data_lib
-from skeleton.attribution import (attribute as attribute_neurons, attribute_with_heads, mean_activations,
+from skeleton.attribution import (activation_moments, attribute as attribute_neurons, attribute_with_heads,
                                   scores_heads)
 from skeleton.backbones import attention_blocks, family_of, load_backbone
 from skeleton.budget import loss_after_cutting, plan
 from skeleton.evaluate import linear_probe as probe, metrics
 from skeleton.io import atomic_dir
 from skeleton.model import AdapterConfig, PromptClassifier
-from skeleton.prune import (check_allocation, check_head_rate, check_rate, export_skeleton, fold_removed, keep_top,
-                            load_skeleton, select, select_heads, slice_ffn, slice_heads)
+from skeleton.prune import (check_allocation, check_head_rate, check_rate, export_skeleton, keep_top, load_skeleton,
+                            reconstruct_ffn, select, select_heads, slice_ffn, slice_heads)
 from skeleton.train import TrainConfig, predict, train
 
 log = logging.getLogger("skeleton")
@@ -125,7 +125,8 @@ def teacher_logits(out: Path, data: str, model: str) -> dict:
 
 def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, train_config: dict,
                    teacher: str | None = None, head_rate: float = 0.0, allocation: str = "uniform",
-                   fold: bool = False, fold_examples: int = 256, target_speedup: float | None = None) -> dict:
+                   reconstruct: bool = False, calibration_examples: int = 256,
+                   target_speedup: float | None = None) -> dict:
     """Keep the top (1 - rate) FFN neurons (and top (1 - head_rate) attention heads), slice the rest out, re-tune
     prompt and head, export.
 
@@ -135,8 +136,9 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
     With `target_speedup`, the joint budget (skeleton.budget.plan) decides instead of rate / head_rate how many
     neurons and heads to cut, for texts of the data's max_length: of its candidate mixes, the one whose cut model
     has the lowest validation loss before re-tuning (the candidates and their losses are in the record).
-    With `fold`, each removed FFN neuron's mean activation (over `fold_examples` training examples) is folded
-    into the down projection's bias before slicing."""
+    With `reconstruct`, the kept neurons' down-projection columns (and bias) are refit before slicing to carry what
+    the removed neurons added (prune.reconstruct_ffn), from activation statistics of `calibration_examples`
+    training examples."""
     check_rate(rate)
     check_head_rate(head_rate)
     check_allocation(allocation)
@@ -160,10 +162,10 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
         heads = select_heads(head_scores, head_rate, allocation) if head_rate > 0 else None
     if heads is not None:
         slice_heads(classifier.backbone, heads)
-    if fold:  # the means of the network as it will run: heads already cut, every FFN neuron still there
+    if reconstruct:  # statistics of the network as it will run: heads already cut, every FFN neuron still there
         sample = dsd["train"].shuffle(seed=train_config.get("seed", 0))
-        sample = sample.select(range(min(fold_examples, len(sample))))
-        fold_removed(classifier.backbone, keep, mean_activations(classifier, sample, info["pad_id"]))
+        sample = sample.select(range(min(calibration_examples, len(sample))))
+        reconstruct_ffn(classifier.backbone, keep, activation_moments(classifier, sample, info["pad_id"]))
     slice_ffn(classifier.backbone, keep)
     train_set = dsd["train"]
     if teacher:
@@ -175,7 +177,7 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
     method = json.loads(made_by.read_text())["method"] if made_by.is_file() else None
     widths = [len(k) for k in keep]
     shape = {"kept_width": round(sum(widths) / len(widths)),  # the width of every layer unless they differ: the mean
-             "kept_widths": widths, "allocation": allocation, "head_rate": head_rate, "fold": fold,
+             "kept_widths": widths, "allocation": allocation, "head_rate": head_rate, "reconstruct": reconstruct,
              "target_speedup": target_speedup, **joint,
              **({"kept_heads": [len(h) for h in heads]} if heads is not None else {})}
     meta = {"rate": rate, **shape, "scores": scores, "method": method, "task": info["task"],

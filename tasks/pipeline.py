@@ -89,15 +89,15 @@ def teacher_logits(data: str, model: str) -> dict:
 
 @task(name="build-skeleton", **CACHED)
 def build_skeleton(data: str, model: str, scores: str, rate: float, train_config: dict, teacher: str | None = None,
-                   head_rate: float = 0.0, allocation: str = "uniform", fold: bool = False,
+                   head_rate: float = 0.0, allocation: str = "uniform", reconstruct: bool = False,
                    target_speedup: float | None = None) -> dict:
     from skeleton import stages
 
     out = output_dir("skeletons", data=data, model=model, scores=scores, rate=rate, train=train_config,
-                     teacher=teacher, head_rate=head_rate, allocation=allocation, fold=fold,
+                     teacher=teacher, head_rate=head_rate, allocation=allocation, reconstruct=reconstruct,
                      target_speedup=target_speedup)
     return stages.build_skeleton(out, data, model, scores, rate, train_config, teacher, head_rate=head_rate,
-                                 allocation=allocation, fold=fold, target_speedup=target_speedup)
+                                 allocation=allocation, reconstruct=reconstruct, target_speedup=target_speedup)
 
 
 @task(name="evaluate", **CACHED)

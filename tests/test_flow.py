@@ -182,7 +182,7 @@ def test_crashed_sweep_marks_its_mlflow_run_failed(prefect_server, tiny_backbone
 
 
 def test_sweep_over_seeds_head_rates_and_a_joint_budget(prefect_server, tiny_backbone_dir, reviews_csv):
-    """Two seeds, a head rate beside FFN-only, a joint-budget point and folding: per-seed records, a summary with
+    """Two seeds, a head rate beside FFN-only, a joint-budget point and reconstruction: per-seed records, a summary with
     the spread over seeds, all in MLflow."""
     import mlflow
 
@@ -190,7 +190,7 @@ def test_sweep_over_seeds_head_rates_and_a_joint_budget(prefect_server, tiny_bac
     from tasks.report import summary_table
 
     records = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, methods=["grad_x_act"], head_rates=[0.0, 0.5],
-                                      target_speedups=[1.5], fold=True, seeds=[0, 1], experiment="seeds"))
+                                      target_speedups=[1.5], reconstruct=True, seeds=[0, 1], experiment="seeds"))
     table = pd.DataFrame(records)
     assert sorted(table["seed"].unique()) == [0, 1]
     points = table[table["method"] == "grad_x_act"]
@@ -209,3 +209,16 @@ def test_sweep_over_seeds_head_rates_and_a_joint_budget(prefect_server, tiny_bac
     assert "full_accuracy_std" in parent.data.metrics
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 6 and {c.data.params["seed"] for c in children} == {"0", "1"}
+
+
+def test_unset_parameters_take_the_backbones_defaults():
+    """A parameter left None takes the backbone's default (smollm2 has its own budgets); a given one always wins."""
+    from flows.sweep import resolve_defaults
+
+    minilm = resolve_defaults("minilm", train_steps=None, reconstruct=None, methods=["wanda"])
+    smollm2 = resolve_defaults("smollm2", train_steps=None, reconstruct=None, methods=None)
+    assert list(minilm) == ["train_steps", "reconstruct", "methods"]
+    assert minilm == {"train_steps": 800, "reconstruct": False, "methods": ["wanda"]}
+    assert smollm2 == {"train_steps": 120, "reconstruct": True, "methods": ["grad_x_act"]}
+    assert resolve_defaults("/any/local/checkpoint", retune_steps=None, attribution_examples=64) == {
+        "retune_steps": 300, "attribution_examples": 64}

@@ -117,44 +117,47 @@ def test_failed_export_leaves_nothing(tiny_classifier, tmp_path, monkeypatch):
 
 
 
-def test_folding_keeps_the_mean_output_of_removed_neurons(tiny_classifier, batch):
-    """Layer 0's FFN input does not depend on pruning, so with means taken on the same examples, the folded
-    skeleton's down-projection output summed over all positions equals the full model's; plain removal does not."""
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_reconstruction_is_the_least_squares_fit_of_the_full_ffn_output(tiny_classifier, batch, with_bias):
+    """Layer 0's FFN input does not depend on pruning, so with statistics taken on the same positions and no
+    damping, the reconstructed skeleton's layer-0 down output is exactly the least-squares fit of the full model's
+    on the kept activations (plus a constant where the down projection has a bias, LLaMA-style without one), and
+    fits it better than plain removal."""
     import copy
 
     from datasets import Dataset
 
-    from skeleton.attribution import down_projections, mean_activations
-    from skeleton.prune import fold_removed
+    from skeleton.attribution import activation_moments, capture_inputs, down_projections
+    from skeleton.prune import reconstruct_ffn
 
     model, _ = tiny_classifier
+    model = copy.deepcopy(model)
+    if not with_bias:
+        for layer in model.backbone.encoder.layer:
+            layer.output.dense.bias = None
     ids = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
     data = Dataset.from_dict({"input_ids": ids, "label": batch["labels"].tolist()})
     keep = random_keep(model, 0.65)
 
-    def summed_down_output(classifier):
-        out = []
-        handle = down_projections(classifier)[0].register_forward_hook(lambda _m, _a, o: out.append(o))
-        with torch.no_grad():
+    def layer0(classifier):
+        """(down input, down output) at layer 0 over the non-padding positions."""
+        down, out = down_projections(classifier)[0], []
+        handle = down.register_forward_hook(lambda _m, _a, o: out.append(o))
+        with torch.no_grad(), capture_inputs([down]) as acts:
             embeds, mask = classifier.embed(batch["input_ids"], batch["attention_mask"])
             classifier.features(embeds, mask)
         handle.remove()
-        return (out[0] * mask[..., None]).sum((0, 1))
+        return acts[0][mask.bool()].double(), out[0][mask.bool()].double()
 
-    folded, plain = copy.deepcopy(model), copy.deepcopy(model)
-    fold_removed(folded.backbone, keep, mean_activations(folded, data, pad_id=0, batch_size=3))
-    slice_ffn(folded.backbone, keep)
+    rebuilt, plain = copy.deepcopy(model), copy.deepcopy(model)
+    reconstruct_ffn(rebuilt.backbone, keep, activation_moments(rebuilt, data, pad_id=0, batch_size=3), damping=0.0)
+    slice_ffn(rebuilt.backbone, keep)
     slice_ffn(plain.backbone, keep)
-    full = summed_down_output(model)
-    torch.testing.assert_close(summed_down_output(folded), full, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(summed_down_output(plain), full, rtol=1e-4, atol=1e-4)
-
-
-def test_folding_needs_a_down_bias(tiny_classifier):
-    from skeleton.prune import fold_removed
-
-    model, _ = tiny_classifier
-    for layer in model.backbone.encoder.layer:
-        layer.output.dense.bias = None
-    with pytest.raises(ValueError, match="needs a bias on the FFN down projection"):
-        fold_removed(model.backbone, random_keep(model, 0.5), [torch.zeros(64)] * 2)
+    acts, full = layer0(model)
+    kept = acts[:, keep[0]]
+    if with_bias:
+        kept = torch.cat([kept, torch.ones(len(kept), 1, dtype=kept.dtype)], 1)
+    best = kept @ torch.linalg.lstsq(kept, full).solution
+    got = layer0(rebuilt)[1]
+    torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-4)
+    assert ((layer0(plain)[1] - full) ** 2).sum() > 1.5 * ((got - full) ** 2).sum()

@@ -276,19 +276,20 @@ def test_cli_lists_and_serves_experts_logged_to_mlflow(server, expert_dirs, back
     assert json.loads(out)["label"] == server.classify("news-random-p0.5", TEXTS[:1])[0].label
 
 
-def test_experts_built_by_the_pipeline_stages(tiny_backbone_dir, reviews_csv, tmp_path):
-    """Skeletons made by the sweep's stages record task, method, backbone and max_length: served by name."""
+def test_experts_built_by_the_pipeline_stages(backbone_dir, reviews_csv, tmp_path):
+    """Skeletons made by the sweep's stages record task, method, backbone and max_length: served by name. A
+    reconstructed one carries its own refit down projections (weights, and the bias where the family has one)."""
     from skeleton import stages
 
-    data = stages.prepare_data(tmp_path / "data", "reviews", str(tiny_backbone_dir), max_length=16,
+    data = stages.prepare_data(tmp_path / "data", "reviews", str(backbone_dir), max_length=16,
                                data_file=str(reviews_csv), text_column="review", label_column="sentiment")
     train_config = {"steps": 2, "batch_size": 8, "eval_every": 2, "warmup_steps": 1}
-    full = stages.tune_prompt(tmp_path / "full", data["path"], str(tiny_backbone_dir), 4, train_config)
+    full = stages.tune_prompt(tmp_path / "full", data["path"], str(backbone_dir), 4, train_config)
     scores = stages.attribute(tmp_path / "scores", data["path"], full["path"], "grad_x_act", examples=16)
     built = stages.build_skeleton(tmp_path / "sk", data["path"], full["path"], scores["path"], 0.5, train_config)
     meta = json.loads((Path(built["path"]) / "neurons.json").read_text())
     assert (meta["task"], meta["method"], meta["backbone"], meta["max_length"]) == (
-        "reviews", "grad_x_act", str(tiny_backbone_dir), 16)
+        "reviews", "grad_x_act", str(backbone_dir), 16)
     server = SkeletonServer.load(meta["backbone"])
     assert [server.add(full["path"]), server.add(built["path"])] == ["reviews-full-p0.0", "reviews-grad_x_act-p0.5"]
     texts = ["review 1: a great and moving film " * 4, "dull"]
@@ -298,15 +299,14 @@ def test_experts_built_by_the_pipeline_stages(tiny_backbone_dir, reviews_csv, tm
         expected = model(enc["input_ids"], enc["attention_mask"])
     torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5", texts), expected, rtol=0, atol=1e-5)
     assert {p.label for p in server.classify("reviews-full-p0.0", texts)} <= {"neg", "pos"}
-    # A folded skeleton's down biases differ from the backbone's: the expert carries them.
-    folded = stages.build_skeleton(tmp_path / "folded", data["path"], full["path"], scores["path"], 0.5, train_config,
-                                   fold=True)
-    assert server.add(folded["path"]) == "reviews-grad_x_act-p0.5-fold"
-    model, _, _ = load_skeleton(folded["path"])
+    rebuilt = stages.build_skeleton(tmp_path / "rebuilt", data["path"], full["path"], scores["path"], 0.5,
+                                    train_config, reconstruct=True)
+    assert server.add(rebuilt["path"]) == "reviews-grad_x_act-p0.5-rec"
+    model, _, _ = load_skeleton(rebuilt["path"])
     with torch.no_grad():
-        expected_folded = model(enc["input_ids"], enc["attention_mask"])
-    assert not torch.allclose(expected_folded, expected, atol=1e-4)
-    torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5-fold", texts), expected_folded, rtol=0,
+        expected_rebuilt = model(enc["input_ids"], enc["attention_mask"])
+    assert not torch.allclose(expected_rebuilt, expected, atol=1e-4)
+    torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5-rec", texts), expected_rebuilt, rtol=0,
                                atol=1e-5)
     torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5", texts), expected, rtol=0, atol=1e-5)
 
@@ -318,4 +318,5 @@ def test_default_names():
     assert default_name({"task": "rt", "rate": 0.0}, "x") == "rt-full-p0.0"
     assert default_name({"task": "rt", "method": "m", "rate": 0.5, "head_rate": 0.25, "allocation": "global"},
                         "x") == "rt-m-p0.5-h0.25-global"
+    assert default_name({"task": "rt", "method": "m", "rate": 0.5, "reconstruct": True}, "x") == "rt-m-p0.5-rec"
     assert default_name({"rate": 0.5}, "/skeletons/abc123") == "abc123"  # exported before the task was recorded
