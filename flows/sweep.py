@@ -36,9 +36,9 @@ DEFAULT_SEEDS = [0]
 DEFAULT_TARGETS: list[float] = []  # joint-budget points are opt-in
 # What a parameter left unset (None) means: budgets in optimizer steps and examples, sized so a default sweep takes
 # about 15 minutes on 2 CPU cores. A registered backbone may change them: a smollm2 step costs ~8x MiniLM's.
-DEFAULTS = {"methods": ["grad_x_act", "random"], "reconstruct": False, "train_steps": 800,
+DEFAULTS = {"methods": ["grad_x_act", "random"], "reconstruct": False, "train_steps": 800, "train_evals": 8,
             "retune_steps": 300, "retune_evals": 3, "attribution_examples": 1024}
-BACKBONE_DEFAULTS = {"smollm2": {"methods": ["grad_x_act"], "reconstruct": True, "train_steps": 120,
+BACKBONE_DEFAULTS = {"smollm2": {"methods": ["grad_x_act"], "reconstruct": True, "train_steps": 120, "train_evals": 1,
                                  "retune_steps": 120, "retune_evals": 1, "attribution_examples": 256}}
 SPLIT_SEED = 0  # the train/validation/test split stays the same whatever the training seeds
 
@@ -69,6 +69,7 @@ def full_sweep(
     prompt_length: int = 20,
     max_length: int = 64,
     train_steps: int | None = None,
+    train_evals: int | None = None,
     retune_steps: int | None = None,
     retune_evals: int | None = None,
     distill: float = 0.0,
@@ -90,17 +91,17 @@ def full_sweep(
     from skeleton.prune import check_allocation, check_head_rate, check_rate
     from skeleton.train import check_precision
 
-    methods, reconstruct, train_steps, retune_steps, retune_evals, attribution_examples = resolve_defaults(
-        backbone, methods=methods, reconstruct=reconstruct, train_steps=train_steps, retune_steps=retune_steps,
-        retune_evals=retune_evals, attribution_examples=attribution_examples).values()
+    methods, reconstruct, train_steps, train_evals, retune_steps, retune_evals, attribution_examples = resolve_defaults(
+        backbone, methods=methods, reconstruct=reconstruct, train_steps=train_steps, train_evals=train_evals,
+        retune_steps=retune_steps, retune_evals=retune_evals, attribution_examples=attribution_examples).values()
     # Bad input fails here, before any training starts.
     rates = [check_rate(r) for r in rates]
     head_rates = [check_head_rate(r) for r in head_rates]
     check_allocation(allocation)
     target_speedups = [check_target_speedup(t) for t in target_speedups]
     check_precision(precision)
-    if retune_evals < 1:
-        raise ValueError(f"retune_evals must be at least 1, got {retune_evals}")
+    if train_evals < 1 or retune_evals < 1:
+        raise ValueError(f"train_evals and retune_evals must be at least 1, got {train_evals} and {retune_evals}")
     if not seeds:
         raise ValueError("seeds must name at least one seed, e.g. [0] or [0, 1, 2]")
     methods = METHODS.names() if methods == ["all"] else methods
@@ -120,8 +121,8 @@ def full_sweep(
     print(f"data: {data['split_sizes']} labels {data['label_names']}")
     run_id = tracking.start_sweep_run(experiment, {
         "task": task_name, "backbone": backbone, "prompt_length": prompt_length, "max_length": max_length,
-        "train_steps": train_steps, "retune_steps": retune_steps, "retune_evals": retune_evals, "distill": distill,
-        "precision": precision, "attribution_examples": attribution_examples, "seeds": seeds, "rates": rates,
+        "train_steps": train_steps, "train_evals": train_evals, "retune_steps": retune_steps,
+        "retune_evals": retune_evals, "distill": distill, "precision": precision, "attribution_examples": attribution_examples, "seeds": seeds, "rates": rates,
         "methods": methods, "head_rates": head_rates, "allocation": allocation, "reconstruct": reconstruct,
         "target_speedups": target_speedups,
         "artifacts": str(pipeline.artifacts_dir())})
@@ -132,8 +133,9 @@ def full_sweep(
     try:
         fulls, probes, rows, scores = {}, {}, [], {}
         for seed in seeds:
-            full_model = pipeline.tune_prompt(data["path"], backbone, prompt_length, {"steps": train_steps, "seed": seed,
-                                                                                  "precision": precision})
+            full_model = pipeline.tune_prompt(data["path"], backbone, prompt_length, {
+                "steps": train_steps, "eval_every": max(1, train_steps // train_evals), "seed": seed,
+                "precision": precision})
             fulls[seed] = {**pipeline.evaluate(data["path"], full_model["path"]), "path": full_model["path"],
                            "val_accuracy": full_model["val_accuracy"]}
             probes[seed] = pipeline.linear_probe(data["path"], backbone, seed, precision)
@@ -229,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-length", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--train-steps", type=int, help=f"prompt-tuning steps (default: {_default('train_steps')})")
+    parser.add_argument("--train-evals", type=int, help="validation checks while prompt-tuning the full model; the "
+                        f"best adapter is kept (default: {_default('train_evals')})")
     parser.add_argument("--retune-steps", type=int, help=f"skeleton re-tuning steps (default: {_default('retune_steps')})")
     parser.add_argument("--retune-evals", type=int, help="validation checks while re-tuning a skeleton; the best "
                         f"adapter is kept (default: {_default('retune_evals')})")

@@ -115,6 +115,7 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     ({"backbone": "bert-huge"}, ValueError, "unknown backbone 'bert-huge'"),
     ({"precision": "fp16"}, ValueError, "precision must be one of fp32, bf16, got 'fp16'"),
     ({"target_speedups": [2.0, 1.0]}, ValueError, "target speed-up must be above 1, got 1.0"),
+    ({"train_evals": 0}, ValueError, "train_evals and retune_evals must be at least 1, got 0 and"),
     ({"label_column": "stars"}, DataError, "column 'stars' not found"),
     ({"data_file": "missing.csv"}, DataError, "data file not found"),
     ({"data_file": None, "task": "sst3"}, DataError, "unknown task 'sst3'.*rotten_tomatoes"),
