@@ -122,7 +122,8 @@ def full_sweep(
     run_id = tracking.start_sweep_run(experiment, {
         "task": task_name, "backbone": backbone, "prompt_length": prompt_length, "max_length": max_length,
         "train_steps": train_steps, "train_evals": train_evals, "retune_steps": retune_steps,
-        "retune_evals": retune_evals, "distill": distill, "precision": precision, "attribution_examples": attribution_examples, "seeds": seeds, "rates": rates,
+        "retune_evals": retune_evals, "distill": distill, "precision": precision,
+        "attribution_examples": attribution_examples, "seeds": seeds, "rates": rates,
         "methods": methods, "head_rates": head_rates, "allocation": allocation, "reconstruct": reconstruct,
         "target_speedups": target_speedups,
         "artifacts": str(pipeline.artifacts_dir())})
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", default="minilm", help="registered name or a local checkpoint folder")
     parser.add_argument("--rates", type=float, nargs="+", default=DEFAULT_RATES)
     parser.add_argument("--methods", nargs="+",
-                        help=f"selection methods to compare, or 'all' for every registered one (default: {_default('methods')})")
+                        help="selection methods to compare, or 'all' for every registered one "
+                        f"(default: {_default('methods')})")
     parser.add_argument("--head-rates", type=float, nargs="+", default=DEFAULT_HEAD_RATES,
                         help="shares of attention heads to cut as well (each combined with every FFN rate)")
     parser.add_argument("--allocation", default="uniform",
@@ -233,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-steps", type=int, help=f"prompt-tuning steps (default: {_default('train_steps')})")
     parser.add_argument("--train-evals", type=int, help="validation checks while prompt-tuning the full model; the "
                         f"best adapter is kept (default: {_default('train_evals')})")
-    parser.add_argument("--retune-steps", type=int, help=f"skeleton re-tuning steps (default: {_default('retune_steps')})")
+    parser.add_argument("--retune-steps", type=int,
+                        help=f"skeleton re-tuning steps (default: {_default('retune_steps')})")
     parser.add_argument("--retune-evals", type=int, help="validation checks while re-tuning a skeleton; the best "
                         f"adapter is kept (default: {_default('retune_evals')})")
     parser.add_argument("--distill", type=float, default=0.0,

@@ -202,7 +202,8 @@ def reconstruct_ffn(backbone: nn.Module, keep: list[torch.Tensor], moments: list
         if down.bias is None:  # no intercept to absorb the means: regress on E[a a^T]
             cov = cov + torch.outer(mean, mean)
         kept_cov = cov[index][:, index]
-        kept_cov = kept_cov + damping * kept_cov.diagonal().mean() * torch.eye(len(index), dtype=cov.dtype, device=cov.device)
+        ridge = damping * kept_cov.diagonal().mean()
+        kept_cov = kept_cov + ridge * torch.eye(len(index), dtype=cov.dtype, device=cov.device)
         coef = torch.linalg.solve(kept_cov, cov[index][:, removed]).T  # (|R|, |S|)
         w_removed = down.weight[:, removed].double()
         down.weight[:, index] += (w_removed @ coef).to(down.weight.dtype)

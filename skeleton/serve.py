@@ -51,8 +51,8 @@ def read_meta(folder: str | Path) -> dict:
 
 
 def default_name(meta: dict, folder: str | Path) -> str:
-    """<task>-<method>-p<rate> from a skeleton's recorded meta (the full model is method "full"), then
-    -h<head rate>, -<allocation> and -rec (reconstructed) where they are not the defaults; the folder name when the task is not
+    """<task>-<method>-p<rate> from a skeleton's recorded meta (the full model is method "full"), then -h<head rate>,
+    -<allocation> and -rec (reconstructed) where they are not the defaults; the folder name when the task is not
     recorded (skeletons exported before it was)."""
     if not meta.get("task"):
         return Path(folder).name
