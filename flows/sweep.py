@@ -36,10 +36,11 @@ DEFAULT_SEEDS = [0]
 DEFAULT_TARGETS: list[float] = []  # joint-budget points are opt-in
 # What a parameter left unset (None) means: budgets in optimizer steps and examples, sized so a default sweep takes
 # about 15 minutes on 2 CPU cores. A registered backbone may change them: a smollm2 step costs ~8x MiniLM's.
-DEFAULTS = {"methods": ["grad_x_act", "random"], "reconstruct": False, "train_steps": 800, "train_evals": 8,
-            "retune_steps": 300, "retune_evals": 3, "attribution_examples": 1024}
-BACKBONE_DEFAULTS = {"smollm2": {"methods": ["grad_x_act"], "reconstruct": True, "train_steps": 120, "train_evals": 1,
-                                 "retune_steps": 120, "retune_evals": 1, "attribution_examples": 256}}
+DEFAULTS = {"methods": ["grad_x_act", "random"], "reconstruct": False, "retune_norms": False, "train_steps": 800,
+            "train_evals": 8, "retune_steps": 300, "retune_evals": 3, "attribution_examples": 1024}
+BACKBONE_DEFAULTS = {"smollm2": {"methods": ["grad_x_act"], "reconstruct": True, "retune_norms": True,
+                                 "train_steps": 120, "train_evals": 1, "retune_steps": 120, "retune_evals": 1,
+                                 "attribution_examples": 256}}
 SPLIT_SEED = 0  # the train/validation/test split stays the same whatever the training seeds
 
 
@@ -65,6 +66,7 @@ def full_sweep(
     head_rates: list[float] = DEFAULT_HEAD_RATES,
     allocation: str = "uniform",
     reconstruct: bool | None = None,
+    retune_norms: bool | None = None,
     target_speedups: list[float] = DEFAULT_TARGETS,
     prompt_length: int = 20,
     max_length: int = 64,
@@ -91,9 +93,11 @@ def full_sweep(
     from skeleton.prune import check_allocation, check_head_rate, check_rate
     from skeleton.train import check_precision
 
-    methods, reconstruct, train_steps, train_evals, retune_steps, retune_evals, attribution_examples = resolve_defaults(
-        backbone, methods=methods, reconstruct=reconstruct, train_steps=train_steps, train_evals=train_evals,
-        retune_steps=retune_steps, retune_evals=retune_evals, attribution_examples=attribution_examples).values()
+    (methods, reconstruct, retune_norms, train_steps, train_evals, retune_steps, retune_evals,
+     attribution_examples) = resolve_defaults(
+        backbone, methods=methods, reconstruct=reconstruct, retune_norms=retune_norms, train_steps=train_steps,
+        train_evals=train_evals, retune_steps=retune_steps, retune_evals=retune_evals,
+        attribution_examples=attribution_examples).values()
     # Bad input fails here, before any training starts.
     rates = [check_rate(r) for r in rates]
     head_rates = [check_head_rate(r) for r in head_rates]
@@ -125,12 +129,12 @@ def full_sweep(
         "retune_evals": retune_evals, "distill": distill, "precision": precision,
         "attribution_examples": attribution_examples, "seeds": seeds, "rates": rates,
         "methods": methods, "head_rates": head_rates, "allocation": allocation, "reconstruct": reconstruct,
-        "target_speedups": target_speedups,
+        "retune_norms": retune_norms, "target_speedups": target_speedups,
         "artifacts": str(pipeline.artifacts_dir())})
     points = [(m, r, h, None) for m in methods for r in rates for h in head_rates]
     points += [(m, 0.0, 0.0, t) for m in methods for t in target_speedups]
     retune = {"steps": retune_steps, "warmup_steps": 10, "eval_every": max(1, retune_steps // retune_evals),
-              "distill": distill, "precision": precision}
+              "distill": distill, "precision": precision, "tune_norms": retune_norms}
     try:
         fulls, probes, rows, scores = {}, {}, [], {}
         for seed in seeds:
@@ -230,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reconstruct", action=argparse.BooleanOptionalAction,
                         help="refit the kept neurons' down-projection columns by least squares so the skeleton's "
                         f"FFN output keeps what the removed neurons added (default: {_default('reconstruct')})")
+    parser.add_argument("--retune-norms", action=argparse.BooleanOptionalAction,
+                        help="let skeleton re-tuning also train the backbone's normalisation gains (and biases), "
+                        "which then belong to the task's expert (default: " + _default("retune_norms") + ")")
     parser.add_argument("--prompt-length", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--train-steps", type=int, help=f"prompt-tuning steps (default: {_default('train_steps')})")

@@ -138,7 +138,8 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
     has the lowest validation loss before re-tuning (the candidates and their losses are in the record).
     With `reconstruct`, the kept neurons' down-projection columns (and bias) are refit before slicing to carry what
     the removed neurons added (prune.reconstruct_ffn), from activation statistics of `calibration_examples`
-    training examples."""
+    training examples. With train_config["tune_norms"], re-tuning also trains the normalisation layers
+    (train.TrainConfig), recorded as the skeleton's "tune_norms"."""
     check_rate(rate)
     check_head_rate(head_rate)
     check_allocation(allocation)
@@ -170,15 +171,16 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
     train_set = dsd["train"]
     if teacher:
         train_set = train_set.add_column("teacher", load_file(teacher)["logits"].tolist())
+    config = TrainConfig(**train_config)
     start = time.perf_counter()
-    record = train(classifier, train_set, dsd["validation"], info["pad_id"], TrainConfig(**train_config))
+    record = train(classifier, train_set, dsd["validation"], info["pad_id"], config)
     record["train_seconds"] = time.perf_counter() - start
     made_by = Path(scores).with_name("scores.json")
     method = json.loads(made_by.read_text())["method"] if made_by.is_file() else None
     widths = [len(k) for k in keep]
     shape = {"kept_width": round(sum(widths) / len(widths)),  # the width of every layer unless they differ: the mean
              "kept_widths": widths, "allocation": allocation, "head_rate": head_rate, "reconstruct": reconstruct,
-             "target_speedup": target_speedup, **joint,
+             "tune_norms": config.tune_norms, "target_speedup": target_speedup, **joint,
              **({"kept_heads": [len(h) for h in heads]} if heads is not None else {})}
     meta = {"rate": rate, **shape, "scores": scores, "method": method, "task": info["task"],
             "backbone": parent.get("backbone"), "max_length": info["max_length"], **record}

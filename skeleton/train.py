@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
+from skeleton.backbones import norm_parameters
 from skeleton.model import PromptClassifier
 
 log = logging.getLogger("skeleton")
@@ -27,6 +28,9 @@ class TrainConfig:
     distill: float = 0.0  # weight of the teacher's soft labels (needs a "teacher" logits column); 0 = off
     temperature: float = 2.0
     precision: str = "fp32"  # "bf16": autocast the training forward/backward (evaluation stays float32)
+    # also train the backbone's normalisation gains and biases (backbones.norm_parameters), at lr_head: lets a
+    # skeleton's re-tuning rescale what its cut layers pass on; they are then part of the exported checkpoint
+    tune_norms: bool = False
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1:
@@ -126,10 +130,19 @@ def objective(logits: torch.Tensor, batch: dict, config: TrainConfig) -> torch.T
 
 
 def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: TrainConfig) -> dict:
-    """Tune the prompt and head (the backbone stays frozen). Returns a small record of the run."""
+    """Tune the prompt and head (and with config.tune_norms the backbone's normalisation layers; the rest of the
+    backbone stays frozen). Returns a small record of the run."""
     torch.manual_seed(config.seed)
-    groups = [{"params": [model.prompt], "lr": config.lr_prompt}, {"params": model.head_parameters(), "lr": config.lr_head}]
+    norms = norm_parameters(model.backbone) if config.tune_norms else {}
+    for parameter in norms.values():
+        parameter.requires_grad_(True)
+    groups = [{"params": [model.prompt], "lr": config.lr_prompt},
+              {"params": [*model.head_parameters(), *norms.values()], "lr": config.lr_head}]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {**{k: v.clone() for k, v in model.adapter_state().items()},
+                **{f"backbone.{k}": v.detach().clone() for k, v in norms.items()}}
 
     def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%
         if step < config.warmup_steps:
@@ -163,8 +176,11 @@ def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: Trai
                 running = 0.0
                 if val_acc > best["val_accuracy"]:
                     best = {"val_accuracy": val_acc, "step": step}
-                    best_state = {k: v.clone() for k, v in model.adapter_state().items()}
+                    best_state = snapshot()
             if step >= config.steps:
                 break
     model.load_adapter_state(best_state)
+    with torch.no_grad():
+        for name, parameter in norms.items():
+            parameter.copy_(best_state[f"backbone.{name}"]).requires_grad_(False)
     return {**best, "steps": config.steps}

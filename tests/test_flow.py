@@ -27,9 +27,10 @@ def task_states(flow_run_id, expected=16):
 
 
 def test_sweep_end_to_end_then_cached(prefect_server, tiny_backbone_dir, reviews_csv):
+    """With re-tuned normalisation layers, which the exported skeletons must carry."""
     from flows.sweep import full_sweep
 
-    state = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv), return_state=True)
+    state = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, retune_norms=True), return_state=True)
     table = pd.DataFrame(state.result())
     assert list(table["method"]) == ["full (prompt tuning)", "linear probe", "grad_x_act", "random"]
     points = table.iloc[2:]
@@ -57,7 +58,7 @@ def test_sweep_end_to_end_then_cached(prefect_server, tiny_backbone_dir, reviews
         assert result["diff"] <= 1e-5
         assert result["params"] == row.parameters
 
-    again = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv), return_state=True)
+    again = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, retune_norms=True), return_state=True)
     states = dict(task_states(again.state_details.flow_run_id))
     for heavy in ("prepare-data", "tune-prompt", "linear-probe", "attribute", "teacher-logits", "build-skeleton",
                   "evaluate", "benchmark-latency"):
@@ -65,7 +66,8 @@ def test_sweep_end_to_end_then_cached(prefect_server, tiny_backbone_dir, reviews
     assert pd.DataFrame(again.result()).drop(columns="speedup").equals(table.drop(columns="speedup"))
 
     # A new rate recomputes only what depends on it.
-    more = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, rates=[0.5, 0.75]), return_state=True)
+    more = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, retune_norms=True, rates=[0.5, 0.75]),
+                      return_state=True)
     runs = task_states(more.state_details.flow_run_id, expected=22)
     fresh = {name for name, st in runs if st != "Cached"}
     assert {"prepare-data", "tune-prompt", "linear-probe", "attribute", "teacher-logits"}.isdisjoint(fresh)
@@ -216,10 +218,10 @@ def test_unset_parameters_take_the_backbones_defaults():
     """A parameter left None takes the backbone's default (smollm2 has its own budgets); a given one always wins."""
     from flows.sweep import resolve_defaults
 
-    minilm = resolve_defaults("minilm", train_steps=None, reconstruct=None, methods=["wanda"])
-    smollm2 = resolve_defaults("smollm2", train_steps=None, reconstruct=None, methods=None)
-    assert list(minilm) == ["train_steps", "reconstruct", "methods"]
-    assert minilm == {"train_steps": 800, "reconstruct": False, "methods": ["wanda"]}
-    assert smollm2 == {"train_steps": 120, "reconstruct": True, "methods": ["grad_x_act"]}
+    minilm = resolve_defaults("minilm", train_steps=None, reconstruct=None, retune_norms=None, methods=["wanda"])
+    smollm2 = resolve_defaults("smollm2", train_steps=None, reconstruct=None, retune_norms=None, methods=None)
+    assert list(minilm) == ["train_steps", "reconstruct", "retune_norms", "methods"]
+    assert minilm == {"train_steps": 800, "reconstruct": False, "retune_norms": False, "methods": ["wanda"]}
+    assert smollm2 == {"train_steps": 120, "reconstruct": True, "retune_norms": True, "methods": ["grad_x_act"]}
     assert resolve_defaults("/any/local/checkpoint", retune_steps=None, attribution_examples=64) == {
         "retune_steps": 300, "attribution_examples": 64}

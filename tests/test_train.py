@@ -2,10 +2,10 @@ import pytest
 import torch
 from datasets import Dataset
 
-from skeleton.backbones import load_backbone
+from skeleton.backbones import load_backbone, norm_parameters
 from skeleton.evaluate import L2_STRENGTHS, linear_probe
 from skeleton.model import AdapterConfig, PromptClassifier
-from skeleton.train import TrainConfig, bucketed_batches, train
+from skeleton.train import TrainConfig, accuracy, bucketed_batches, predict, train
 
 
 @pytest.fixture
@@ -41,6 +41,23 @@ def test_bf16_training_is_deterministic_and_keeps_float32_adapters(tiny_backbone
     full_precision, _ = tuned(tiny_backbone_dir, toy_data, seed=3)
     assert all(torch.equal(first[k], second[k]) and first[k].dtype == torch.float32 for k in first)
     assert not torch.equal(first["prompt"], full_precision["prompt"])  # the forward really ran in bf16
+
+
+def test_tune_norms_trains_the_normalisation_layers_and_nothing_else(tiny_backbone_dir, toy_data):
+    backbone, tokenizer = load_backbone(str(tiny_backbone_dir))
+    model = PromptClassifier(backbone, AdapterConfig(num_labels=2, prompt_length=4), seed=0)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    norms = norm_parameters(model.backbone)
+    # every LayerNorm of the tiny BERT: embeddings, then per layer after attention and after the FFN
+    assert len(norms) == 2 * (1 + 2 * backbone.config.num_hidden_layers)
+    record = train(model, toy_data, toy_data, tokenizer.pad_token_id,
+                   TrainConfig(steps=6, batch_size=8, eval_every=2, tune_norms=True, lr_head=0.05))
+    after = model.backbone.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= set(norms)  # only normalisation parameters moved
+    assert not any(p.requires_grad for p in model.backbone.parameters())  # frozen again afterwards
+    # the restored prompt, head and norms are those of the best validation check: they reproduce its accuracy
+    assert accuracy(predict(model, toy_data, tokenizer.pad_token_id), toy_data["label"]) == record["val_accuracy"]
 
 
 def test_bucketed_batches_cover_every_example_once():
