@@ -2,9 +2,11 @@
 
 An expert is what a skeleton adds to the backbone it was cut from: the kept FFN neurons per layer (indices into
 the original FFN, from neurons.json; widths may differ per layer), the kept attention heads if heads were pruned,
-and its adapter (prompt + head). To answer a request for a task, the server plugs that task's expert in -- each
-FFN block's up/down linears (and attention projections) get weights index-selected from the in-memory backbone --
-runs the small network, and puts the original weights back. The backbone is never re-read from disk.
+its adapter (prompt + head), and the weights it changed: a reconstructed skeleton's refit down projections, a
+skeleton re-tuned with tune_norms its normalisation layers. To answer a request for a task, the server plugs that
+task's expert in -- each FFN block's up/down linears (and attention projections) get weights index-selected from
+the in-memory backbone, the changed weights are swapped in -- runs the small network, and puts the original
+weights back. The backbone is never re-read from disk.
 
     server = SkeletonServer.load("minilm")
     server.add("artifacts/skeletons/429c299c193c")          # named <task>-<method>-p<rate> from its neurons.json
@@ -26,7 +28,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from skeleton.backbones import attention_blocks, family_of, load_backbone
+from skeleton.backbones import attention_blocks, family_of, load_backbone, norm_parameters
 from skeleton.model import PromptClassifier
 from skeleton.prune import MANIFEST, ArtifactError, verify
 from skeleton.registry import Registry
@@ -52,8 +54,8 @@ def read_meta(folder: str | Path) -> dict:
 
 def default_name(meta: dict, folder: str | Path) -> str:
     """<task>-<method>-p<rate> from a skeleton's recorded meta (the full model is method "full"), then -h<head rate>,
-    -<allocation> and -rec (reconstructed) where they are not the defaults; the folder name when the task is not
-    recorded (skeletons exported before it was)."""
+    -<allocation>, -rec (reconstructed) and -norms (normalisation layers re-tuned) where they are not the
+    defaults; the folder name when the task is not recorded (skeletons exported before it was)."""
     if not meta.get("task"):
         return Path(folder).name
     rate = float(meta.get("rate", 0.0))
@@ -65,6 +67,8 @@ def default_name(meta: dict, folder: str | Path) -> str:
         parts.append(meta["allocation"])
     if meta.get("reconstruct"):
         parts.append("rec")
+    if meta.get("tune_norms"):
+        parts.append("norms")
     return "-".join(parts)
 
 
@@ -111,8 +115,9 @@ class Expert:
     keep: list[torch.Tensor]  # per FFN layer, indices into the backbone's neurons (widths may differ per layer)
     heads: list[torch.Tensor] | None  # per layer, kept attention heads; None: all
     model: PromptClassifier  # shares the server's backbone; its prompt and head are the expert's own
-    # per FFN layer, the down projection (weight, bias) of a reconstructed skeleton: refit, so its own, not a slice
-    down: dict[int, tuple[torch.Tensor, torch.Tensor | None]]
+    # backbone parameters (by state-dict name) the skeleton changed, so its own, not a slice: refit down
+    # projections (reconstructed), normalisation layers (tune_norms)
+    own: dict[str, nn.Parameter]
     max_length: int
     meta: dict
     slices: list | None = field(default=None, repr=False)  # pre-sliced weights when the server caches them
@@ -145,6 +150,9 @@ class SkeletonServer:
         self._heads = [block.num_heads for block in self._attention]
         self._attn = [[_Slot(linear, 0, linear.weight, linear.bias) for linear in block.qkv]
                       + [_Slot(block.out, 1, block.out.weight, block.out.bias)] for block in self._attention]
+        self._parameters = dict(backbone.named_parameters())  # the originals an expert's own ones replace
+        self._names = {id(p): n for n, p in self._parameters.items()}
+        self._overridden: list[str] = []
         self._lock = threading.RLock()
         self.active: str | None = None
 
@@ -222,6 +230,16 @@ class SkeletonServer:
             for slot in layer:
                 yield slot, rows
 
+    def _ownable(self, expert: Expert) -> set[str]:
+        """Names of the backbone parameters the expert's meta says it changed (reconstruct, tune_norms)."""
+        names = set()
+        if expert.meta.get("reconstruct"):  # refit down projections: weight, and bias where the family has one
+            names |= {self._names[id(t)] for layer in self._ffn for t in (layer[-1].weight, layer[-1].bias)
+                      if t is not None}
+        if expert.meta.get("tune_norms"):
+            names |= set(norm_parameters(self.backbone))
+        return names
+
     @torch.no_grad()
     def _check_backbone(self, expert: Expert) -> None:
         """Every exported tensor must equal the backbone's (sliced ones: index-selected), and the config agree."""
@@ -242,26 +260,14 @@ class SkeletonServer:
         if differ:
             refuse("config differs in " + ", ".join(f"{k} ({theirs.get(k)!r} vs {ours.get(k)!r})" for k in differ[:5]))
         expected = self.backbone.state_dict()  # called unplugged (under the lock): the full weights
-        names = {id(p): n for n, p in self.backbone.named_parameters()}
         sliced = {}  # state-dict name -> (dim, index) of the slice an expert keeps
         for slot, index in self._sliced(expert):
-            sliced[names[id(slot.weight)]] = (slot.dim, index)
+            sliced[self._names[id(slot.weight)]] = (slot.dim, index)
             if slot.bias is not None and slot.dim == 0:
-                sliced[names[id(slot.bias)]] = (0, index)
-        # A reconstructed skeleton's down projections were refit: the expert's own weights, not the backbone's.
-        own = {}  # state-dict name -> (layer, "weight" or "bias")
-        if expert.meta.get("reconstruct"):
-            for i, layer in enumerate(self._ffn):
-                own[names[id(layer[-1].weight)]] = (i, "weight")
-                if layer[-1].bias is not None:
-                    own[names[id(layer[-1].bias)]] = (i, "bias")
-        down = {}
+                sliced[self._names[id(slot.bias)]] = (0, index)
+        own = self._ownable(expert)
         seen = set()
         for key, tensor in _exported_tensors(folder):
-            if key in own:
-                down.setdefault(own[key][0], {})[own[key][1]] = tensor.to(self.device)
-                seen.add(key)
-                continue
             if key not in expected:
                 refuse(f"it has a tensor {key!r} the backbone does not")
             want = expected[key]
@@ -271,20 +277,16 @@ class SkeletonServer:
             if tensor.shape != want.shape or tensor.dtype != want.dtype:
                 refuse(f"{key} is {tuple(tensor.shape)} {tensor.dtype}, the backbone's "
                        f"{'kept slice ' if key in sliced else ''}is {tuple(want.shape)} {want.dtype}")
-            if not torch.equal(tensor, want):
+            seen.add(key)
+            if key in own:  # the expert's own values: no need to match the backbone's
+                expert.own[key] = nn.Parameter(tensor, requires_grad=False)
+            elif not torch.equal(tensor, want):
                 diff = (tensor.float() - want.float()).abs().max().item()
                 refuse(f"{key} differs from the backbone's {'kept slice' if key in sliced else 'weights'} "
                        f"(max |diff| {diff:.3g})")
-            seen.add(key)
         missing = sorted(set(expected) - seen)
         if missing:
             refuse(f"its checkpoint lacks {', '.join(missing[:5])}")
-        for i, parts in down.items():
-            shape, dtype = (self._ffn[i][-1].weight.shape[0], len(expert.keep[i])), self._ffn[i][-1].weight.dtype
-            if parts["weight"].shape != shape or parts["weight"].dtype != dtype:
-                refuse(f"layer {i}'s down projection is {tuple(parts['weight'].shape)} {parts['weight'].dtype}, its "
-                       f"kept neurons need {shape} {dtype}")
-            expert.down[i] = (parts["weight"], parts.get("bias"))
         # Same tokens in, or the outputs could not match: the exported tokenizer must agree with ours.
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         if tokenizer.get_vocab() != self.tokenizer.get_vocab():
@@ -293,13 +295,11 @@ class SkeletonServer:
     # ---- plugging ----------------------------------------------------------------------------------------
 
     def _slice(self, expert: Expert) -> list[tuple]:
-        """(linear, weight, bias) for every linear the expert slices, index-selected from the original weights."""
+        """(linear, weight, bias) for every linear the expert slices, index-selected from the original weights
+        (not those it has its own of: _plug puts those in)."""
         out = []
-        own = {id(layer[-1]): expert.down[i] for i, layer in enumerate(self._ffn) if i in expert.down}
         for slot, index in self._sliced(expert):
-            if id(slot) in own:  # a reconstructed down projection: the expert's own weights
-                weight, bias = (None if t is None else nn.Parameter(t, requires_grad=False) for t in own[id(slot)])
-                out.append((slot.linear, weight, bias))
+            if self._names[id(slot.weight)] in expert.own:
                 continue
             weight = nn.Parameter(slot.weight.detach().index_select(slot.dim, index), requires_grad=False)
             bias = slot.bias  # a down / output projection's bias is per output feature: not sliced
@@ -316,14 +316,28 @@ class SkeletonServer:
         try:
             for linear, weight, bias in slices:
                 linear.weight, linear.bias = weight, bias
-                linear.out_features, linear.in_features = weight.shape
+            self._overridden = list(expert.own)
+            for name, parameter in expert.own.items():
+                module, attribute = self._owner(name)
+                setattr(module, attribute, parameter)
+            for slot in (slot for layer in [*self._ffn, *self._attn] for slot in layer):
+                slot.linear.out_features, slot.linear.in_features = slot.linear.weight.shape
             for block, heads in zip(self._attention, expert.heads or []):
                 self.family.set_num_heads(block, len(heads))
         except BaseException:
             self._restore()
             raise
 
+    def _owner(self, name: str) -> tuple[nn.Module, str]:
+        """(module, attribute) that holds the backbone parameter of this state-dict name."""
+        module, _, attribute = name.rpartition(".")
+        return self.backbone.get_submodule(module), attribute
+
     def _restore(self) -> None:
+        for name in self._overridden:
+            module, attribute = self._owner(name)
+            setattr(module, attribute, self._parameters[name])
+        self._overridden = []
         for slot in (slot for layer in [*self._ffn, *self._attn] for slot in layer):
             slot.linear.weight, slot.linear.bias = slot.weight, slot.bias
             slot.linear.out_features, slot.linear.in_features = slot.weight.shape
@@ -384,14 +398,14 @@ class SkeletonServer:
         return out
 
     def memory(self) -> dict[str, int]:
-        """Bytes held: the backbone, and per expert what it adds (prompt, head, indices, cached slices)."""
+        """Bytes held: the backbone, and per expert what it adds (prompt, head, indices, its own weights, cached
+        slices)."""
         backbone = held_bytes(self.backbone)
         experts = {}
         for name in self.names:
             e = self.experts[name]
             extra = [t for _, w, b in (e.slices or []) for t in (w, b) if t is not None]
-            own = [t for pair in e.down.values() for t in pair if t is not None]
-            experts[name] = held_bytes(e.model, *e.keep, *(e.heads or []), *own, *extra) - backbone
+            experts[name] = held_bytes(e.model, *e.keep, *(e.heads or []), *e.own.values(), *extra) - backbone
         return {"backbone": backbone, **experts}
 
 

@@ -278,7 +278,9 @@ def test_cli_lists_and_serves_experts_logged_to_mlflow(server, expert_dirs, back
 
 def test_experts_built_by_the_pipeline_stages(backbone_dir, reviews_csv, tmp_path):
     """Skeletons made by the sweep's stages record task, method, backbone and max_length: served by name. A
-    reconstructed one carries its own refit down projections (weights, and the bias where the family has one)."""
+    reconstructed one carries its own refit down projections (weights, and the bias where the family has one), one
+    re-tuned with tune_norms its own normalisation layers; plugging either one in and out leaves the others' answers
+    as they were."""
     from skeleton import stages
 
     data = stages.prepare_data(tmp_path / "data", "reviews", str(backbone_dir), max_length=16,
@@ -299,6 +301,7 @@ def test_experts_built_by_the_pipeline_stages(backbone_dir, reviews_csv, tmp_pat
         expected = model(enc["input_ids"], enc["attention_mask"])
     torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5", texts), expected, rtol=0, atol=1e-5)
     assert {p.label for p in server.classify("reviews-full-p0.0", texts)} <= {"neg", "pos"}
+    full_logits = server.logits("reviews-full-p0.0", texts)
     rebuilt = stages.build_skeleton(tmp_path / "rebuilt", data["path"], full["path"], scores["path"], 0.5,
                                     train_config, reconstruct=True)
     assert server.add(rebuilt["path"]) == "reviews-grad_x_act-p0.5-rec"
@@ -309,6 +312,18 @@ def test_experts_built_by_the_pipeline_stages(backbone_dir, reviews_csv, tmp_pat
     torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5-rec", texts), expected_rebuilt, rtol=0,
                                atol=1e-5)
     torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5", texts), expected, rtol=0, atol=1e-5)
+    normed = stages.build_skeleton(tmp_path / "normed", data["path"], full["path"], scores["path"], 0.5,
+                                   {**train_config, "tune_norms": True, "lr_head": 0.1}, reconstruct=True)
+    assert server.add(normed["path"]) == "reviews-grad_x_act-p0.5-rec-norms"
+    model, _, _ = load_skeleton(normed["path"])
+    with torch.no_grad():
+        expected_normed = model(enc["input_ids"], enc["attention_mask"])
+    assert not torch.allclose(expected_normed, expected_rebuilt, atol=1e-4)
+    torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5-rec-norms", texts), expected_normed, rtol=0,
+                               atol=1e-5)
+    for name, want in [("reviews-grad_x_act-p0.5", expected), ("reviews-full-p0.0", full_logits),
+                       ("reviews-grad_x_act-p0.5-rec", expected_rebuilt)]:
+        torch.testing.assert_close(server.logits(name, texts), want, rtol=0, atol=1e-5)
 
 
 def test_default_names():
@@ -319,4 +334,5 @@ def test_default_names():
     assert default_name({"task": "rt", "method": "m", "rate": 0.5, "head_rate": 0.25, "allocation": "global"},
                         "x") == "rt-m-p0.5-h0.25-global"
     assert default_name({"task": "rt", "method": "m", "rate": 0.5, "reconstruct": True}, "x") == "rt-m-p0.5-rec"
+    assert default_name({"task": "rt", "method": "m", "rate": 0.5, "tune_norms": True}, "x") == "rt-m-p0.5-norms"
     assert default_name({"rate": 0.5}, "/skeletons/abc123") == "abc123"  # exported before the task was recorded
