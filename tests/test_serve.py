@@ -288,41 +288,38 @@ def test_experts_built_by_the_pipeline_stages(backbone_dir, reviews_csv, tmp_pat
     train_config = {"steps": 2, "batch_size": 8, "eval_every": 2, "warmup_steps": 1}
     full = stages.tune_prompt(tmp_path / "full", data["path"], str(backbone_dir), 4, train_config)
     scores = stages.attribute(tmp_path / "scores", data["path"], full["path"], "grad_x_act", examples=16)
-    built = stages.build_skeleton(tmp_path / "sk", data["path"], full["path"], scores["path"], 0.5, train_config)
-    meta = json.loads((Path(built["path"]) / "neurons.json").read_text())
+    texts = ["review 1: a great and moving film " * 4, "dull"]
+    server = None
+    served = {}  # expert name -> the logits of its exported skeleton
+
+    def build(folder: str, config: dict, **options) -> str:
+        """Build, export and serve a skeleton; check the server answers as the exported folder does."""
+        nonlocal server
+        built = stages.build_skeleton(tmp_path / folder, data["path"], full["path"], scores["path"], 0.5, config,
+                                      **options)
+        if server is None:
+            server = SkeletonServer.load(json.loads((Path(built["path"]) / "neurons.json").read_text())["backbone"])
+            served[server.add(full["path"])] = None
+        name = server.add(built["path"])
+        model, tokenizer, _ = load_skeleton(built["path"])
+        enc = tokenizer(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            served[name] = model(enc["input_ids"], enc["attention_mask"])
+        assert all(not torch.allclose(served[name], other, atol=1e-4) for other in served.values()
+                   if other is not None and other is not served[name])
+        torch.testing.assert_close(server.logits(name, texts), served[name], rtol=0, atol=1e-5)
+        return name
+
+    assert build("sk", train_config) == "reviews-grad_x_act-p0.5"
+    meta = json.loads((Path(server.experts["reviews-grad_x_act-p0.5"].folder) / "neurons.json").read_text())
     assert (meta["task"], meta["method"], meta["backbone"], meta["max_length"]) == (
         "reviews", "grad_x_act", str(backbone_dir), 16)
-    server = SkeletonServer.load(meta["backbone"])
-    assert [server.add(full["path"]), server.add(built["path"])] == ["reviews-full-p0.0", "reviews-grad_x_act-p0.5"]
-    texts = ["review 1: a great and moving film " * 4, "dull"]
-    model, tokenizer, _ = load_skeleton(built["path"])
-    enc = tokenizer(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        expected = model(enc["input_ids"], enc["attention_mask"])
-    torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5", texts), expected, rtol=0, atol=1e-5)
     assert {p.label for p in server.classify("reviews-full-p0.0", texts)} <= {"neg", "pos"}
-    full_logits = server.logits("reviews-full-p0.0", texts)
-    rebuilt = stages.build_skeleton(tmp_path / "rebuilt", data["path"], full["path"], scores["path"], 0.5,
-                                    train_config, reconstruct=True)
-    assert server.add(rebuilt["path"]) == "reviews-grad_x_act-p0.5-rec"
-    model, _, _ = load_skeleton(rebuilt["path"])
-    with torch.no_grad():
-        expected_rebuilt = model(enc["input_ids"], enc["attention_mask"])
-    assert not torch.allclose(expected_rebuilt, expected, atol=1e-4)
-    torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5-rec", texts), expected_rebuilt, rtol=0,
-                               atol=1e-5)
-    torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5", texts), expected, rtol=0, atol=1e-5)
-    normed = stages.build_skeleton(tmp_path / "normed", data["path"], full["path"], scores["path"], 0.5,
-                                   {**train_config, "tune_norms": True, "lr_head": 0.1}, reconstruct=True)
-    assert server.add(normed["path"]) == "reviews-grad_x_act-p0.5-rec-norms"
-    model, _, _ = load_skeleton(normed["path"])
-    with torch.no_grad():
-        expected_normed = model(enc["input_ids"], enc["attention_mask"])
-    assert not torch.allclose(expected_normed, expected_rebuilt, atol=1e-4)
-    torch.testing.assert_close(server.logits("reviews-grad_x_act-p0.5-rec-norms", texts), expected_normed, rtol=0,
-                               atol=1e-5)
-    for name, want in [("reviews-grad_x_act-p0.5", expected), ("reviews-full-p0.0", full_logits),
-                       ("reviews-grad_x_act-p0.5-rec", expected_rebuilt)]:
+    served["reviews-full-p0.0"] = server.logits("reviews-full-p0.0", texts)
+    assert build("rebuilt", train_config, reconstruct=True) == "reviews-grad_x_act-p0.5-rec"
+    assert build("normed", {**train_config, "tune_norms": True, "lr_head": 0.1},
+                 reconstruct=True) == "reviews-grad_x_act-p0.5-rec-norms"
+    for name, want in served.items():  # plugging the others in and out left every answer as it was
         torch.testing.assert_close(server.logits(name, texts), want, rtol=0, atol=1e-5)
 
 
