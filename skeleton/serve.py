@@ -150,8 +150,12 @@ class SkeletonServer:
         self._heads = [block.num_heads for block in self._attention]
         self._attn = [[_Slot(linear, 0, linear.weight, linear.bias) for linear in block.qkv]
                       + [_Slot(block.out, 1, block.out.weight, block.out.bias)] for block in self._attention]
-        self._parameters = dict(backbone.named_parameters())  # the originals an expert's own ones replace
-        self._names = {id(p): n for n, p in self._parameters.items()}
+        # Every parameter by state-dict name: (module, attribute, original), where an expert's own ones go and what
+        # comes back on restore.
+        self._holders = {f"{prefix}.{attribute}" if prefix else attribute: (module, attribute, parameter)
+                         for prefix, module in backbone.named_modules()
+                         for attribute, parameter in module.named_parameters(recurse=False)}
+        self._names = {id(parameter): name for name, (_, _, parameter) in self._holders.items()}
         self._overridden: list[str] = []
         self._lock = threading.RLock()
         self.active: str | None = None
@@ -318,7 +322,7 @@ class SkeletonServer:
                 linear.weight, linear.bias = weight, bias
             self._overridden = list(expert.own)
             for name, parameter in expert.own.items():
-                module, attribute = self._owner(name)
+                module, attribute, _ = self._holders[name]
                 setattr(module, attribute, parameter)
             for slot in (slot for layer in [*self._ffn, *self._attn] for slot in layer):
                 slot.linear.out_features, slot.linear.in_features = slot.linear.weight.shape
@@ -328,15 +332,10 @@ class SkeletonServer:
             self._restore()
             raise
 
-    def _owner(self, name: str) -> tuple[nn.Module, str]:
-        """(module, attribute) that holds the backbone parameter of this state-dict name."""
-        module, _, attribute = name.rpartition(".")
-        return self.backbone.get_submodule(module), attribute
-
     def _restore(self) -> None:
         for name in self._overridden:
-            module, attribute = self._owner(name)
-            setattr(module, attribute, self._parameters[name])
+            module, attribute, original = self._holders[name]
+            setattr(module, attribute, original)
         self._overridden = []
         for slot in (slot for layer in [*self._ffn, *self._attn] for slot in layer):
             slot.linear.weight, slot.linear.bias = slot.weight, slot.bias
