@@ -143,6 +143,7 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
     check_rate(rate)
     check_head_rate(head_rate)
     check_allocation(allocation)
+    config = TrainConfig(**train_config)  # a bad re-tuning config fails here, before any work
     head_scores = read_scores(scores, unit="head") if head_rate > 0 or target_speedup else []
     if head_rate > 0 and not head_scores:
         raise ValueError(f"head_rate={head_rate} needs attention-head scores, and {scores} has none: re-run "
@@ -164,14 +165,13 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
     if heads is not None:
         slice_heads(classifier.backbone, heads)
     if reconstruct:  # statistics of the network as it will run: heads already cut, every FFN neuron still there
-        sample = dsd["train"].shuffle(seed=train_config.get("seed", 0))
+        sample = dsd["train"].shuffle(seed=config.seed)
         sample = sample.select(range(min(calibration_examples, len(sample))))
         reconstruct_ffn(classifier.backbone, keep, activation_moments(classifier, sample, info["pad_id"]))
     slice_ffn(classifier.backbone, keep)
     train_set = dsd["train"]
     if teacher:
         train_set = train_set.add_column("teacher", load_file(teacher)["logits"].tolist())
-    config = TrainConfig(**train_config)
     start = time.perf_counter()
     record = train(classifier, train_set, dsd["validation"], info["pad_id"], config)
     record["train_seconds"] = time.perf_counter() - start
