@@ -36,8 +36,8 @@ DEFAULT_SEEDS = [0]
 DEFAULT_TARGETS: list[float] = []  # joint-budget points are opt-in
 # What a parameter left unset (None) means: budgets in optimizer steps and examples, sized so a default sweep takes
 # about 15 minutes on 2 CPU cores. A registered backbone may change them: a smollm2 step costs ~8x MiniLM's.
-DEFAULTS = {"methods": ["grad_x_act", "random"], "reconstruct": False, "retune_norms": False, "train_steps": 800,
-            "train_evals": 8, "retune_steps": 300, "retune_evals": 3, "attribution_examples": 1024}
+DEFAULTS = {"methods": ["grad_x_act", "random"], "reconstruct": False, "tune_norms": False, "retune_norms": False,
+            "train_steps": 800, "train_evals": 8, "retune_steps": 300, "retune_evals": 3, "attribution_examples": 1024}
 BACKBONE_DEFAULTS = {"smollm2": {"methods": ["grad_x_act"], "reconstruct": True, "retune_norms": True,
                                  "train_steps": 120, "train_evals": 1, "retune_steps": 120, "retune_evals": 1,
                                  "attribution_examples": 256}}
@@ -66,6 +66,7 @@ def full_sweep(
     head_rates: list[float] = DEFAULT_HEAD_RATES,
     allocation: str = "uniform",
     reconstruct: bool | None = None,
+    tune_norms: bool | None = None,
     retune_norms: bool | None = None,
     target_speedups: list[float] = DEFAULT_TARGETS,
     prompt_length: int = 20,
@@ -93,10 +94,10 @@ def full_sweep(
     from skeleton.prune import check_allocation, check_head_rate, check_rate
     from skeleton.train import check_precision
 
-    (methods, reconstruct, retune_norms, train_steps, train_evals, retune_steps, retune_evals,
+    (methods, reconstruct, tune_norms, retune_norms, train_steps, train_evals, retune_steps, retune_evals,
      attribution_examples) = resolve_defaults(
-        backbone, methods=methods, reconstruct=reconstruct, retune_norms=retune_norms, train_steps=train_steps,
-        train_evals=train_evals, retune_steps=retune_steps, retune_evals=retune_evals,
+        backbone, methods=methods, reconstruct=reconstruct, tune_norms=tune_norms, retune_norms=retune_norms,
+        train_steps=train_steps, train_evals=train_evals, retune_steps=retune_steps, retune_evals=retune_evals,
         attribution_examples=attribution_examples).values()
     # Bad input fails here, before any training starts.
     rates = [check_rate(r) for r in rates]
@@ -129,7 +130,7 @@ def full_sweep(
         "retune_evals": retune_evals, "distill": distill, "precision": precision,
         "attribution_examples": attribution_examples, "seeds": seeds, "rates": rates,
         "methods": methods, "head_rates": head_rates, "allocation": allocation, "reconstruct": reconstruct,
-        "retune_norms": retune_norms, "target_speedups": target_speedups,
+        "tune_norms": tune_norms, "retune_norms": retune_norms, "target_speedups": target_speedups,
         "artifacts": str(pipeline.artifacts_dir())})
     points = [(m, r, h, None) for m in methods for r in rates for h in head_rates]
     points += [(m, 0.0, 0.0, t) for m in methods for t in target_speedups]
@@ -140,7 +141,7 @@ def full_sweep(
         for seed in seeds:
             full_model = pipeline.tune_prompt(data["path"], backbone, prompt_length, {
                 "steps": train_steps, "eval_every": max(1, train_steps // train_evals), "seed": seed,
-                "precision": precision})
+                "precision": precision, "tune_norms": tune_norms})
             fulls[seed] = {**pipeline.evaluate(data["path"], full_model["path"]), "path": full_model["path"],
                            "val_accuracy": full_model["val_accuracy"]}
             probes[seed] = pipeline.linear_probe(data["path"], backbone, seed, precision)
@@ -234,6 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reconstruct", action=argparse.BooleanOptionalAction,
                         help="refit the kept neurons' down-projection columns by least squares so the skeleton's "
                         f"FFN output keeps what the removed neurons added (default: {_default('reconstruct')})")
+    parser.add_argument("--tune-norms", action=argparse.BooleanOptionalAction,
+                        help="train the backbone's normalisation gains (and biases) with the full model's prompt: "
+                        "no longer prompt tuning of a frozen backbone, but a like-for-like baseline for "
+                        "--retune-norms; its skeletons inherit them (default: " + _default("tune_norms") + ")")
     parser.add_argument("--retune-norms", action=argparse.BooleanOptionalAction,
                         help="let skeleton re-tuning also train the backbone's normalisation gains (and biases), "
                         "which then belong to the task's expert (default: " + _default("retune_norms") + ")")

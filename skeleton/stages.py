@@ -60,7 +60,9 @@ def full_keep(backbone) -> list[torch.Tensor]:
 
 
 def tune_prompt(out: Path, data: str, backbone: str, prompt_length: int, train_config: dict) -> dict:
-    """Prompt-tune the full model and export it as a rate-0 skeleton (every neuron kept)."""
+    """Prompt-tune the full model and export it as a rate-0 skeleton (every neuron kept). With
+    train_config["tune_norms"] its normalisation layers train too (recorded as "tune_norms"), and every skeleton
+    cut from it inherits them."""
     dsd, info = load_data(data)
     config = TrainConfig(**train_config)
     model_backbone, tokenizer = load_backbone(backbone)
@@ -69,7 +71,8 @@ def tune_prompt(out: Path, data: str, backbone: str, prompt_length: int, train_c
     start = time.perf_counter()
     record = train(model, dsd["train"], dsd["validation"], info["pad_id"], config)
     record["train_seconds"] = time.perf_counter() - start
-    meta = {"rate": 0.0, "backbone": backbone, "task": info["task"], "max_length": info["max_length"], **record}
+    meta = {"rate": 0.0, "backbone": backbone, "task": info["task"], "max_length": info["max_length"],
+            "tune_norms": config.tune_norms, **record}
     export_skeleton(model, tokenizer, full_keep(model_backbone), out, meta)
     return {"path": str(out), **record}
 
@@ -139,7 +142,8 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
     With `reconstruct`, the kept neurons' down-projection columns (and bias) are refit before slicing to carry what
     the removed neurons added (prune.reconstruct_ffn), from activation statistics of `calibration_examples`
     training examples. With train_config["tune_norms"], re-tuning also trains the normalisation layers
-    (train.TrainConfig), recorded as the skeleton's "tune_norms"."""
+    (train.TrainConfig). The skeleton's "tune_norms" records whether its normalisation layers are its own: trained
+    in re-tuning, or inherited from a full model prompt-tuned with tune_norms."""
     check_rate(rate)
     check_head_rate(head_rate)
     check_allocation(allocation)
@@ -180,8 +184,8 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
     widths = [len(k) for k in keep]
     shape = {"kept_width": round(sum(widths) / len(widths)),  # the width of every layer unless they differ: the mean
              "kept_widths": widths, "allocation": allocation, "head_rate": head_rate, "reconstruct": reconstruct,
-             "tune_norms": config.tune_norms, "target_speedup": target_speedup, **joint,
-             **({"kept_heads": [len(h) for h in heads]} if heads is not None else {})}
+             "tune_norms": config.tune_norms or bool(parent.get("tune_norms")), "target_speedup": target_speedup,
+             **joint, **({"kept_heads": [len(h) for h in heads]} if heads is not None else {})}
     meta = {"rate": rate, **shape, "scores": scores, "method": method, "task": info["task"],
             "backbone": parent.get("backbone"), "max_length": info["max_length"], **record}
     export_skeleton(classifier, tokenizer, keep, out, meta, heads=heads)

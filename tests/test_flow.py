@@ -81,13 +81,14 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
 
     from flows.sweep import full_sweep
 
-    full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, experiment="tracked"))
+    full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, experiment="tracked", tune_norms=True))
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("tracked")
     parents = client.search_runs([experiment.experiment_id], "tags.`skeleton.kind` = 'sweep'")
     assert len(parents) == 1
     parent = parents[0]
     assert parent.data.params["backbone"] == str(tiny_backbone_dir) and "git_commit" in parent.data.params
+    assert (parent.data.params["tune_norms"], parent.data.params["retune_norms"]) == ("True", "False")
     assert {"full_accuracy", "linear_probe_accuracy", "full_parameters"} <= set(parent.data.metrics)
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"results.parquet", "accuracy_vs_sparsity.png", "attribution", "full_model", "benchmark",
@@ -102,6 +103,8 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     script = load_script("benchmark")
     found = script.from_mlflow("tracked", "random", [0.5])
     assert list(found) == ["full", "random p=0.5"] and all((p / "neurons.json").is_file() for p in found.values())
+    # the full model's normalisation layers were tuned, so the skeleton's are its own too (not the backbone's)
+    assert all(json.loads((p / "neurons.json").read_text())["tune_norms"] for p in found.values())
     assert script.from_mlflow("tracked", "random", [0.9]) is None
     for child in children:
         assert {"accuracy", "macro_f1", "speedup", "parameters", "kept_width", "rate"} <= set(child.data.metrics)
@@ -218,10 +221,13 @@ def test_unset_parameters_take_the_backbones_defaults():
     """A parameter left None takes the backbone's default (smollm2 has its own budgets); a given one always wins."""
     from flows.sweep import resolve_defaults
 
-    minilm = resolve_defaults("minilm", train_steps=None, reconstruct=None, retune_norms=None, methods=["wanda"])
-    smollm2 = resolve_defaults("smollm2", train_steps=None, reconstruct=None, retune_norms=None, methods=None)
-    assert list(minilm) == ["train_steps", "reconstruct", "retune_norms", "methods"]
-    assert minilm == {"train_steps": 800, "reconstruct": False, "retune_norms": False, "methods": ["wanda"]}
-    assert smollm2 == {"train_steps": 120, "reconstruct": True, "retune_norms": True, "methods": ["grad_x_act"]}
+    given = {"train_steps": None, "reconstruct": None, "tune_norms": None, "retune_norms": None}
+    minilm = resolve_defaults("minilm", **given, methods=["wanda"])
+    smollm2 = resolve_defaults("smollm2", **given, methods=None)
+    assert list(minilm) == ["train_steps", "reconstruct", "tune_norms", "retune_norms", "methods"]
+    assert minilm == {"train_steps": 800, "reconstruct": False, "tune_norms": False, "retune_norms": False,
+                      "methods": ["wanda"]}
+    assert smollm2 == {"train_steps": 120, "reconstruct": True, "tune_norms": False, "retune_norms": True,
+                       "methods": ["grad_x_act"]}
     assert resolve_defaults("/any/local/checkpoint", retune_steps=None, attribution_examples=64) == {
         "retune_steps": 300, "attribution_examples": 64}

@@ -279,8 +279,8 @@ def test_cli_lists_and_serves_experts_logged_to_mlflow(server, expert_dirs, back
 def test_experts_built_by_the_pipeline_stages(backbone_dir, reviews_csv, tmp_path):
     """Skeletons made by the sweep's stages record task, method, backbone and max_length: served by name. A
     reconstructed one carries its own refit down projections (weights, and the bias where the family has one), one
-    re-tuned with tune_norms its own normalisation layers; plugging either one in and out leaves the others' answers
-    as they were."""
+    re-tuned with tune_norms its own normalisation layers, and so does one cut from a full model prompt-tuned with
+    tune_norms; plugging any of them in and out leaves the others' answers as they were."""
     from skeleton import stages
 
     data = stages.prepare_data(tmp_path / "data", "reviews", str(backbone_dir), max_length=16,
@@ -292,16 +292,14 @@ def test_experts_built_by_the_pipeline_stages(backbone_dir, reviews_csv, tmp_pat
     server = None
     served = {}  # expert name -> the logits of its exported skeleton
 
-    def build(folder: str, config: dict, **options) -> str:
-        """Build, export and serve a skeleton; check the server answers as the exported folder does."""
+    def serve(folder: str) -> str:
+        """Serve an exported folder; check the server answers as the folder does, and unlike any other expert."""
         nonlocal server
-        built = stages.build_skeleton(tmp_path / folder, data["path"], full["path"], scores["path"], 0.5, config,
-                                      **options)
         if server is None:
-            server = SkeletonServer.load(json.loads((Path(built["path"]) / "neurons.json").read_text())["backbone"])
+            server = SkeletonServer.load(json.loads((Path(folder) / "neurons.json").read_text())["backbone"])
             served[server.add(full["path"])] = None
-        name = server.add(built["path"])
-        model, tokenizer, _ = load_skeleton(built["path"])
+        name = server.add(folder)
+        model, tokenizer, _ = load_skeleton(folder)
         enc = tokenizer(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
         with torch.no_grad():
             served[name] = model(enc["input_ids"], enc["attention_mask"])
@@ -309,6 +307,10 @@ def test_experts_built_by_the_pipeline_stages(backbone_dir, reviews_csv, tmp_pat
                    if other is not None and other is not served[name])
         torch.testing.assert_close(server.logits(name, texts), served[name], rtol=0, atol=1e-5)
         return name
+
+    def build(folder: str, config: dict, parent: str = full["path"], **options) -> str:
+        built = stages.build_skeleton(tmp_path / folder, data["path"], parent, scores["path"], 0.5, config, **options)
+        return serve(built["path"])
 
     assert build("sk", train_config) == "reviews-grad_x_act-p0.5"
     meta = json.loads((Path(server.experts["reviews-grad_x_act-p0.5"].folder) / "neurons.json").read_text())
@@ -319,6 +321,10 @@ def test_experts_built_by_the_pipeline_stages(backbone_dir, reviews_csv, tmp_pat
     assert build("rebuilt", train_config, reconstruct=True) == "reviews-grad_x_act-p0.5-rec"
     assert build("normed", {**train_config, "tune_norms": True, "lr_head": 0.1},
                  reconstruct=True) == "reviews-grad_x_act-p0.5-rec-norms"
+    normed_full = stages.tune_prompt(tmp_path / "normed-full", data["path"], str(backbone_dir), 4,
+                                     {**train_config, "tune_norms": True, "lr_head": 0.1})
+    assert serve(normed_full["path"]) == "reviews-full-p0.0-norms"
+    assert build("inherited", train_config, parent=normed_full["path"]) == "reviews-grad_x_act-p0.5-norms"
     for name, want in served.items():  # plugging the others in and out left every answer as it was
         torch.testing.assert_close(server.logits(name, texts), want, rtol=0, atol=1e-5)
 
