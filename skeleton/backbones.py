@@ -137,7 +137,7 @@ FAMILIES.register("llama")(LlamaFamily())
 
 def norm_parameters(backbone: nn.Module) -> dict[str, nn.Parameter]:
     """The gains (and biases) of every normalisation layer (LayerNorm, RMSNorm), by state-dict name: what
-    re-tuning with tune_norms trains besides the prompt and head."""
+    training with tune_norms trains besides the prompt and head."""
     return {f"{module_name}.{name}" if module_name else name: parameter
             for module_name, module in backbone.named_modules()
             if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith("RMSNorm")

@@ -2,11 +2,11 @@
 
 An expert is what a skeleton adds to the backbone it was cut from: the kept FFN neurons per layer (indices into
 the original FFN, from neurons.json; widths may differ per layer), the kept attention heads if heads were pruned,
-its adapter (prompt + head), and the weights it changed: a reconstructed skeleton's refit down projections, a
-skeleton re-tuned with tune_norms its normalisation layers. To answer a request for a task, the server plugs that
-task's expert in -- each FFN block's up/down linears (and attention projections) get weights index-selected from
-the in-memory backbone, the changed weights are swapped in -- runs the small network, and puts the original
-weights back. The backbone is never re-read from disk.
+its adapter (prompt + head), and the weights it changed: a reconstructed skeleton's refit down projections, the
+normalisation layers of one whose meta says tune_norms (trained in re-tuning, or in the full model it was cut
+from). To answer a request for a task, the server plugs that task's expert in -- each FFN block's up/down linears
+(and attention projections) get weights index-selected from the in-memory backbone, the changed weights are
+swapped in -- runs the small network, and puts the original weights back. The backbone is never re-read from disk.
 
     server = SkeletonServer.load("minilm")
     server.add("artifacts/skeletons/429c299c193c")          # named <task>-<method>-p<rate> from its neurons.json
@@ -54,7 +54,7 @@ def read_meta(folder: str | Path) -> dict:
 
 def default_name(meta: dict, folder: str | Path) -> str:
     """<task>-<method>-p<rate> from a skeleton's recorded meta (the full model is method "full"), then -h<head rate>,
-    -<allocation>, -rec (reconstructed) and -norms (normalisation layers re-tuned) where they are not the
+    -<allocation>, -rec (reconstructed) and -norms (normalisation layers tuned) where they are not the
     defaults; the folder name when the task is not recorded (skeletons exported before it was)."""
     if not meta.get("task"):
         return Path(folder).name
