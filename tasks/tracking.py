@@ -1,16 +1,28 @@
 """MLflow logging for a sweep: a parent run per sweep, a child run per (selection method, pruning rate).
 
+Every exported model (the full prompt-tuned model, each skeleton) is an MLflow LoggedModel (pyfunc,
+tasks/mlflow_model.py) with its point's metrics linked to it, so the experiment's Models page compares sparsity
+levels. A model is stored once per content (the sha256 of its manifest.json): a cached point's run refers to the
+model already stored for the same folder.
+
+Logging is idempotent: a child run is keyed by its point (tag skeleton.point), so a retried task finds the run it
+started instead of creating a second one; a finished sweep closes the parent runs of earlier attempts at the same
+sweep that were killed (status KILLED, tag skeleton.finished_by naming the run that did the work).
+
 The active MLflow run is per thread, and Prefect tasks may run on other threads or machines, so every call
 names its run id explicitly.
 """
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 from prefect import task
 
 from tasks.pipeline import ROOT
@@ -37,8 +49,15 @@ def client_and_experiment(name: str) -> tuple[mlflow.MlflowClient, str]:
     client = _client()
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND) != CUSTOM_MODELS:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, CUSTOM_MODELS)
         return client, found.experiment_id
-    return client, client.create_experiment(name, artifact_location=artifact_location())
+    return client, client.create_experiment(name, artifact_location=artifact_location(),
+                                            tags={EXPERIMENT_KIND: CUSTOM_MODELS})
+
+
+# The MLflow UI opens an experiment on its runs and models (not a GenAI traces overview) when it carries this tag.
+EXPERIMENT_KIND, CUSTOM_MODELS = "mlflow.experimentKind", "custom_model_development"
 
 
 def artifact_location() -> str | None:
@@ -52,12 +71,53 @@ def artifact_location() -> str | None:
 
 @task(name="start-sweep-run", retries=2, retry_delay_seconds=2)
 def start_sweep_run(experiment: str, params: dict) -> str:
+    """The sweep's parent run, tagged with its sweep key (the parameters' hash: a rerun of the same sweep has the
+    same key) and the process that runs it, so a later attempt can tell a killed attempt from a live one."""
+    from skeleton.io import stable_hash
+
     client, experiment_id = client_and_experiment(experiment)
     run = client.create_run(experiment_id, run_name=f"sweep-{params['task']}-{params['backbone']}",
-                            tags={"skeleton.kind": "sweep"})
+                            tags={"skeleton.kind": "sweep", "skeleton.sweep_key": stable_hash(params),
+                                  "skeleton.host": socket.gethostname(), "skeleton.pid": str(os.getpid())})
     for key, value in {**params, "git_commit": git_commit()}.items():
         client.log_param(run.info.run_id, key, str(value)[:6000])
     return run.info.run_id
+
+
+def _killed(run) -> bool:
+    """A RUNNING sweep run whose process is gone (on this host; another host's runs are left alone)."""
+    tags = run.data.tags
+    if tags.get("skeleton.host") != socket.gethostname() or not tags.get("skeleton.pid", "").isdigit():
+        return False
+    try:
+        os.kill(int(tags["skeleton.pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    return False
+
+
+def close_killed_attempts(client: mlflow.MlflowClient, run_id: str) -> list[str]:
+    """Mark earlier attempts at this sweep whose process died KILLED (their running child runs too), each tagged
+    skeleton.finished_by = run_id. Returns their run ids."""
+    run = client.get_run(run_id)
+    key = run.data.tags.get("skeleton.sweep_key")
+    if not key:
+        return []
+    earlier = client.search_runs([run.info.experiment_id], f"tags.`skeleton.sweep_key` = '{key}' and "
+                                 "attributes.status = 'RUNNING'")
+    closed = []
+    for other in earlier:
+        if other.info.run_id == run_id or not _killed(other):
+            continue
+        children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{other.info.run_id}' "
+                                      "and attributes.status = 'RUNNING'")
+        for r in [*children, other]:
+            client.set_tag(r.info.run_id, "skeleton.finished_by", run_id)
+            client.set_terminated(r.info.run_id, "KILLED")
+        closed.append(other.info.run_id)
+    return closed
 
 
 def benchmark_metrics(rows: list[dict]) -> dict[str, float]:
@@ -67,25 +127,89 @@ def benchmark_metrics(rows: list[dict]) -> dict[str, float]:
             if r.get(key) is not None}
 
 
+def point_key(row: dict) -> str:
+    """What identifies a sweep point within its sweep: seed, method and point (rates or target)."""
+    point = row.get("point") or f"p={row['rate']:g} h={row['head_rate'] or 0:g}"
+    return f"seed{row['seed']}/{row['method']}/{point}"
+
+
+def folder_bytes(folder: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def stored_model(client: mlflow.MlflowClient, experiment_id: str, folder: str | Path) -> str | None:
+    """The id of the READY LoggedModel already stored for this folder's content, if any."""
+    from skeleton.io import file_sha256
+    from skeleton.prune import MANIFEST
+
+    digest = file_sha256(Path(folder) / MANIFEST)
+    found = client.search_logged_models([experiment_id], f"tags.`skeleton.manifest` = '{digest}'", max_results=10)
+    ready = [m for m in found if m.status == LoggedModelStatus.READY]
+    return ready[0].model_id if ready else None
+
+
+def log_model(run_id: str, folder: str | Path, name: str, metrics: dict[str, float], tags: dict[str, str]) -> str:
+    """The folder as a LoggedModel produced by run `run_id`, with `metrics` linked to it (and to the run). A folder
+    whose content is already stored is not uploaded again: the run refers to that model (a run output)."""
+    import importlib.metadata as md
+
+    from skeleton.io import file_sha256
+    from skeleton.prune import MANIFEST
+    from tasks.mlflow_model import skeleton_model
+
+    client = _client()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    model_id = stored_model(client, experiment_id, folder)
+    if model_id is None:
+        mlflow.set_tracking_uri(tracking_uri())
+        # Explicit requirements: inferring them would load the model once more in a subprocess.
+        requirements = [f"{p}=={md.version(p)}" for p in ("mlflow", "torch", "transformers", "safetensors", "pandas")]
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=name, **skeleton_model(folder), pip_requirements=requirements,
+                code_paths=[str(Path(__file__).resolve().parents[1] / "skeleton")],
+                tags={**tags, "skeleton.manifest": file_sha256(Path(folder) / MANIFEST)})
+        model_id = info.model_id
+    else:
+        client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0, model_id=model_id)
+                                      for key, value in metrics.items()])
+    client.set_tag(run_id, "skeleton.model_id", model_id)
+    return model_id
+
+
 @task(name="log-sweep-point", retries=2, retry_delay_seconds=2)
 def log_point(parent_run_id: str, row: dict, benchmark_rows: list[dict] = ()) -> str:
-    """A child run with the point's metrics (its benchmark per configuration too) and its exported skeleton."""
+    """A child run with the point's metrics (its benchmark per configuration too) and its skeleton as a
+    LoggedModel with those metrics. Idempotent: a retry finds the child run of the same point and completes it."""
     client = _client()
     parent = client.get_run(parent_run_id)
+    key = point_key(row)
+    found = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                               f"tags.`skeleton.point` = '{key}'")
+    if any(r.info.status == "FINISHED" for r in found):
+        return next(r.info.run_id for r in found if r.info.status == "FINISHED")
     name = f"{row['method']}-p{row['rate']}" + (f"-h{row['head_rate']}" if row["head_rate"] else "")
-    run = client.create_run(parent.info.experiment_id, run_name=f"{name}-seed{row['seed']}",
-                            tags={"mlflow.parentRunId": parent_run_id, "skeleton.kind": "point"})
-    run_id = run.info.run_id
-    for key in ("method", "rate", "head_rate", "seed", "kept_width", "kept_widths", "kept_heads"):
-        if row.get(key) is not None:
-            client.log_param(run_id, key, row[key])
-    for key in ("accuracy", "macro_f1", "speedup", "speedup_bound", "bound_ratio", "parameters", "kept_width", "rate",
-                "head_rate", "val_accuracy"):
-        if row.get(key) is not None:
-            client.log_metric(run_id, key, float(row[key]))
-    for key, value in benchmark_metrics(benchmark_rows).items():
-        client.log_metric(run_id, key, value)
-    client.log_artifacts(run_id, row["path"], "skeleton")
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = client.create_run(parent.info.experiment_id, run_name=f"{name}-seed{row['seed']}",
+                                   tags={"mlflow.parentRunId": parent_run_id, "skeleton.kind": "point",
+                                         "skeleton.point": key}).info.run_id
+    for param in ("method", "rate", "head_rate", "seed", "kept_width", "kept_widths", "kept_heads"):
+        if row.get(param) is not None:
+            client.log_param(run_id, param, row[param])
+    metrics = {k: float(row[k]) for k in ("accuracy", "macro_f1", "speedup", "speedup_bound", "bound_ratio",
+                                          "parameters", "kept_width", "rate", "head_rate", "val_accuracy")
+               if row.get(k) is not None}
+    metrics["size_mb"] = folder_bytes(row["path"]) / 2**20
+    metrics.update(benchmark_metrics(benchmark_rows))
+    tags = {"skeleton.kind": "skeleton", "skeleton.method": str(row["method"]), "skeleton.rate": str(row["rate"]),
+            "skeleton.head_rate": str(row["head_rate"]), "skeleton.task": parent.data.params.get("task", "")}
+    # LoggedModel names allow no dots: rates in percent, e.g. grad_x_act-p65-h25
+    log_model(run_id, row["path"], f"{row['method']}-p{row['rate'] * 100:.4g}" +
+              (f"-h{row['head_rate'] * 100:.4g}" if row["head_rate"] else ""), metrics, tags)
     client.set_terminated(run_id)
     return run_id
 
@@ -128,7 +252,8 @@ def log_benchmark(parent_run_id: str, result: dict, records: list[dict]) -> None
 def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict],
                      scores: dict[int, dict[str, str]]) -> None:
     """Reference metrics (means over seeds), the per-seed results and the summary (Parquet), the
-    accuracy-vs-sparsity plot, the attribution scores and the first seed's full model."""
+    accuracy-vs-sparsity plot, the attribution scores and the first seed's full model (a LoggedModel); then
+    earlier killed attempts at this sweep are closed."""
     import pandas as pd
 
     from tasks.report import FULL, PROBE, plot_accuracy
@@ -151,5 +276,11 @@ def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict
     for seed, by_method in scores.items():
         for method, path in by_method.items():
             client.log_artifact(parent_run_id, path, f"attribution/seed{seed}/{method}")
-    client.log_artifacts(parent_run_id, reference[FULL]["path"], "full_model")
+    full = next(r for r in records if r["method"] == FULL and r["path"] == reference[FULL]["path"])
+    metrics = {k: float(full[k]) for k in ("accuracy", "macro_f1", "parameters") if full.get(k) is not None}
+    metrics.update(rate=0.0, head_rate=0.0, speedup=1.0, size_mb=folder_bytes(full["path"]) / 2**20)
+    task_name = client.get_run(parent_run_id).data.params.get("task", "")
+    log_model(parent_run_id, full["path"], "full", metrics,
+              {"skeleton.kind": "full", "skeleton.method": FULL, "skeleton.rate": "0.0", "skeleton.task": task_name})
+    close_killed_attempts(client, parent_run_id)
     client.set_terminated(parent_run_id)

@@ -1,0 +1,35 @@
+"""Real skeletons made by the sweep's stages on the tiny test backbone, one per task (tests of the MLflow models)."""
+import random
+from pathlib import Path
+
+import pandas as pd
+
+WORDS = ["great", "dull", "moving", "awful", "sharp", "flat", "funny", "stale", "bold", "tender"]
+
+
+def task_file(folder: Path, task: str, labels: int, seed: int) -> Path:
+    """A CSV whose label is a word the text contains: `labels` classes, 60 rows."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(60):
+        label = i % labels
+        rows.append({"text": f"{task} {i}: a {WORDS[label]} {rng.choice(WORDS)} story", "label": f"{task}{label}"})
+    path = folder / f"{task}.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def stage_expert(root: Path, backbone: str, task: str, labels: int, rate: float, seed: int = 0) -> str:
+    """data -> prompt tuning -> attribution -> skeleton at `rate` (the full model itself at rate 0): its folder."""
+    from skeleton import stages
+
+    root = Path(root) / task
+    root.mkdir(parents=True, exist_ok=True)
+    data = stages.prepare_data(root / "data", task, backbone, max_length=16, data_file=str(task_file(root, task, labels,
+                                                                                                     seed)))
+    train = {"steps": 2, "batch_size": 8, "eval_every": 2, "warmup_steps": 1, "seed": seed}
+    full = stages.tune_prompt(root / "full", data["path"], backbone, 3, train)
+    if rate == 0:
+        return full["path"]
+    scores = stages.attribute(root / "scores", data["path"], full["path"], "grad_x_act", examples=16)
+    return stages.build_skeleton(root / "skeleton", data["path"], full["path"], scores["path"], rate, train)["path"]
