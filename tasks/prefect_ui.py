@@ -1,0 +1,89 @@
+"""Results in the Prefect UI: artifacts on the flow run, so a user who starts a deployment sees what it found.
+
+A sweep carries a progress artifact (updated as points finish), a table artifact (the results table) and a
+Markdown artifact (headline figures and the MLflow run link); a nightly run carries its verdict as Markdown and
+its measurements as a table. Keys (lowercase, digits, dashes) put them on the Artifacts page; reusing a key
+adds a version, so each task's latest sweep is one click away.
+"""
+from __future__ import annotations
+
+import re
+from uuid import UUID
+
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+
+TABLE_COLUMNS = ("method", "point", "rate", "head_rate", "seeds", "accuracy", "accuracy_std", "macro_f1", "speedup",
+                 "speedup_bound", "parameters", "kept_width")
+
+
+def key(*parts: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")[:100]
+
+
+def run_link(run_id: str, experiment: str) -> str:
+    """Where to open the MLflow run: its URL on a tracking server, else how to start the UI on the local store."""
+    from tasks.tracking import client_and_experiment, tracking_uri
+
+    _, experiment_id = client_and_experiment(experiment)
+    fragment = f"#/experiments/{experiment_id}/runs/{run_id}"
+    uri = tracking_uri()
+    if uri.startswith("http"):
+        url = f"{uri.rstrip('/')}/{fragment}"
+        return f"[MLflow run {run_id}]({url})"
+    return f"MLflow run `{run_id}`: `mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{fragment}"
+
+
+def sweep_progress(task_name: str, total: int) -> UUID:
+    return create_progress_artifact(0.0, key=key("sweep", task_name, "progress"),
+                                    description=f"sweep points finished (of {total}) for {task_name}")
+
+
+def point_finished(artifact_id: UUID, done: int, total: int) -> None:
+    update_progress_artifact(artifact_id, 100.0 * done / max(total, 1))
+
+
+def _cell(value):
+    """A JSON-able table cell: NaN and pandas' NA empty, numpy scalars plain, floats rounded."""
+    try:
+        if value is None or value != value:
+            return None
+    except TypeError:  # pd.NA cannot be compared
+        return None
+    value = value.item() if hasattr(value, "item") else value
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def sweep_results(task_name: str, summary: list[dict], run_id: str, experiment: str) -> None:
+    """The results table, and the headline: full model, linear probe, each skeleton's accuracy and speed-up."""
+    from tasks.report import FULL, PROBE
+
+    table = [{c: _cell(row.get(c)) for c in TABLE_COLUMNS} for row in summary]
+    create_table_artifact(table, key=key("sweep", task_name, "results"),
+                          description=f"Sweep results for {task_name} (means over seeds)")
+    by_method = {row["method"]: row for row in summary}
+    full = by_method[FULL]
+    lines = [f"# Sweep: {task_name}", "",
+             f"- full prompt-tuned model: accuracy **{full['accuracy']:.4f}**, macro-F1 {full['macro_f1']:.4f}",
+             f"- linear probe: accuracy {by_method[PROBE]['accuracy']:.4f}" if PROBE in by_method else "", ""]
+    lines += ["| skeleton | accuracy | vs full | speed-up |", "|---|---|---|---|"]
+    for row in summary:
+        if row["method"] in (FULL, PROBE):
+            continue
+        lines.append(f"| {row['method']} {row['point']} | {row['accuracy']:.4f} | "
+                     f"{100 * (row['accuracy'] - full['accuracy']):+.1f} pts | {row['speedup']:.2f}x |")
+    lines += ["", run_link(run_id, experiment)]
+    create_markdown_artifact("\n".join(lines), key=key("sweep", task_name, "summary"),
+                             description=f"Sweep headline for {task_name}")
+
+
+def nightly_verdict(measured: list[dict], found: list[str], run_id: str, experiment: str) -> None:
+    verdict = "REGRESSION" if found else "PASS"
+    lines = [f"# Nightly benchmark: {verdict}", ""]
+    lines += [f"- {message}" for message in found] or ["No metric fell past its threshold."]
+    lines += ["", "| rate | speed-up | accuracy | bound ratio |", "|---|---|---|---|"]
+    lines += [f"| {m['rate']} | {m['speedup']:.3f}x | {m['accuracy']:.4f} | {m['bound_ratio']:.3f} |" for m in measured]
+    lines += ["", run_link(run_id, experiment)]
+    create_markdown_artifact("\n".join(lines), key="nightly-verdict", description=f"Nightly benchmark: {verdict}")
+    create_table_artifact([{k: _cell(v) for k, v in m.items()} for m in measured], key="nightly-measurements",
+                          description="Tonight's measurements of the reference skeletons")
