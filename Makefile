@@ -26,18 +26,12 @@ $(VENV)/.installed: pyproject.toml requirements-data.txt
 	touch $@
 
 sweep: setup
-	$(PY) -m flows.sweep $(ARGS)
+	$(VENV)/bin/skeleton sweep $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Local stack on 127.0.0.1 (Prefect server + worker + deployments, MLflow server); state and logs in .stack/.
 .PHONY: stack-up stack-down stack-status
-stack-up: setup
-	$(PY) scripts/stack.py up
-
-stack-down: setup
-	$(PY) scripts/stack.py down
-
-stack-status: setup
-	$(PY) scripts/stack.py status
+stack-up stack-down stack-status: setup
+	$(VENV)/bin/skeleton stack $(@:stack-%=%)

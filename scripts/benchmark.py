@@ -1,10 +1,11 @@
 """Latency of the full model against its skeletons, beside the arithmetic bound: no Prefect, no MLflow needed.
+`skeleton benchmark` runs it (flows/cli.py); `python scripts/benchmark.py` too.
 
-    python scripts/benchmark.py                           # the latest sweep's skeletons, else demo skeletons
-    python scripts/benchmark.py --from-sweep --method grad_x_act --rates 0.5 0.65 0.8
-    python scripts/benchmark.py --skeletons artifacts/models/<hash> artifacts/skeletons/<hash> ...
-    python scripts/benchmark.py --demo --backbone minilm  # no training: random neurons cut from the packaged model
-    python scripts/benchmark.py --device cuda --out /tmp/bench
+    skeleton benchmark                           # the latest sweep's skeletons, else demo skeletons
+    skeleton benchmark --from-sweep --method grad_x_act --rates 0.5 0.65 0.8
+    skeleton benchmark --skeletons artifacts/models/<hash> artifacts/skeletons/<hash> ...
+    skeleton benchmark --demo --backbone minilm  # no training: random neurons cut from the packaged model
+    skeleton benchmark --device cuda --out /tmp/bench
 
 --skeletons takes exported folders; the one with rate 0 is the reference. --from-sweep (and the default)
 reads the latest finished sweep in MLflow (its results.parquet), else scans the artifacts folder for skeletons
@@ -172,8 +173,8 @@ def skeleton_folders(paths: list[str]) -> dict[str, Path]:
     return {reference[0]: named.pop(reference[0]), **named}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--skeletons", nargs="+", metavar="DIR", help="exported folders, one of them rate 0")

@@ -1,11 +1,11 @@
 """Serve task experts of one backbone: list the experts available, classify texts with one of them.
 
-    python scripts/serve.py list                                   # skeletons of the sweep (artifacts/skeletons)
-    python scripts/serve.py list --skeletons DIR [DIR ...]         # folders of skeletons, or skeleton folders
-    python scripts/serve.py list --mlflow [--experiment skeleton]  # skeletons logged by sweeps to MLflow
-    python scripts/serve.py list --run RUN_ID                      # one sweep's (parent run) or one point's
-    python scripts/serve.py classify --task NAME "a gripping film" "dull and far too long"
-    echo "a gripping film" | python scripts/serve.py classify --task NAME [--json]
+    skeleton list                                   # skeletons of the sweep (artifacts/skeletons)
+    skeleton list --skeletons DIR [DIR ...]         # folders of skeletons, or skeleton folders
+    skeleton list --mlflow [--experiment skeleton]  # skeletons logged by sweeps to MLflow
+    skeleton list --run RUN_ID                      # one sweep's (parent run) or one point's
+    skeleton classify --task NAME "a gripping film" "dull and far too long"
+    echo "a gripping film" | skeleton classify --task NAME [--json]
 
 An expert is named <task>-<method>-p<rate> (the folder name for skeletons exported before the task was
 recorded); --task also accepts a bare task name when only one expert has it. The backbone is the one the
@@ -26,7 +26,7 @@ from skeleton.serve import default_name, find_skeletons, read_meta
 @dataclass
 class Entry:
     name: str
-    source: str  # a skeleton folder, or runs:/<run id>/skeleton
+    source: str  # a skeleton folder, or models:/<model id> (the point's LoggedModel)
     meta: dict
     run_id: str | None = None
 
@@ -40,7 +40,7 @@ def folder_entries(paths: list[str]) -> list[Entry]:
 
 
 def mlflow_entries(tracking_uri: str, run_id: str | None, experiment: str | None) -> list[Entry]:
-    """Child runs of sweeps (tag skeleton.kind=point), each with its skeleton folder logged under `skeleton/`."""
+    """Child runs of sweeps (tag skeleton.kind=point), each with its skeleton logged as a model (skeleton.model_id)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
@@ -62,7 +62,7 @@ def mlflow_entries(tracking_uri: str, run_id: str | None, experiment: str | None
     parents: dict[str, dict] = {}
     entries = []
     for run in runs:
-        if run.info.status != "FINISHED":
+        if run.info.status != "FINISHED" or "skeleton.model_id" not in run.data.tags:
             continue
         parent_id = run.data.tags.get("mlflow.parentRunId")
         if parent_id and parent_id not in parents:
@@ -71,8 +71,8 @@ def mlflow_entries(tracking_uri: str, run_id: str | None, experiment: str | None
         meta = {"task": params.get("task"), "method": params.get("method"), "rate": float(params.get("rate", 0.0)),
                 "backbone": params.get("backbone"), "kept_width": params.get("kept_width"),
                 "val_accuracy": run.data.metrics.get("val_accuracy")}
-        entries.append(Entry(default_name(meta, run.info.run_id), f"runs:/{run.info.run_id}/skeleton", meta,
-                             run.info.run_id))
+        entries.append(Entry(default_name(meta, run.info.run_id), f"models:/{run.data.tags['skeleton.model_id']}",
+                             meta, run.info.run_id))
     return entries
 
 
@@ -138,10 +138,11 @@ def cmd_classify(args) -> int:
         if entry.run_id:
             import mlflow
 
+            from tasks.mlflow_model import download_skeleton
             from tasks.tracking import tracking_uri
 
-            folder = mlflow.artifacts.download_artifacts(run_id=entry.run_id, artifact_path="skeleton", dst_path=tmp,
-                                                         tracking_uri=args.tracking_uri or tracking_uri())
+            mlflow.set_tracking_uri(args.tracking_uri or tracking_uri())
+            folder = download_skeleton(entry.source, tmp)
         server = SkeletonServer.load(backbone, device=args.device)
         name = server.add(folder, name=entry.name)
         predictions = server.classify(name, texts, batch_size=args.batch_size)
@@ -154,8 +155,8 @@ def cmd_classify(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("list", "list the experts available"), ("classify", "classify texts with one expert")):
         p = sub.add_parser(name, help=help_text)

@@ -1,7 +1,7 @@
 """Measure unplug-and-play serving: one backbone + N task experts in one process versus N separate skeletons.
 
-    python scripts/serve_bench.py                          # 4 synthetic experts of MiniLM (random neurons/adapters)
-    python scripts/serve_bench.py --skeletons artifacts/skeletons --backbone minilm   # real exported skeletons
+    skeleton serve-bench                          # 4 synthetic experts of MiniLM (random neurons/adapters)
+    skeleton serve-bench --skeletons artifacts/skeletons --backbone minilm   # real exported skeletons
 
 Synthetic experts: the real backbone, seeded random prompts and heads (2, 3, 4, 8 labels), random kept neurons at
 --rates, exported with skeleton.prune. Reported: bytes of parameters and buffers held (and the process RSS
@@ -115,8 +115,8 @@ def median_ms(values: list[float]) -> float:
 
 
 @torch.no_grad()
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default=None, help="registered name or folder (default: recorded, else minilm)")
     parser.add_argument("--skeletons", nargs="+", help="exported skeletons (folders, or folders of them) to use")
     parser.add_argument("--experts", type=int, default=4, help="number of synthetic experts")

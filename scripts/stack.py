@@ -1,8 +1,8 @@
 """Start, stop and inspect the local Skeleton stack: Prefect server + process worker, MLflow tracking server.
 
-    python scripts/stack.py up        # or `make stack-up`: servers, work pool, `prefect deploy --all`, worker
-    python scripts/stack.py status    # or `make stack-status`
-    python scripts/stack.py down      # or `make stack-down`
+    skeleton stack up        # or `make stack-up`: servers, work pool, `prefect deploy --all`, worker
+    skeleton stack status    # or `make stack-status`
+    skeleton stack down      # or `make stack-down`
 
 Everything listens on 127.0.0.1 only and keeps its state in one folder (default `.stack/`, git-ignored):
 `prefect/` (PREFECT_HOME, SQLite database), `mlflow.db`, `mlartifacts/`, `logs/NAME.log`, `pids/NAME.pid`,
@@ -220,7 +220,7 @@ In your shell (or `source {args.state / 'env'}`):
   export PREFECT_API_URL={api}
   export MLFLOW_TRACKING_URI={urls(args)['mlflow']}
 Then: prefect deployment run skeleton/full-sweep [-p task=reuters_r8 -p 'rates=[0.5,0.8]']
-Stop: python scripts/stack.py down   (make stack-down)""")
+Stop: skeleton stack down   (make stack-down)""")
 
 
 def down(args) -> None:
@@ -253,8 +253,8 @@ def status(args) -> None:
         print(f"  {name:15} {'running (pid %d)' % pid if pid else 'stopped':20} {links[name]}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--prefect-port", type=int, default=int(os.environ.get("SKELETON_PREFECT_PORT", 4200)))
     parser.add_argument("--mlflow-port", type=int, default=int(os.environ.get("SKELETON_MLFLOW_PORT", 5000)))

@@ -1,7 +1,7 @@
 """Check that every exported model of a sweep reloads in this fresh process and reproduces the test logits it
 was evaluated with (and the parameter count the table reports).
 
-    python scripts/verify_exports.py mlruns/<parent run id>/artifacts/results.parquet [--tolerance 1e-5]
+    skeleton verify mlruns/<parent run id>/artifacts/results.parquet [--tolerance 1e-5]
 
 Exits 1 if any model differs.
 """
@@ -10,19 +10,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-import pandas as pd
-from safetensors.torch import load_file
 
-from skeleton.prune import load_skeleton
-from skeleton.stages import load_data
-from skeleton.train import predict
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("results", help="a sweep's results.parquet (MLflow parent run artifact)")
     parser.add_argument("--tolerance", type=float, default=1e-5)
     args = parser.parse_args(argv)
+
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from skeleton.prune import load_skeleton
+    from skeleton.stages import load_data
+    from skeleton.train import predict
+
     failed = 0
     for row in pd.read_parquet(args.results).dropna(subset=["logits"]).itertuples():
         model, _, _ = load_skeleton(row.path)

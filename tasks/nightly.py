@@ -29,7 +29,7 @@ def read_baseline() -> dict:
     path = baseline_file()
     if not path.is_file():
         raise FileNotFoundError(f"no benchmark baseline at {path}: run a sweep, then promote it with "
-                                "`python -m flows.nightly promote --latest` (see README)")
+                                "`skeleton nightly promote --latest` (docs/operations.md)")
     return json.loads(path.read_text())
 
 

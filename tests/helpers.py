@@ -28,20 +28,27 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**{**settings, **overrides})
 
 
-def sweep_args(backbone, data_file, /, **overrides):
-    return {"backbone": str(backbone), "data_file": str(data_file), "text_column": "review",
-            "label_column": "sentiment", "rates": [0.5], "methods": ["grad_x_act", "random"], "prompt_length": 4,
-            "max_length": 24, "train_steps": 6, "retune_steps": 4, "attribution_examples": 16, "distill": 0.5,
-            "experiment": "test-sweep", **overrides}
+# Budgets small enough for a test; every key is a field of flows.config.SweepConfig (checked in sweep_args).
+TINY_SWEEP = {"text_column": "review", "label_column": "sentiment", "rates": [0.5], "methods": ["grad_x_act", "random"],
+              "prompt_length": 4, "max_length": 24, "train_steps": 6, "retune_steps": 4, "attribution_examples": 16,
+              "distill": 0.5, "experiment": "test-sweep"}
+
+
+def sweep_args(backbone, data_file, /, **overrides) -> dict:
+    """Parameters of a tiny sweep over `data_file` (the reviews CSV) on `backbone`: SweepConfig's field names."""
+    from dataclasses import fields
+
+    from flows.config import SweepConfig
+
+    args = {**TINY_SWEEP, "backbone": str(backbone), "data_file": str(data_file), **overrides}
+    unknown = set(args) - {f.name for f in fields(SweepConfig)}
+    if unknown:
+        raise TypeError(f"not sweep parameters: {sorted(unknown)}")
+    return args
 
 
 def load_script(name: str):
-    """A module of scripts/ (not a package), imported from its file."""
-    import importlib.util
-    from pathlib import Path
+    """A module of scripts/ (not a package), imported from its file: what the `skeleton` command runs."""
+    from flows.cli import script
 
-    path = Path(__file__).parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script(name)

