@@ -112,6 +112,17 @@ def skeleton_model(folder: str | Path) -> dict:
             "signature": ModelSignature(inputs=Schema([ColSpec("string", "text")]))}
 
 
+def download_skeleton(uri: str, dst: str | Path) -> Path:
+    """The skeleton folder inside a logged skeleton model (`models:/<id>`, `models:/<name>@<alias>`, ...)."""
+    from mlflow.models import Model
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    artifacts = Model.load(str(local)).flavors["python_function"].get("artifacts", {})
+    if "skeleton" not in artifacts:
+        raise ValueError(f"{uri} is not a skeleton model (its artifacts: {', '.join(artifacts) or 'none'})")
+    return local / artifacts["skeleton"]["path"]
+
+
 def multitask_model(experts: dict[str, str | Path], backbone: str | Path | None = None) -> dict:
     """log_model / save_model arguments for one backbone and a task expert per entry of `experts` (task name ->
     skeleton folder). The backbone defaults to the one the first expert records (a registered name or a folder)."""

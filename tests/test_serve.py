@@ -264,13 +264,16 @@ def test_cli_list_and_classify(server, expert_dirs, backbone_dir):
 
 
 def test_cli_lists_and_serves_experts_logged_to_mlflow(server, expert_dirs, backbone_dir):
+    import mlflow
+
     from tasks import tracking
 
     parent = tracking.start_sweep_run.fn("test-serve", {"task": "news", "backbone": str(backbone_dir)})
     point = tracking.log_point.fn(parent, {"seed": 0, "method": "random", "rate": 0.5, "head_rate": 0.0, "kept_width": 32,
                                            "path": str(expert_dirs["news-random-p0.5"]), "val_accuracy": 0.5})
     listing = run_cli("list", "--run", parent)
-    assert "news-random-p0.5" in listing and f"runs:/{point}/skeleton" in listing, listing
+    model_id = mlflow.MlflowClient().get_run(point).data.tags["skeleton.model_id"]
+    assert "news-random-p0.5" in listing and f"models:/{model_id}" in listing, listing
     assert "news-random-p0.5" in run_cli("list", "--mlflow", "--experiment", "test-serve")
     out = run_cli("classify", "--run", point, "--task", "news-random-p0.5", "--json", TEXTS[0])
     assert json.loads(out)["label"] == server.classify("news-random-p0.5", TEXTS[:1])[0].label
