@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -16,6 +17,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("results", help="a sweep's results.parquet (MLflow parent run artifact)")
     parser.add_argument("--tolerance", type=float, default=1e-5)
     args = parser.parse_args(argv)
+    if not Path(args.results).is_file():
+        raise SystemExit(f"{args.results}: no such file (a sweep's results.parquet)")
 
     import pandas as pd
     from safetensors.torch import load_file

@@ -52,3 +52,16 @@ def load_script(name: str):
     from flows.cli import script
 
     return script(name)
+
+
+def run_fresh(code: str) -> dict:
+    """Run `code` in a fresh Python process (nothing imported, nothing registered); it prints a JSON object last,
+    which is returned. A failing process fails the test with its stderr."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
+    assert out.returncode == 0, f"the fresh process failed:\n{out.stderr[-3000:]}"
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,15 +1,12 @@
 """The sweep flow end to end on a tiny BERT and a small user CSV: table, exports, MLflow, caching, bad input."""
 import dataclasses
 import json
-import subprocess
-import sys
-import textwrap
 import time
 
 import pandas as pd
 import pytest
 
-from helpers import load_script, sweep_args
+from helpers import load_script, run_fresh, sweep_args
 from skeleton.data import DataError
 
 
@@ -42,7 +39,7 @@ def test_sweep_end_to_end_then_cached(prefect_server, tiny_backbone_dir, reviews
 
     # Every exported skeleton reloads in a fresh process with the logits it was evaluated with.
     for row in table.iloc[[0, 2, 3]].itertuples():
-        check = textwrap.dedent(f"""
+        result = run_fresh(f"""
             import json
             from safetensors.torch import load_file
             from skeleton.prune import load_skeleton
@@ -54,8 +51,6 @@ def test_sweep_end_to_end_then_cached(prefect_server, tiny_backbone_dir, reviews
             diff = (logits - load_file({row.logits!r})["logits"]).abs().max().item()
             print(json.dumps({{"diff": diff, "params": model.num_parameters()}}))
         """)
-        out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
-        result = json.loads(out.stdout.strip().splitlines()[-1])
         assert result["diff"] <= 1e-5
         assert result["params"] == row.parameters
 

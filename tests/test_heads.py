@@ -1,15 +1,12 @@
 """Attention-head pruning, per-layer FFN widths and the skeleton_bert checkpoints that hold them (tiny BERT)."""
 import copy
 import json
-import subprocess
-import sys
-import textwrap
 
 import pandas as pd
 import pytest
 import torch
 
-from helpers import as_dataset, tiny_bert_config
+from helpers import as_dataset, run_fresh, tiny_bert_config
 from skeleton.attribution import METHODS, attribute, attribute_with_heads, out_projections, scores_heads
 from skeleton.backbones import Family
 from skeleton.prune import (ALLOCATIONS, allocate, export_skeleton, load_skeleton, mask_ffn, mask_heads, select,
@@ -238,7 +235,7 @@ def test_heterogeneous_export_round_trip_in_fresh_process(classifier, batch, tmp
     assert config["per_layer_config"] == overrides and overrides["1"]["num_attention_heads"] == 3
     expected = run(model, batch)
     torch.save({"batch": batch, "expected": expected}, tmp_path / "io.pt")
-    script = textwrap.dedent(f"""
+    result = run_fresh(f"""
         import json, torch
         import skeleton
         from transformers import AutoModel, AutoModelForSequenceClassification
@@ -255,8 +252,6 @@ def test_heterogeneous_export_round_trip_in_fresh_process(classifier, batch, tmp
                            "missing": sorted(k for k in info["missing_keys"] if not k.startswith("classifier")),
                            "mismatched": sorted(map(str, info["mismatched_keys"]))}}))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["diff"] <= 1e-5
     assert result["params"] == model.num_parameters()
     assert result["class"] == "SkeletonBertModel"
@@ -274,12 +269,14 @@ def test_heterogeneous_export_round_trip_in_fresh_process(classifier, batch, tmp
 
 def test_import_skeleton_registers_the_model_classes():
     """A fresh process: after `import skeleton`, the Auto classes know "skeleton_bert"."""
-    script = ("import skeleton; from transformers import AutoConfig, AutoModel; "
-              "from skeleton.skeleton_bert import SkeletonBertConfig; "
-              "print(type(AutoConfig.for_model('skeleton_bert')).__name__, "
-              "AutoModel._model_mapping[SkeletonBertConfig].__name__)")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["SkeletonBertConfig", "SkeletonBertModel"]
+    result = run_fresh("""
+        import json, skeleton
+        from transformers import AutoConfig, AutoModel
+        from skeleton.skeleton_bert import SkeletonBertConfig
+        print(json.dumps([type(AutoConfig.for_model("skeleton_bert")).__name__,
+                          AutoModel._model_mapping[SkeletonBertConfig].__name__]))
+    """)
+    assert result == ["SkeletonBertConfig", "SkeletonBertModel"]
 
 
 def test_stages_score_and_prune_heads(tiny_backbone_dir, reviews_csv, tmp_path):

@@ -4,14 +4,11 @@ One test on the real packaged smollm2 (real_model): slice, export, reload with s
 """
 import copy
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
-from helpers import as_dataset, tiny_llama_config
+from helpers import as_dataset, run_fresh, tiny_llama_config
 from skeleton.attribution import attribute, down_projections
 from skeleton.backbones import LlamaFamily, family_of, load_backbone
 from skeleton.model import ADAPTER_CONFIG, POOLINGS, AdapterConfig, PromptClassifier
@@ -119,7 +116,7 @@ def test_export_round_trip_with_stock_transformers(llama, llama_batch, tmp_path)
         hidden = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
         expected = {"lm": hidden @ model.backbone.get_input_embeddings().weight.T, "classifier": model(ids, mask)}
     torch.save({"batch": llama_batch, "expected": expected}, tmp_path / "io.pt")
-    script = textwrap.dedent(f"""
+    result = run_fresh(f"""
         import json, sys, torch
         from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
         path = {str(folder / "backbone")!r}
@@ -139,8 +136,6 @@ def test_export_round_trip_with_stock_transformers(llama, llama_batch, tmp_path)
         print(json.dumps({{"names": names, "diff_lm": diff_lm.item(), "diff": diff.item(),
                            "width": seq.config.intermediate_size, "pooling": model.config.pooling}}))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["names"] == ["LlamaForCausalLM", "LlamaModel", "LlamaForSequenceClassification"]
     assert result["diff_lm"] <= 1e-5 and result["diff"] <= 1e-5
     assert result["width"] == kept_width(64, 0.65) and result["pooling"] == "last"
@@ -291,7 +286,7 @@ def test_real_smollm2_skeleton_reloads_with_stock_transformers(tmp_path):
         hidden = model.backbone(**enc).last_hidden_state[:, -1]
         lm = hidden @ model.backbone.get_input_embeddings().weight.T
     folder = export_skeleton(model, tokenizer, keep, tmp_path / "sk", {"rate": 0.5})
-    script = textwrap.dedent(f"""
+    result = run_fresh(f"""
         import json, torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         path = {str(folder / "backbone")!r}
@@ -303,8 +298,6 @@ def test_real_smollm2_skeleton_reloads_with_stock_transformers(tmp_path):
             print(json.dumps({{"lm": lm(**enc).logits[:, -1].tolist(), "logits": model(**enc).tolist(),
                                "width": lm.config.intermediate_size}}))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["width"] == 768
     assert (torch.tensor(result["logits"]) - got).abs().max().item() <= 1e-4
     assert (torch.tensor(result["lm"]) - lm).abs().max().item() <= 1e-3

@@ -1,11 +1,9 @@
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
+from helpers import run_fresh
 from skeleton.prune import (ArtifactError, check_rate, export_skeleton, kept_width, load_skeleton, mask_ffn, select,
                             slice_ffn, verify)
 from skeleton.stages import full_keep
@@ -67,7 +65,7 @@ def test_export_round_trip_in_fresh_process(tiny_classifier, batch, tmp_path):
         expected = model(batch["input_ids"], batch["attention_mask"])
     torch.save({"batch": batch, "expected": expected}, tmp_path / "io.pt")
     # Stock transformers loads the backbone; nothing of ours is needed to rebuild its architecture.
-    script = textwrap.dedent(f"""
+    result = run_fresh(f"""
         import json, sys, torch
         from transformers import AutoModel
         backbone = AutoModel.from_pretrained({str(folder / "backbone")!r})
@@ -81,8 +79,6 @@ def test_export_round_trip_in_fresh_process(tiny_classifier, batch, tmp_path):
         print(json.dumps({{"diff": (got - io["expected"]).abs().max().item(), "params": model.num_parameters(),
                            "width": backbone.config.intermediate_size}}))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["diff"] <= 1e-5
     assert result["params"] == model.num_parameters()
     assert result["width"] == kept_width(64, 0.65)

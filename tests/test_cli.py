@@ -1,0 +1,82 @@
+"""The installed `skeleton` command: every subcommand answers --help, errors are one line, --help stays light."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import run_fresh
+
+COMMAND = Path(sys.executable).with_name("skeleton")  # the console script `pip install -e .` put beside python
+HELP = [["sweep"], ["nightly"], ["nightly", "run"], ["nightly", "promote"], ["benchmark"], ["list"], ["classify"],
+        ["serve-bench"], ["stack"], ["verify"]]
+
+
+def skeleton(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(COMMAND), *argv], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_the_command_is_installed_and_lists_every_subcommand():
+    out = skeleton("--help")
+    assert out.returncode == 0, out.stderr
+    for name in {argv[0] for argv in HELP}:
+        assert f"    {name}" in out.stdout
+
+
+@pytest.mark.parametrize("argv", HELP, ids=" ".join)
+def test_every_subcommand_answers_help(argv):
+    out = skeleton(*argv, "--help")
+    assert out.returncode == 0, out.stderr
+    # serve.py names its own subcommands (list, classify) after the prog "skeleton"
+    assert out.stdout.startswith(f"usage: skeleton {' '.join(argv)}"), out.stdout[:200]
+
+
+def test_sweep_options_are_the_config_fields():
+    from dataclasses import fields
+
+    from flows.config import SweepConfig
+
+    out = skeleton("sweep", "--help").stdout
+    for f in fields(SweepConfig):
+        assert f"--{f.name.replace('_', '-')}" in out
+    assert "--reconstruct, --no-reconstruct" in out and "(default: the backbone family's)" in out
+
+
+def test_help_imports_neither_torch_nor_prefect():
+    loaded = run_fresh("""
+        import contextlib, io, json, sys
+        from flows.cli import main
+        for argv in (["--help"], ["sweep", "--help"], ["nightly", "run", "--help"], ["stack", "--help"]):
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+                main(argv)
+        print(json.dumps(sorted(m for m in ("torch", "prefect", "mlflow", "transformers") if m in sys.modules)))
+    """)
+    assert loaded == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "--rates", "0.5", "1.5"], "pruning rate must be in [0, 1), got 1.5"),
+    (["sweep", "--methods", "grad_x_actt"], "unknown selection method 'grad_x_actt'; known: "),
+    (["sweep", "--backbone", "/no/such/folder"], "unknown backbone '/no/such/folder'"),
+    (["sweep", "--precision", "fp16"], "precision must be one of fp32, bf16, got 'fp16'"),
+    (["sweep", "--seeds", "0", "--train-evals", "0"], "train_evals must be at least 1, got 0"),
+    (["nightly", "run", "--speedup-drop", "1.5"], "thresholds must be in [0, 1)"),
+    (["nightly", "promote", "--latest", "--experiment", "no-such-experiment"], "no finished sweep in MLflow"),
+    (["verify", "/no/such/results.parquet"], "/no/such/results.parquet: no such file"),
+])
+def test_errors_are_one_line_and_exit_2(argv, message):
+    out = skeleton(*argv)
+    assert out.returncode == 2, out.stdout + out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith(f"skeleton {argv[0]}: error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in out.stderr, out.stderr  # (logs may precede)
+
+
+def test_debug_shows_the_traceback():
+    out = skeleton("--debug", "sweep", "--rates", "1.5")
+    assert out.returncode == 1 and "Traceback" in out.stderr and "pruning rate must be in [0, 1)" in out.stderr
+
+
+def test_usage_errors_stay_argparse_errors():
+    out = skeleton("sweep", "--rates", "half")
+    assert out.returncode == 2 and "argument --rates: invalid float value: 'half'" in out.stderr
+    assert "Traceback" not in out.stderr
