@@ -103,13 +103,24 @@ class SkeletonModel(PythonModel):
         return out
 
 
-def skeleton_model(folder: str | Path) -> dict:
-    """log_model / save_model arguments for one exported skeleton folder."""
+def _spec(artifacts: dict[str, str], columns: tuple[str, ...]) -> dict:
+    """log_model / save_model arguments: this file as the model's code, the `skeleton` library beside it (so a
+    container needs no checkout), explicit requirements (inferring them would load the model once more)."""
+    import importlib.metadata as md
+
+    import skeleton
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    return {"python_model": str(CODE), "artifacts": {"skeleton": str(folder)},
-            "signature": ModelSignature(inputs=Schema([ColSpec("string", "text")]))}
+    return {"python_model": str(CODE), "artifacts": artifacts, "code_paths": [str(Path(skeleton.__file__).parent)],
+            "pip_requirements": [f"{p}=={md.version(p)}" for p in ("mlflow", "torch", "transformers", "safetensors",
+                                                                   "pandas")],
+            "signature": ModelSignature(inputs=Schema([ColSpec("string", c) for c in columns]))}
+
+
+def skeleton_model(folder: str | Path) -> dict:
+    """log_model / save_model arguments for one exported skeleton folder."""
+    return _spec({"skeleton": str(folder)}, ("text",))
 
 
 def download_skeleton(uri: str, dst: str | Path) -> Path:
@@ -123,12 +134,26 @@ def download_skeleton(uri: str, dst: str | Path) -> Path:
     return local / artifacts["skeleton"]["path"]
 
 
+def registered_name(task: str) -> str:
+    """The registered model holding a task's promoted skeletons: skeleton-<task> (file:x.csv -> skeleton-file-x-csv)."""
+    import re
+
+    return "skeleton-" + re.sub(r"[^A-Za-z0-9_-]+", "-", task).strip("-")
+
+
+def expert_folder(task: str, source: str, dst: str | Path) -> Path:
+    """A task expert's skeleton folder from a folder, a model URI (models:/...), or @alias: the task's registered
+    model at that alias (e.g. @production)."""
+    if source.startswith("@"):
+        source = f"models:/{registered_name(task)}{source}"
+    if source.startswith(("models:/", "runs:/")):
+        return download_skeleton(source, Path(dst) / task)
+    return Path(source)
+
+
 def multitask_model(experts: dict[str, str | Path], backbone: str | Path | None = None) -> dict:
     """log_model / save_model arguments for one backbone and a task expert per entry of `experts` (task name ->
     skeleton folder). The backbone defaults to the one the first expert records (a registered name or a folder)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
     from skeleton.backbones import resolve_backbone
 
     if not experts:
@@ -140,8 +165,7 @@ def multitask_model(experts: dict[str, str | Path], backbone: str | Path | None 
             raise ValueError(f"{first} does not record its backbone: pass backbone=")
     artifacts = {"backbone": str(resolve_backbone(str(backbone)))}
     artifacts.update({EXPERT + task: str(folder) for task, folder in experts.items()})
-    return {"python_model": str(CODE), "artifacts": artifacts,
-            "signature": ModelSignature(inputs=Schema([ColSpec("string", "task"), ColSpec("string", "text")]))}
+    return _spec(artifacts, ("task", "text"))
 
 
 mlflow.models.set_model(SkeletonModel())

@@ -151,8 +151,6 @@ def stored_model(client: mlflow.MlflowClient, experiment_id: str, folder: str | 
 def log_model(run_id: str, folder: str | Path, name: str, metrics: dict[str, float], tags: dict[str, str]) -> str:
     """The folder as a LoggedModel produced by run `run_id`, with `metrics` linked to it (and to the run). A folder
     whose content is already stored is not uploaded again: the run refers to that model (a run output)."""
-    import importlib.metadata as md
-
     from skeleton.io import file_sha256
     from skeleton.prune import MANIFEST
     from tasks.mlflow_model import skeleton_model
@@ -162,13 +160,9 @@ def log_model(run_id: str, folder: str | Path, name: str, metrics: dict[str, flo
     model_id = stored_model(client, experiment_id, folder)
     if model_id is None:
         mlflow.set_tracking_uri(tracking_uri())
-        # Explicit requirements: inferring them would load the model once more in a subprocess.
-        requirements = [f"{p}=={md.version(p)}" for p in ("mlflow", "torch", "transformers", "safetensors", "pandas")]
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name=name, **skeleton_model(folder), pip_requirements=requirements,
-                code_paths=[str(Path(__file__).resolve().parents[1] / "skeleton")],
-                tags={**tags, "skeleton.manifest": file_sha256(Path(folder) / MANIFEST)})
+            info = mlflow.pyfunc.log_model(name=name, **skeleton_model(folder),
+                                           tags={**tags, "skeleton.manifest": file_sha256(Path(folder) / MANIFEST)})
         model_id = info.model_id
     else:
         client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])

@@ -3,6 +3,7 @@ import random
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 WORDS = ["great", "dull", "moving", "awful", "sharp", "flat", "funny", "stale", "bold", "tender"]
 
@@ -33,3 +34,16 @@ def stage_expert(root: Path, backbone: str, task: str, labels: int, rate: float,
         return full["path"]
     scores = stages.attribute(root / "scores", data["path"], full["path"], "grad_x_act", examples=16)
     return stages.build_skeleton(root / "skeleton", data["path"], full["path"], scores["path"], rate, train)["path"]
+
+
+def folder_probabilities(folder, texts):
+    """The exported folder's own answer, one text at a time (no padding)."""
+    from skeleton.prune import load_skeleton
+
+    model, tokenizer, record = load_skeleton(folder)
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            enc = tokenizer([text], truncation=True, max_length=record["max_length"], return_tensors="pt")
+            out.append(torch.softmax(model(enc["input_ids"], enc["attention_mask"]), -1)[0].tolist())
+    return out, model.config.label_names

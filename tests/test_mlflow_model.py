@@ -8,9 +8,7 @@ import sys
 
 import mlflow
 import pytest
-import torch
-
-from experts import stage_expert
+from experts import folder_probabilities, stage_expert
 from tasks import tracking
 
 TEXTS = ["alpha 1: a great dull story", "a moving story", "beta 7: an awful flat bold tender sharp funny story " * 3]
@@ -19,19 +17,6 @@ TEXTS = ["alpha 1: a great dull story", "a moving story", "beta 7: an awful flat
 @pytest.fixture(scope="module")
 def skeleton_dir(tiny_backbone_dir, tmp_path_factory):
     return stage_expert(tmp_path_factory.mktemp("mlflow-model"), str(tiny_backbone_dir), "alpha", 3, 0.5)
-
-
-def folder_probabilities(folder, texts):
-    """The exported folder's own answer, one text at a time (no padding)."""
-    from skeleton.prune import load_skeleton
-
-    model, tokenizer, record = load_skeleton(folder)
-    out = []
-    with torch.no_grad():
-        for text in texts:
-            enc = tokenizer([text], truncation=True, max_length=record["max_length"], return_tensors="pt")
-            out.append(torch.softmax(model(enc["input_ids"], enc["attention_mask"]), -1)[0].tolist())
-    return out, model.config.label_names
 
 
 def predict_in_fresh_process(uri: str, frame: dict) -> list[dict]:
