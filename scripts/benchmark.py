@@ -77,20 +77,14 @@ def from_mlflow(experiment: str, method: str, rates: list[float]) -> dict[str, P
     return {name: Path(p) for name, p in folders.items()}
 
 
-def _method_of(meta: dict) -> str | None:
-    if meta.get("method"):
-        return meta["method"]
-    made_by = Path(meta.get("scores", "")).with_name("scores.json")  # written beside the scores since heads
-    return json.loads(made_by.read_text()).get("method") if made_by.is_file() else None
-
-
 def from_artifacts(root: Path, method: str, rates: list[float]) -> dict[str, Path] | None:
     """The newest set of skeletons made from one attribution at all `rates`, preferring `method`'s, and the
     newest rate-0 model of the same architecture: for a sweep that never reached MLflow."""
+    from skeleton.record import NEURONS, read_meta
+
     def records(folder: Path):
-        for path in sorted(folder.glob("*/neurons.json")):
-            meta = json.loads(path.read_text())
-            yield path.parent, meta
+        for path in sorted(folder.glob(f"*/{NEURONS}")):
+            yield path.parent, read_meta(path.parent)
 
     groups: dict[str, dict[float, Path]] = {}
     methods: dict[str, str | None] = {}
@@ -98,7 +92,7 @@ def from_artifacts(root: Path, method: str, rates: list[float]) -> dict[str, Pat
         if meta.get("rate") in rates and not meta.get("head_rate"):
             key = str(meta.get("scores"))
             groups.setdefault(key, {})[meta["rate"]] = folder
-            methods[key] = _method_of(meta)
+            methods[key] = meta["method"]
     complete = [k for k, g in groups.items() if len(g) == len(rates)]
     if not complete:
         return None
@@ -161,11 +155,13 @@ def build_demo(backbone: str, rates: list[float], prompt_length: int, random_ini
 
 def skeleton_folders(paths: list[str]) -> dict[str, Path]:
     """Name each folder by its rate (and method); the rate-0 one is the reference, listed first."""
+    from skeleton.record import read_meta
+
     named = {}
     for path in map(Path, paths):
-        meta = json.loads((path / "neurons.json").read_text())
+        meta = read_meta(path)
         rate = meta.get("rate")
-        name = "full" if rate == 0 else f"{_method_of(meta) or path.name} p={rate:.3g}"
+        name = "full" if rate == 0 else f"{meta['method'] or path.name} p={rate:.3g}"
         named[name if name not in named else f"{name} ({path.name})"] = path
     reference = [n for n in named if n.startswith("full")]
     if len(reference) != 1:

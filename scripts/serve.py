@@ -20,7 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from skeleton.serve import default_name, find_skeletons, read_meta
+from skeleton.record import read_meta, skeleton_name
+from skeleton.serve import find_skeletons
 
 
 @dataclass
@@ -35,7 +36,7 @@ def folder_entries(paths: list[str]) -> list[Entry]:
     found = []
     for folder in find_skeletons(paths):
         meta = read_meta(folder)
-        found.append(Entry(default_name(meta, folder), str(folder), meta))
+        found.append(Entry(skeleton_name(meta, folder), str(folder), meta))
     return found
 
 
@@ -71,7 +72,7 @@ def mlflow_entries(tracking_uri: str, run_id: str | None, experiment: str | None
         meta = {"task": params.get("task"), "method": params.get("method"), "rate": float(params.get("rate", 0.0)),
                 "backbone": params.get("backbone"), "kept_width": params.get("kept_width"),
                 "val_accuracy": run.data.metrics.get("val_accuracy")}
-        entries.append(Entry(default_name(meta, run.info.run_id), f"models:/{run.data.tags['skeleton.model_id']}",
+        entries.append(Entry(skeleton_name(meta, run.info.run_id), f"models:/{run.data.tags['skeleton.model_id']}",
                              meta, run.info.run_id))
     return entries
 

@@ -26,6 +26,7 @@ import torch
 from skeleton.backbones import family_of, load_backbone
 from skeleton.model import AdapterConfig, PromptClassifier
 from skeleton.prune import export_skeleton, load_skeleton, select, slice_ffn
+from skeleton.record import read_meta
 from skeleton.serve import SkeletonServer, find_skeletons, held_bytes
 
 LABELS = (2, 3, 4, 8)
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         if args.skeletons:
             folders = find_skeletons(args.skeletons)
-            recorded = json.loads((folders[0] / "neurons.json").read_text()).get("backbone")
+            recorded = read_meta(folders[0]).get("backbone")
             backbone = args.backbone or recorded or "minilm"
         else:
             backbone = args.backbone or "minilm"

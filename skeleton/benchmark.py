@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,17 +102,19 @@ def attention_widths(backbone: nn.Module) -> list[int]:
 
 
 def count_macs(model: PromptClassifier, batch_size: int, text_len: int) -> Macs:
-    """MACs of `model(input_ids, attention_mask)` on a (batch_size, text_len) batch without padding."""
-    seq = text_len + model.config.prompt_length
+    """MACs of `model(input_ids, attention_mask)` on a (batch_size, text_len) batch without padding. The layers run
+    text_len + P positions (P: the prompt's positions, 0 for a prefix), each attending to text_len + m keys."""
+    seq = text_len + model.prompt_positions
+    keys = text_len + model.config.prompt_length
     positions = batch_size * seq
     projections = 0
     for name, module in model.backbone.named_modules():
         if isinstance(module, nn.Linear):
             rows = batch_size if name.split(".")[0] in PER_EXAMPLE else positions
             projections += rows * module.in_features * module.out_features
-    # Scores and weighted values each cost `seq` MACs per query dimension and position. A causal model is counted
-    # over the full seq × seq square too (dense kernels compute it, then mask); both sides of the ratio alike.
-    attention = sum(2 * positions * seq * width for width in attention_widths(model.backbone))
+    # Scores and weighted values each cost `keys` MACs per query dimension and position. A causal model is counted
+    # over the full rectangle too (dense kernels compute it, then mask); both sides of the ratio alike.
+    attention = sum(2 * positions * keys * width for width in attention_widths(model.backbone))
     head = batch_size * model.head.in_features * model.head.out_features
     return Macs(projections, attention, head)
 
@@ -224,7 +227,7 @@ def environment(config: BenchmarkConfig, models: dict[str, PromptClassifier]) ->
 
 @torch.no_grad()
 def _configuration(models: dict[str, PromptClassifier], reference: str, batch_size: int, length: int,
-                   config: BenchmarkConfig, device: torch.device) -> list[dict]:
+                   config: BenchmarkConfig, device: torch.device, baselines: Sequence[str] = ()) -> list[dict]:
     names = list(models)
     vocab = models[reference].backbone.config.vocab_size
     ids, mask = _inputs(vocab, batch_size, length, device, config.seed)
@@ -253,7 +256,7 @@ def _configuration(models: dict[str, PromptClassifier], reference: str, batch_si
         speedup, macs = statistics.median(ratios), count_macs(model, batch_size, length).total
         rows.append({
             "model": name, "batch_size": batch_size, "text_tokens": length,
-            "seq_len": length + model.config.prompt_length, "repeats": repeats,
+            "seq_len": length + model.prompt_positions, "repeats": repeats,
             "latency_ms": 1e3 * seconds, "latency_p10_ms": 1e3 * _percentile(times[name], 0.1),
             "latency_p90_ms": 1e3 * _percentile(times[name], 0.9),
             "cpu_ms": 1e3 * statistics.median(cpu[name]) if on_cpu else None, "throughput": batch_size / seconds,
@@ -262,20 +265,25 @@ def _configuration(models: dict[str, PromptClassifier], reference: str, batch_si
             "cpu_speedup": statistics.median(cpu[reference]) / statistics.median(cpu[name]) if on_cpu else None,
             "gmacs": macs / 1e9, "speedup_bound": ref_macs / macs, "bound_ratio": speedup * macs / ref_macs,
             "parameters": model.num_parameters(),
+            # against each baseline (e.g. the full model of each prompt method), paired per round as above
+            "speedups": {b: statistics.median([a / t for a, t in zip(times[b], times[name])]) for b in baselines},
+            "bounds": {b: count_macs(models[b], batch_size, length).total / macs for b in baselines},
         })
     return rows
 
 
 def benchmark(models: dict[str, PromptClassifier], config: BenchmarkConfig = BenchmarkConfig(),
-              reference: str | None = None) -> dict:
-    """Time every model over the grid of batch sizes x text lengths against `reference` (default: the first).
+              reference: str | None = None, baselines: Sequence[str] = ()) -> dict:
+    """Time every model over the grid of batch sizes x text lengths against `reference` (default: the first), and
+    against each of `baselines` (rows' "speedups" and "bounds": baseline -> value).
 
     Moves the models to the configured device and dtype (in place). Returns {"environment": ..., "rows": [...]},
     JSON-able: a row per (batch size, text length, model) with latency, throughput (examples/s), speed-up and its
     arithmetic bound, parameters and, with config.memory, the forward's peak memory (peak_mem_mb)."""
     reference = reference or next(iter(models))
-    if reference not in models:
-        raise KeyError(f"reference {reference!r} is not one of the models: {', '.join(models)}")
+    for name in (reference, *baselines):
+        if name not in models:
+            raise KeyError(f"reference {name!r} is not one of the models: {', '.join(models)}")
     device, threads = torch.device(config.device), torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -284,7 +292,7 @@ def benchmark(models: dict[str, PromptClassifier], config: BenchmarkConfig = Ben
             model.to(device=device, dtype=DTYPES[config.dtype]).eval()
         env = environment(config, models)
         grid = [(b, n) for b in config.batch_sizes for n in config.lengths]
-        rows = [row for b, n in grid for row in _configuration(models, reference, b, n, config, device)]
+        rows = [row for b, n in grid for row in _configuration(models, reference, b, n, config, device, baselines)]
         if config.memory:
             inputs = {(b, n): _inputs(models[reference].backbone.config.vocab_size, b, n, device, config.seed)
                       for b, n in grid}
@@ -312,7 +320,7 @@ def checkpoint_sizes(folder: str | Path) -> dict:
 
 
 def benchmark_folders(folders: dict[str, str | Path], config: BenchmarkConfig = BenchmarkConfig(),
-                      reference: str | None = None) -> dict:
+                      reference: str | None = None, baselines: Sequence[str] = ()) -> dict:
     """`benchmark` over exported model folders (name -> folder), rows with their rate, kept width, path and
     checkpoint sizes."""
     from skeleton.prune import load_skeleton
@@ -322,7 +330,7 @@ def benchmark_folders(folders: dict[str, str | Path], config: BenchmarkConfig = 
         models[name], _, neurons = load_skeleton(folder)
         meta[name] = {"rate": neurons.get("rate"), "head_rate": neurons.get("head_rate"),
                       "kept_width": neurons.get("kept_width"), "path": str(folder), **checkpoint_sizes(folder)}
-    result = benchmark(models, config, reference)
+    result = benchmark(models, config, reference, baselines)
     result["rows"] = [{"model": r["model"], **meta[r["model"]], **r} for r in result["rows"]]
     return result
 

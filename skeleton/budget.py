@@ -57,13 +57,14 @@ def candidates(model: PromptClassifier, ffn_scores: list[torch.Tensor], head_sco
     check_target_speedup(target_speedup)
     backbone = model.backbone
     family = family_of(backbone)
-    seq = text_len + model.config.prompt_length
+    seq = text_len + model.prompt_positions  # positions the layers run (a prefix adds keys only)
+    keys = text_len + model.config.prompt_length
     blocks = family.ffn_blocks(backbone)
     attention = family.attention_blocks(backbone) if head_scores else []
     # MACs per unit and position: a neuron's rows of the up projections and its column of the down projection;
     # a head's q/k/v rows and output columns, plus its share of the attention scores and weighted values.
     neuron_cost = [seq * (sum(up.in_features for up in b.up) + b.down.out_features) for b in blocks]
-    head_cost = [seq * a.head_dim * (sum(p.in_features for p in a.qkv) + a.out.out_features) + 2 * seq * seq * a.head_dim
+    head_cost = [seq * a.head_dim * (sum(p.in_features for p in a.qkv) + a.out.out_features) + 2 * seq * keys * a.head_dim
                  for a in attention]
     total = count_macs(model, 1, text_len).total
     budget = total / target_speedup

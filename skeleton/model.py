@@ -1,9 +1,17 @@
-"""The task model: a frozen backbone, m trainable soft-prompt vectors and a small head (pooling + linear).
+"""The task model: a frozen backbone, a trainable prompt (PROMPT_METHODS) and a small head (pooling + linear).
 
-    logits = linear(pool(backbone([prompt; embed(input_ids)])))
+    logits = linear(pool(backbone(prompt(embed(input_ids)))))
 
-input_ids, attention_mask: (batch, seq), right-padded -> logits: (batch, num_labels). Pooling (AdapterConfig.pooling,
-default from the backbone's family), always over the text tokens, prompt positions excluded:
+Prompt methods (AdapterConfig.prompt_method):
+  "input"   m soft-prompt vectors prepended to the token embeddings (Lester et al.): the prompt positions run
+            through every layer, FFN and projections included;
+  "prefix"  m trained key/value vectors per layer (prefix tuning / P-Tuning v2), handed to the backbone as a
+            key/value cache: every text token attends to them in every layer, and they run no FFN and no
+            projection at all, so the prompt costs only the attention over m more keys.
+
+input_ids, attention_mask: (batch, seq), right-padded -> logits: (batch, num_labels). `embed` returns the inputs of
+the positions the layers run (B, P+T, d) with their mask (P = m for "input", 0 for "prefix"). Pooling
+(AdapterConfig.pooling, default from the backbone's family), always over the text tokens, prompt positions excluded:
   "mean"       their mean (what the MiniLM sentence-transformer was trained for);
   "attention"  their mean plus an attention-weighted mean under one learned query vector (d trainable numbers,
                starting at zero, i.e. at twice the mean): lets the head weigh the words that carry the label;
@@ -12,6 +20,7 @@ With prompt_length=0 the module is the linear probe on frozen features.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,10 +30,111 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from skeleton.backbones import family_of
+from skeleton.registry import Registry
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 POOLINGS = ("mean", "attention", "last")
+
+
+class InputPrompt(nn.Module):
+    """m soft-prompt vectors prepended to the token embeddings, initialised from randomly drawn vocabulary
+    embeddings (the usual prompt-tuning init). State: "prompt" (m, d)."""
+
+    def __init__(self, backbone: nn.Module, length: int, generator: torch.Generator):
+        super().__init__()
+        self.length = length
+        embeddings = backbone.get_input_embeddings().weight
+        rows = torch.randint(0, embeddings.shape[0], (length,), generator=generator)
+        self.prompt = nn.Parameter(embeddings[rows].detach().clone())
+
+    @property
+    def positions(self) -> int:
+        """Positions the prompt adds to what every layer runs."""
+        return self.length
+
+    def inputs(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = tokens.shape[0]
+        prompt = self.prompt.unsqueeze(0).expand(batch, -1, -1).to(tokens.dtype)
+        return torch.cat([prompt, tokens], 1), torch.cat([attention_mask.new_ones(batch, self.length), attention_mask], 1)
+
+    def backbone_kwargs(self, backbone: nn.Module, attention_mask: torch.Tensor) -> dict:
+        return {"attention_mask": attention_mask}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"prompt": self.prompt}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.prompt.copy_(state["prompt"])
+
+    def keep_heads(self, heads: list[torch.Tensor]) -> None:
+        """Nothing to do: the prompt is an input, not per head."""
+
+
+class PrefixPrompt(nn.Module):
+    """Per layer, m trained keys and values (2, kv_heads, m, head_dim), given to the backbone as a key/value cache
+    in front of the text's own (prefix tuning, P-Tuning v2). The text keeps positions 0..T-1. Initialised with the
+    keys and values the backbone itself computes for m randomly drawn vocabulary tokens, so training starts from
+    what an input-level prompt of real words would give every layer. State: "prefix.<layer>"."""
+
+    def __init__(self, backbone: nn.Module, length: int, generator: torch.Generator):
+        super().__init__()
+        self.length = length
+        vocab = backbone.get_input_embeddings().weight.shape[0]
+        rows = torch.randint(0, vocab, (1, length), generator=generator)
+        with torch.no_grad():
+            cache = self._cache_class()()
+            backbone(input_ids=rows, **{_cache_kwarg(backbone): cache}, use_cache=False)
+        self.layers = nn.ParameterList(
+            [nn.Parameter(torch.stack([layer.keys[0], layer.values[0]]).detach().clone()) for layer in cache.layers])
+
+    @staticmethod
+    def _cache_class():
+        from transformers import DynamicCache
+
+        return DynamicCache
+
+    @property
+    def positions(self) -> int:
+        return 0  # the prefix adds keys and values, no positions
+
+    def inputs(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tokens, attention_mask
+
+    def backbone_kwargs(self, backbone: nn.Module, attention_mask: torch.Tensor) -> dict:
+        batch, text = attention_mask.shape
+        cache = self._cache_class()()
+        for i, kv in enumerate(self.layers):  # a fresh cache per forward: the backbone appends the text's keys to it
+            cache.update(kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1), i)
+        prefix_mask = attention_mask.new_ones(batch, self.length)
+        positions = torch.arange(text, device=attention_mask.device).expand(batch, -1)
+        return {"attention_mask": torch.cat([prefix_mask, attention_mask], 1), "position_ids": positions,
+                _cache_kwarg(backbone): cache}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"prefix.{i}": kv for i, kv in enumerate(self.layers)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Takes the saved shapes: a head-pruned skeleton's prefix has fewer heads than the backbone it plugs into."""
+        device = self.layers[0].device
+        self.layers = nn.ParameterList([nn.Parameter(state[f"prefix.{i}"].detach().clone().to(device))
+                                        for i in range(len(self.layers))])
+
+    def keep_heads(self, heads: list[torch.Tensor]) -> None:
+        """Cut the prefix of the attention heads a skeleton removed (kept head indices per layer)."""
+        self.layers = nn.ParameterList([nn.Parameter(kv.detach().index_select(1, h.to(kv.device)).clone())
+                                        for kv, h in zip(self.layers, heads)])
+
+
+def _cache_kwarg(backbone: nn.Module) -> str:
+    """How the backbone's forward takes a key/value cache: BERT's `cache`, everyone else's `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
+PROMPT_METHODS: Registry[type] = Registry("prompt method")
+PROMPT_METHODS.register("input")(InputPrompt)
+PROMPT_METHODS.register("prefix")(PrefixPrompt)
 
 
 @dataclass
@@ -33,6 +143,7 @@ class AdapterConfig:
     prompt_length: int = 20
     label_names: list[str] = field(default_factory=list)
     pooling: str | None = None  # one of POOLINGS (see module doc); None: the backbone family's default
+    prompt_method: str = "input"  # one of PROMPT_METHODS (see module doc)
 
     def __post_init__(self):
         if self.num_labels < 2:
@@ -42,6 +153,13 @@ class AdapterConfig:
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))} (or None for the backbone "
                              f"family's default), got {self.pooling!r}")
+        check_prompt_method(self.prompt_method)
+
+
+def check_prompt_method(name: str) -> str:
+    if name not in PROMPT_METHODS:
+        raise ValueError(f"unknown prompt method {name!r}; known: {', '.join(PROMPT_METHODS.names())}")
+    return name
 
 
 class PromptClassifier(nn.Module):
@@ -52,10 +170,9 @@ class PromptClassifier(nn.Module):
             config = replace(config, pooling=family_of(backbone).default_pooling)
         self.config = config
         embeddings = backbone.get_input_embeddings().weight
-        # Initialise the prompt from randomly drawn vocabulary embeddings: the usual prompt-tuning init.
         generator = torch.Generator().manual_seed(seed)
-        rows = torch.randint(0, embeddings.shape[0], (config.prompt_length,), generator=generator)
-        self.prompt = nn.Parameter(embeddings[rows].detach().clone())
+        method = PROMPT_METHODS[config.prompt_method] if config.prompt_length else InputPrompt
+        self.prompt = method(backbone, config.prompt_length, generator)
         self.head = nn.Linear(embeddings.shape[1], config.num_labels)
         self.query = nn.Parameter(torch.zeros(embeddings.shape[1])) if config.pooling == "attention" else None
         with torch.no_grad():
@@ -67,28 +184,30 @@ class PromptClassifier(nn.Module):
         self.backbone.eval()  # the backbone stays in eval mode: frozen, no dropout
         return self
 
+    @property
+    def prompt_positions(self) -> int:
+        """Positions the prompt adds to what every layer runs: m for an input prompt, 0 for a prefix."""
+        return self.prompt.positions
+
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """(inputs_embeds (B, m+T, d), attention_mask (B, m+T)) with the prompt prepended."""
-        tokens = self.backbone.get_input_embeddings()(input_ids)
-        batch = input_ids.shape[0]
-        prompt = self.prompt.unsqueeze(0).expand(batch, -1, -1)
-        prompt_mask = attention_mask.new_ones(batch, self.config.prompt_length)
-        return torch.cat([prompt, tokens], 1), torch.cat([prompt_mask, attention_mask], 1)
+        """(inputs_embeds (B, P+T, d), attention_mask (B, P+T)) of the positions the layers run."""
+        return self.prompt.inputs(self.backbone.get_input_embeddings()(input_ids), attention_mask)
 
     def hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The backbone's last hidden states (B, m+T, d)."""
-        return self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        """The backbone's last hidden states (B, P+T, d)."""
+        kwargs = self.prompt.backbone_kwargs(self.backbone, attention_mask)
+        return self.backbone(inputs_embeds=inputs_embeds, use_cache=False, **kwargs).last_hidden_state
 
     def features(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.pool(self.hidden(inputs_embeds, attention_mask), attention_mask)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, m+T, d) hidden states -> (B, d) features of the text tokens (the first m positions are the prompt)."""
+        """(B, P+T, d) hidden states -> (B, d) features of the text tokens (the first P positions are the prompt)."""
         if self.config.pooling == "last":  # the last attended position: the last text token under right padding
             last = (attention_mask * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(1)
             return hidden[torch.arange(len(hidden), device=hidden.device), last]
-        m = self.config.prompt_length
-        text, mask = hidden[:, m:], attention_mask[:, m:].unsqueeze(-1).to(hidden.dtype)
+        p = self.prompt_positions
+        text, mask = hidden[:, p:], attention_mask[:, p:].unsqueeze(-1).to(hidden.dtype)
         mean = (text * mask).sum(1) / mask.sum(1).clamp(min=1)
         if self.query is None:
             return mean
@@ -99,12 +218,22 @@ class PromptClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(*self.embed(input_ids, attention_mask)))
 
+    def layer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """(logits, every layer's output at the text positions [(B, T, d)] * layers, text mask (B, T)): what
+        layer-by-layer distillation compares."""
+        embeds, mask = self.embed(input_ids, attention_mask)
+        kwargs = self.prompt.backbone_kwargs(self.backbone, mask)
+        out = self.backbone(inputs_embeds=embeds, use_cache=False, output_hidden_states=True, **kwargs)
+        p = self.prompt_positions
+        logits = self.head(self.pool(out.last_hidden_state, mask))
+        return logits, [h[:, p:] for h in out.hidden_states[1:]], mask[:, p:]
+
     def head_parameters(self) -> list[nn.Parameter]:
         """What trains besides the prompt: the linear layer, and the pooling query if there is one."""
         return [*self.head.parameters(), *([self.query] if self.query is not None else [])]
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        state = {"prompt": self.prompt, "head.weight": self.head.weight, "head.bias": self.head.bias}
+        state = {**self.prompt.state(), "head.weight": self.head.weight, "head.bias": self.head.bias}
         if self.query is not None:
             state["query"] = self.query
         return {k: v.detach() for k, v in state.items()}
@@ -128,8 +257,8 @@ class PromptClassifier(nn.Module):
         return model
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.prompt.load_state(state)
         with torch.no_grad():
-            self.prompt.copy_(state["prompt"])
             self.head.weight.copy_(state["head.weight"])
             self.head.bias.copy_(state["head.bias"])
             if self.query is not None:

@@ -27,6 +27,7 @@ from torch import nn
 from skeleton.backbones import family_of
 from skeleton.io import atomic_dir, file_sha256
 from skeleton.model import PromptClassifier
+from skeleton.record import read_record, write_record
 from skeleton.registry import Registry
 
 MANIFEST = "manifest.json"
@@ -266,12 +267,11 @@ def export_skeleton(model: PromptClassifier, tokenizer, keep: list[torch.Tensor]
     """Write a skeleton folder atomically: it appears whole or not at all. `heads`: kept head indices per layer
     when heads were pruned (recorded in neurons.json)."""
     folder = Path(folder)
-    record = {"keep": [k.tolist() for k in keep], **({"heads": [h.tolist() for h in heads]} if heads else {}), **meta}
     with atomic_dir(folder) as tmp:
         family_of(model.backbone).checkpoint_model(model.backbone).save_pretrained(tmp / "backbone")
         tokenizer.save_pretrained(tmp / "backbone")
         model.save_adapter(tmp / "adapter")
-        (tmp / "neurons.json").write_text(json.dumps(record))
+        write_record(tmp, [k.tolist() for k in keep], [h.tolist() for h in heads] if heads else None, meta)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {str(p.relative_to(tmp)): file_sha256(p) for p in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -303,4 +303,4 @@ def load_skeleton(folder: str | Path):
     backbone = AutoModel.from_pretrained(folder / "backbone", dtype="float32", local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder / "backbone", local_files_only=True)
     model = PromptClassifier.from_adapter(backbone, folder / "adapter").eval()
-    return model, tokenizer, json.loads((folder / "neurons.json").read_text())
+    return model, tokenizer, read_record(folder)

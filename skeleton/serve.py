@@ -31,6 +31,7 @@ from torch import nn
 from skeleton.backbones import attention_blocks, family_of, load_backbone, norm_parameters
 from skeleton.model import PromptClassifier
 from skeleton.prune import MANIFEST, ArtifactError, verify
+from skeleton.record import read_meta, read_record, skeleton_name as default_name  # noqa: F401 (re-exported)
 from skeleton.registry import Registry
 
 DEFAULT_MAX_LENGTH = 64  # truncation when the skeleton does not record the max_length it was trained with
@@ -42,34 +43,6 @@ CONFIG_IGNORED = {"intermediate_size", "per_layer_config", "model_type", "_name_
 
 class ExpertMismatchError(ValueError):
     """A skeleton that is not an expert of the loaded backbone: its weights are not a slice of the backbone's."""
-
-
-def read_meta(folder: str | Path) -> dict:
-    """neurons.json of a skeleton folder without the index lists, plus its kept width (and heads) per layer."""
-    record = json.loads((Path(folder) / "neurons.json").read_text())
-    keep, heads = record.pop("keep"), record.pop("heads", None)
-    counts = {"kept_widths": [len(k) for k in keep], **({"kept_heads": [len(h) for h in heads]} if heads else {})}
-    return {**record, **counts}
-
-
-def default_name(meta: dict, folder: str | Path) -> str:
-    """<task>-<method>-p<rate> from a skeleton's recorded meta (the full model is method "full"), then -h<head rate>,
-    -<allocation>, -rec (reconstructed) and -norms (normalisation layers tuned) where they are not the
-    defaults; the folder name when the task is not recorded (skeletons exported before it was)."""
-    if not meta.get("task"):
-        return Path(folder).name
-    rate = float(meta.get("rate", 0.0))
-    method = meta.get("method") or ("full" if rate == 0.0 else None)
-    parts = [meta["task"], *([method] if method else []), f"p{rate}"]
-    if meta.get("head_rate"):
-        parts.append(f"h{float(meta['head_rate'])}")
-    if meta.get("allocation", "uniform") != "uniform":
-        parts.append(meta["allocation"])
-    if meta.get("reconstruct"):
-        parts.append("rec")
-    if meta.get("tune_norms"):
-        parts.append("norms")
-    return "-".join(parts)
 
 
 def find_skeletons(paths: Iterable[str | Path]) -> list[Path]:
@@ -188,8 +161,7 @@ class SkeletonServer:
             verify(folder)
         except ArtifactError as e:
             raise ArtifactError(f"expert {label!r}: {e}") from None
-        record = json.loads((folder / "neurons.json").read_text())
-        meta = {k: v for k, v in record.items() if k not in ("keep", "heads")}
+        record, meta = read_record(folder), read_meta(folder)
         name = name or default_name(meta, folder)
         if name in self.experts:
             raise ValueError(f"an expert named {name!r} is already loaded (from {self.experts[name].folder}); "

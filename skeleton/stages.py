@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -26,6 +28,7 @@ from skeleton.io import atomic_dir
 from skeleton.model import AdapterConfig, PromptClassifier
 from skeleton.prune import (check_allocation, check_head_rate, check_rate, export_skeleton, keep_top, load_skeleton,
                             reconstruct_ffn, select, select_heads, slice_ffn, slice_heads)
+from skeleton.record import method_of
 from skeleton.train import TrainConfig, predict, train
 
 log = logging.getLogger("skeleton")
@@ -59,20 +62,22 @@ def full_keep(backbone) -> list[torch.Tensor]:
     return [torch.arange(b.down.in_features) for b in family_of(backbone).ffn_blocks(backbone)]
 
 
-def tune_prompt(out: Path, data: str, backbone: str, prompt_length: int, train_config: dict) -> dict:
+def tune_prompt(out: Path, data: str, backbone: str, prompt_length: int, train_config: dict,
+                prompt_method: str = "input") -> dict:
     """Prompt-tune the full model and export it as a rate-0 skeleton (every neuron kept). With
     train_config["tune_norms"] its normalisation layers train too (recorded as "tune_norms"), and every skeleton
-    cut from it inherits them."""
+    cut from it inherits them. With train_config["finetune"] every backbone weight trains: the fine-tuned
+    reference (usually with prompt_length 0: the head alone on top)."""
     dsd, info = load_data(data)
     config = TrainConfig(**train_config)
+    adapter = AdapterConfig(len(info["label_names"]), prompt_length, info["label_names"], prompt_method=prompt_method)
     model_backbone, tokenizer = load_backbone(backbone)
-    model = PromptClassifier(model_backbone, AdapterConfig(len(info["label_names"]), prompt_length, info["label_names"]),
-                             seed=config.seed)
+    model = PromptClassifier(model_backbone, adapter, seed=config.seed)
     start = time.perf_counter()
     record = train(model, dsd["train"], dsd["validation"], info["pad_id"], config)
     record["train_seconds"] = time.perf_counter() - start
     meta = {"rate": 0.0, "backbone": backbone, "task": info["task"], "max_length": info["max_length"],
-            "tune_norms": config.tune_norms, **record}
+            "tune_norms": config.tune_norms, "finetune": config.finetune, "prompt_method": prompt_method, **record}
     export_skeleton(model, tokenizer, full_keep(model_backbone), out, meta)
     return {"path": str(out), **record}
 
@@ -168,6 +173,7 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
         heads = select_heads(head_scores, head_rate, allocation) if head_rate > 0 else None
     if heads is not None:
         slice_heads(classifier.backbone, heads)
+        classifier.prompt.keep_heads(heads)  # a prefix holds keys and values per head
     if reconstruct:  # statistics of the network as it will run: heads already cut, every FFN neuron still there
         sample = dsd["train"].shuffle(seed=config.seed)
         sample = sample.select(range(min(calibration_examples, len(sample))))
@@ -177,14 +183,15 @@ def build_skeleton(out: Path, data: str, model: str, scores: str, rate: float, t
     if teacher:
         train_set = train_set.add_column("teacher", load_file(teacher)["logits"].tolist())
     start = time.perf_counter()
-    record = train(classifier, train_set, dsd["validation"], info["pad_id"], config)
+    full = load_skeleton(model)[0] if config.distill_hidden else None  # the teacher of layer-by-layer distillation
+    record = train(classifier, train_set, dsd["validation"], info["pad_id"], config, teacher=full)
     record["train_seconds"] = time.perf_counter() - start
-    made_by = Path(scores).with_name("scores.json")
-    method = json.loads(made_by.read_text())["method"] if made_by.is_file() else None
+    method = method_of(scores)
     widths = [len(k) for k in keep]
     shape = {"kept_width": round(sum(widths) / len(widths)),  # the width of every layer unless they differ: the mean
              "kept_widths": widths, "allocation": allocation, "head_rate": head_rate, "reconstruct": reconstruct,
              "tune_norms": config.tune_norms or bool(parent.get("tune_norms")), "target_speedup": target_speedup,
+             "prompt_method": classifier.config.prompt_method,
              **joint, **({"kept_heads": [len(h) for h in heads]} if heads is not None else {})}
     meta = {"rate": rate, **shape, "scores": scores, "method": method, "task": info["task"],
             "backbone": parent.get("backbone"), "max_length": info["max_length"], **record}
@@ -206,9 +213,27 @@ def evaluate(out: Path, data: str, model: str) -> dict:
 
 
 def benchmark(full: str, skeletons: list[str], batch_sizes: Sequence[int] = (32,), lengths: Sequence[int] = (64,),
-              repeats: int = 20, device: str = "cpu") -> dict:
-    """Speed-up of each skeleton over the full model, with its arithmetic bound, at every batch size x text length
-    (`skeleton.benchmark`). Returns {"environment", "rows"}; rows are named by model folder path."""
+              repeats: int = 20, device: str = "cpu", baselines: Sequence[str] = (), fresh_process: bool = True) -> dict:
+    """Speed-up of each skeleton over the full model (and over each of `baselines`, other model folders: rows'
+    "speedups"), with its arithmetic bound, at every batch size x text length (`skeleton.benchmark`). Returns
+    {"environment", "rows"}; rows are named by model folder path.
+
+    fresh_process: measure in a new Python process. A process that has trained and evaluated models runs the wide
+    float32 passes of a full model differently (allocator and cache state): inside a sweep the speed-ups came out up
+    to 16% below what the standalone harness measured on the same folders minutes later."""
+    args = dict(full=full, skeletons=list(skeletons), batch_sizes=list(batch_sizes), lengths=list(lengths),
+                repeats=repeats, device=device, baselines=list(baselines))
+    if fresh_process:
+        done = subprocess.run([sys.executable, "-m", "skeleton.stages", "benchmark", json.dumps(args)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"the benchmark process failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
     config = bench.BenchmarkConfig(batch_sizes=tuple(batch_sizes), lengths=tuple(lengths), repeats=repeats,
                                    device=device)
-    return bench.benchmark_folders({path: path for path in [full, *skeletons]}, config, reference=full)
+    folders = {path: path for path in dict.fromkeys([full, *skeletons, *baselines])}
+    return bench.benchmark_folders(folders, config, reference=full, baselines=list(baselines))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["benchmark"]:  # the fresh process of benchmark()
+    print(json.dumps(benchmark(**json.loads(sys.argv[2]), fresh_process=False)))

@@ -31,12 +31,22 @@ class TrainConfig:
     # also train the backbone's normalisation gains and biases (backbones.norm_parameters), at lr_head: lets a
     # skeleton's re-tuning rescale what its cut layers pass on; they are then part of the exported checkpoint
     tune_norms: bool = False
+    # train every backbone weight too, at lr_backbone: full fine-tuning, the reference a user could pick instead
+    finetune: bool = False
+    lr_backbone: float = 5e-5
+    # stop after this many validation checks without a new best (0: run every step of the budget)
+    patience: int = 0
+    # weight of layer-by-layer distillation from a teacher's hidden states (train(teacher=...)): the mean over
+    # layers of the text positions' squared error, each layer scaled by the teacher's mean square there; 0 = off
+    distill_hidden: float = 0.0
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1:
             raise ValueError(f"steps, batch_size and eval_every must be positive: {self}")
         if not 0.0 <= self.distill <= 1.0 or self.temperature <= 0:
             raise ValueError(f"distill must be in [0, 1] and temperature positive: {self}")
+        if self.patience < 0 or self.distill_hidden < 0 or self.lr_backbone <= 0:
+            raise ValueError(f"patience and distill_hidden must be >= 0 and lr_backbone positive: {self}")
         check_precision(self.precision)
 
 
@@ -129,20 +139,37 @@ def objective(logits: torch.Tensor, batch: dict, config: TrainConfig) -> torch.T
     return (1 - config.distill) * loss + config.distill * soft
 
 
-def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: TrainConfig) -> dict:
-    """Tune the prompt and head (and with config.tune_norms the backbone's normalisation layers; the rest of the
-    backbone stays frozen). Returns a small record of the run."""
+def hidden_distillation(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of the text positions' squared error, each layer's divided by the teacher's mean square
+    there (so every layer weighs alike whatever its scale). States: per layer (B, T, d); mask (B, T)."""
+    weight = mask.unsqueeze(-1).to(student[0].dtype)
+    losses = [(((s - t) ** 2) * weight).sum() / ((t ** 2) * weight).sum().clamp(min=1e-12)
+              for s, t in zip(student, teacher)]
+    return torch.stack(losses).mean()
+
+
+def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: TrainConfig,
+          teacher: PromptClassifier | None = None) -> dict:
+    """Tune the prompt and head (with config.tune_norms also the backbone's normalisation layers, with
+    config.finetune every backbone weight; else the backbone stays frozen). With config.distill_hidden, `teacher`
+    (the full model a skeleton was cut from) gives the hidden states the student's should match, layer by layer.
+    Returns a small record of the run."""
     torch.manual_seed(config.seed)
-    norms = norm_parameters(model.backbone) if config.tune_norms else {}
-    for parameter in norms.values():
+    if config.distill_hidden and teacher is None:
+        raise ValueError("distill_hidden > 0 needs a teacher model (the full model the skeleton was cut from)")
+    trained = dict(model.backbone.named_parameters()) if config.finetune else (
+        norm_parameters(model.backbone) if config.tune_norms else {})
+    for parameter in trained.values():
         parameter.requires_grad_(True)
-    groups = [{"params": [model.prompt], "lr": config.lr_prompt},
-              {"params": [*model.head_parameters(), *norms.values()], "lr": config.lr_head}]
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    groups = [{"params": list(model.prompt.parameters()), "lr": config.lr_prompt},
+              {"params": model.head_parameters(), "lr": config.lr_head}]
+    if trained:
+        groups.append({"params": list(trained.values()), "lr": config.lr_backbone if config.finetune else config.lr_head})
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {**{k: v.clone() for k, v in model.adapter_state().items()},
-                **{f"backbone.{k}": v.detach().clone() for k, v in norms.items()}}
+                **{f"backbone.{k}": v.detach().clone() for k, v in trained.items()}}
 
     def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%
         if step < config.warmup_steps:
@@ -153,14 +180,23 @@ def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: Trai
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     best = {"val_accuracy": -1.0, "step": 0}
     best_state = None
-    step, running, epoch = 0, 0.0, 0
-    while step < config.steps:
+    step, running, epoch, stale = 0, 0.0, 0, 0
+    device = model.head.weight.device
+    while step < config.steps and (not config.patience or stale < config.patience):
         epoch += 1
         for batch in batches(train_set, pad_id, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch):
             model.train()
-            with autocast(config.precision, model.prompt.device):
-                logits = model(batch["input_ids"], batch["attention_mask"])
+            with autocast(config.precision, device):
+                if config.distill_hidden:
+                    logits, states, mask = model.layer_states(batch["input_ids"], batch["attention_mask"])
+                    with torch.no_grad():
+                        _, targets, _ = teacher.layer_states(batch["input_ids"], batch["attention_mask"])
+                else:
+                    logits = model(batch["input_ids"], batch["attention_mask"])
             loss = objective(logits.float(), batch, config)
+            if config.distill_hidden:
+                loss = loss + config.distill_hidden * hidden_distillation(
+                    [s.float() for s in states], [t.float() for t in targets], mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -177,10 +213,13 @@ def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: Trai
                 if val_acc > best["val_accuracy"]:
                     best = {"val_accuracy": val_acc, "step": step}
                     best_state = snapshot()
-            if step >= config.steps:
+                    stale = 0
+                else:
+                    stale += 1
+            if step >= config.steps or (config.patience and stale >= config.patience):
                 break
     model.load_adapter_state(best_state)
     with torch.no_grad():
-        for name, parameter in norms.items():
+        for name, parameter in trained.items():
             parameter.copy_(best_state[f"backbone.{name}"]).requires_grad_(False)
-    return {**best, "steps": config.steps}
+    return {**best, "steps": step}

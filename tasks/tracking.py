@@ -184,7 +184,9 @@ def log_point(parent_run_id: str, row: dict, benchmark_rows: list[dict] = ()) ->
                                f"tags.`skeleton.point` = '{key}'")
     if any(r.info.status == "FINISHED" for r in found):
         return next(r.info.run_id for r in found if r.info.status == "FINISHED")
-    name = f"{row['method']}-p{row['rate']}" + (f"-h{row['head_rate']}" if row["head_rate"] else "")
+    from skeleton.record import skeleton_name
+
+    name = skeleton_name(row)
     if found:
         run_id = found[0].info.run_id
     else:

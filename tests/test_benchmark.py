@@ -246,3 +246,28 @@ def test_script_random_init_needs_no_weights(script, tiny_backbone_dir, tmp_path
                         "--out", str(tmp_path / "out"), *TINY_GRID]) == 0
     rows = json.loads((tmp_path / "out" / "benchmark.json").read_text())["rows"]
     assert len(rows) == 2 and rows[1]["speedup_bound"] > 1 and "peak_mem_mb" not in rows[0]
+
+
+def test_stage_benchmark_runs_in_a_fresh_process_against_every_baseline(tmp_path, minilm_tokenizer):
+    """The sweep's benchmark stage: a new process (the sweep's own trained-in process skews wide passes), rows
+    with a speed-up and bound against each baseline folder, paired per round."""
+    from skeleton import stages
+    from skeleton.prune import export_skeleton, select, slice_ffn
+
+    folders = {}
+    for name, rate, method in (("input", 0.0, "input"), ("prefix", 0.0, "prefix"), ("cut", 0.5, "prefix")):
+        model = PromptClassifier(bert().backbone, AdapterConfig(num_labels=3, prompt_length=M, prompt_method=method))
+        keep = select([torch.rand(64, generator=torch.Generator().manual_seed(1)) for _ in range(2)], rate)
+        slice_ffn(model.backbone, keep)
+        folders[name] = str(export_skeleton(model, minilm_tokenizer, keep, tmp_path / name, {"rate": rate}))
+    result = stages.benchmark(folders["input"], [folders["cut"]], [2], [8], repeats=3,
+                              baselines=[folders["prefix"]])
+    assert result["environment"]["threads"] >= 1
+    rows = {r["model"]: r for r in result["rows"]}
+    assert set(rows) == set(folders.values())
+    cut = rows[folders["cut"]]
+    assert cut["seq_len"] == 8 and rows[folders["input"]]["seq_len"] == 8 + M  # a prefix runs no positions
+    assert set(cut["speedups"]) == set(cut["bounds"]) == {folders["prefix"]}
+    assert cut["speedup_bound"] > cut["bounds"][folders["prefix"]] > 1.0  # the input prompt costs more positions
+    assert cut["speedups"][folders["prefix"]] > 0
+
