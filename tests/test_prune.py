@@ -157,3 +157,19 @@ def test_reconstruction_is_the_least_squares_fit_of_the_full_ffn_output(tiny_cla
     got = layer0(rebuilt)[1]
     torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-4)
     assert ((layer0(plain)[1] - full) ** 2).sum() > 1.5 * ((got - full) ** 2).sum()
+
+
+def test_the_skeleton_record_reads_back_what_was_written(tmp_path):
+    """neurons.json: the index lists, the meta, counts per layer, the method from the scores it was cut by, a name."""
+    from skeleton.record import read_meta, read_record, skeleton_name, write_record
+
+    (tmp_path / "scores.json").write_text(json.dumps({"method": "wanda"}))
+    meta = {"rate": 0.5, "task": "reviews", "head_rate": 0.5, "reconstruct": True,
+            "scores": str(tmp_path / "scores.parquet")}
+    write_record(tmp_path, [[0, 2], [1, 3, 5]], [[0], [1]], meta)
+    assert read_record(tmp_path) == {"keep": [[0, 2], [1, 3, 5]], "heads": [[0], [1]], **meta}
+    summary = read_meta(tmp_path)
+    assert summary == {**meta, "kept_widths": [2, 3], "kept_heads": [1, 1], "method": "wanda"}
+    assert skeleton_name(summary, tmp_path) == "reviews-wanda-p0.5-h0.5-rec"
+    assert skeleton_name({"rate": 0.5}, "/skeletons/abc123") == "abc123"  # exported before the task was recorded
+    assert skeleton_name({"method": "random", "rate": 0.8}) == "random-p0.8"  # a sweep point's MLflow run name
