@@ -16,7 +16,6 @@ proportional to each layer's attribution mass). FFN widths are multiples of 8, a
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -25,17 +24,10 @@ import torch
 from torch import nn
 
 from skeleton.backbones import family_of
-from skeleton.io import atomic_dir, file_sha256
+from skeleton.io import MANIFEST, ArtifactError, atomic_dir, verify_dir  # noqa: F401 (re-exported)
 from skeleton.model import PromptClassifier
 from skeleton.record import read_record, write_record
 from skeleton.registry import Registry
-
-MANIFEST = "manifest.json"
-
-
-class ArtifactError(RuntimeError):
-    """A skeleton folder that is missing files or whose files do not match their recorded checksums."""
-
 
 def check_rate(rate: float, name: str = "pruning rate", unit: str = "FFN neurons") -> float:
     if not 0.0 <= rate < 1.0:
@@ -272,25 +264,13 @@ def export_skeleton(model: PromptClassifier, tokenizer, keep: list[torch.Tensor]
         tokenizer.save_pretrained(tmp / "backbone")
         model.save_adapter(tmp / "adapter")
         write_record(tmp, [k.tolist() for k in keep], [h.tolist() for h in heads] if heads else None, meta)
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(tmp)): file_sha256(p) for p in files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return folder
+    return folder  # atomic_dir added the manifest
 
 
 def verify(folder: str | Path) -> dict:
     """Check every file against the manifest; raise ArtifactError naming the first bad one and the fix."""
-    folder = Path(folder)
-    fix = f"delete {folder} and re-run the sweep to rebuild it"
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{folder} is not a complete skeleton ({MANIFEST} unreadable: {e}); {fix}") from None
-    for name, digest in manifest.items():
-        path = folder / name
-        if not path.is_file() or file_sha256(path) != digest:
-            raise ArtifactError(f"skeleton file {path} is missing or corrupt (checksum mismatch); {fix}")
-    return manifest
+    return verify_dir(folder, "skeleton", fix="re-run the sweep that made it: its cache checks every folder before "
+                      "reuse and rebuilds a missing or damaged one (a copy elsewhere: copy it again from its source)")
 
 
 def load_skeleton(folder: str | Path):
