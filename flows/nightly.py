@@ -22,7 +22,7 @@ logging.getLogger("skeleton").setLevel(logging.INFO)
 from prefect import flow  # noqa: E402
 
 from flows.config import NightlyConfig, flow_parameters  # noqa: E402
-from tasks import nightly  # noqa: E402
+from tasks import nightly, prefect_ui  # noqa: E402
 
 
 class BenchmarkRegression(RuntimeError):
@@ -40,6 +40,7 @@ def nightly_benchmark(**parameters) -> list[dict]:
     measured = nightly.measure_reference(baseline, repeats=config.repeats)
     found = regressions(baseline["points"], measured, Thresholds(config.speedup_drop, config.accuracy_drop))
     run_id = nightly.record_night(config.experiment, baseline, measured, found)
+    prefect_ui.nightly_verdict(measured, found, run_id, config.experiment)  # on the flow run, in the Prefect UI
     for m in measured:
         print(f"rate {m['rate']}: speedup {m['speedup']:.3f}x, accuracy {m['accuracy']:.4f}")
     if found:
@@ -48,20 +49,6 @@ def nightly_benchmark(**parameters) -> list[dict]:
 
 
 def promote_from_mlflow(run_id: str | None, method: str, experiment: str = "skeleton") -> dict:
-    """Read a sweep's results table from its MLflow parent run and make it the baseline."""
-    import tempfile
-
-    import pandas as pd
-
-    from tasks.tracking import client_and_experiment
-
-    client, experiment_id = client_and_experiment(experiment)
-    if run_id is None:
-        runs = client.search_runs([experiment_id], "tags.`skeleton.kind` = 'sweep' and attributes.status = 'FINISHED'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-        if not runs:
-            raise LookupError(f"no finished sweep in MLflow experiment {experiment!r}: run `make sweep` first")
-        run_id = runs[0].info.run_id
-    with tempfile.TemporaryDirectory() as tmp:
-        records = pd.read_parquet(client.download_artifacts(run_id, "results.parquet", tmp)).to_dict("records")
+    """Read a sweep's results table from its MLflow parent run and make it the baseline (registry aliases)."""
+    records, run_id = nightly.sweep_records(experiment, run_id)
     return nightly.promote(records, method=method, source=f"mlflow run {run_id}")

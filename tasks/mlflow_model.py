@@ -123,15 +123,19 @@ def skeleton_model(folder: str | Path) -> dict:
     return _spec({"skeleton": str(folder)}, ("text",))
 
 
-def download_skeleton(uri: str, dst: str | Path) -> Path:
-    """The skeleton folder inside a logged skeleton model (`models:/<id>`, `models:/<name>@<alias>`, ...)."""
+def skeleton_in(model_dir: str | Path) -> Path:
+    """The skeleton folder inside a downloaded (or saved) skeleton model."""
     from mlflow.models import Model
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-    artifacts = Model.load(str(local)).flavors["python_function"].get("artifacts", {})
+    artifacts = Model.load(str(model_dir)).flavors["python_function"].get("artifacts", {})
     if "skeleton" not in artifacts:
-        raise ValueError(f"{uri} is not a skeleton model (its artifacts: {', '.join(artifacts) or 'none'})")
-    return local / artifacts["skeleton"]["path"]
+        raise ValueError(f"{model_dir} is not a skeleton model (its artifacts: {', '.join(artifacts) or 'none'})")
+    return Path(model_dir) / artifacts["skeleton"]["path"]
+
+
+def download_skeleton(uri: str, dst: str | Path) -> Path:
+    """The skeleton folder of a logged skeleton model (`models:/<id>`, `models:/<name>@<alias>`, ...)."""
+    return skeleton_in(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
 
 
 def registered_name(task: str) -> str:

@@ -1,83 +1,196 @@
 """Nightly benchmark-regression tasks: the reference workload, its baseline, and the history of nights.
 
-    <artifacts>/nightly/baseline/   baseline.json + copies of the accepted models and the test data
-    <artifacts>/nightly/history.parquet   one row per (night, rate)
+The baseline lives in the MLflow model registry. `promote` registers the full model and a sweep's skeletons (each
+already a LoggedModel) as versions of the task's registered model (skeleton-<task>) and points aliases at them:
+`baseline-full`, `baseline-p50`, `baseline-p80`, ... (rates in percent). The figures accepted at promotion (accuracy
+and speed-up per rate, batch size, length) and the test data (logged once, to a promotion run) are recorded on the
+registered model (tag skeleton.baseline). The nightly run reads its models by alias, so a new sweep changes
+nothing it measures; only an explicit promotion (or moving an alias) does. `production` is the alias serving
+reads (tasks.mlflow_model.expert_folder, scripts/mlflow_serve.py).
 
-The baseline changes only through `promote` (an explicit command), never as a side effect of a nightly run.
+    <artifacts>/nightly/cache/        models and data downloaded from MLflow (by model id / run id)
+    <artifacts>/nightly/history.parquet   one row per (night, rate)
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
 from pathlib import Path
 
 from prefect import task
 
 from tasks.pipeline import BENCHMARK_BATCH_SIZE, artifacts_dir
 
+BASELINE_TAG = "skeleton.baseline"
+
 
 def nightly_dir() -> Path:
     return artifacts_dir() / "nightly"
 
 
-def baseline_file() -> Path:
-    return nightly_dir() / "baseline" / "baseline.json"
+def alias_of(rate: float) -> str:
+    return "baseline-full" if rate == 0 else f"baseline-p{rate * 100:.4g}".replace(".", "_")
 
 
-def read_baseline() -> dict:
-    path = baseline_file()
-    if not path.is_file():
-        raise FileNotFoundError(f"no benchmark baseline at {path}: run a sweep, then promote it with "
-                                "`skeleton nightly promote --latest` (docs/operations.md)")
-    return json.loads(path.read_text())
+def _model_id(client, folder: str) -> str:
+    """The LoggedModel stored for a folder (any experiment): sweeps log every exported model."""
+    from tasks.tracking import stored_model
+
+    for experiment in client.search_experiments():
+        found = stored_model(client, experiment.experiment_id, folder)
+        if found:
+            return found
+    raise LookupError(f"{folder} was never logged to MLflow as a model: run the sweep that made it")
 
 
-def promote(records: list[dict], method: str = "grad_x_act", source: str = "") -> dict:
-    """Make these sweep results the baseline: copies the full model, the `method` skeletons and the data."""
-    from skeleton.io import atomic_dir
-    from skeleton.stages import INFO
-    from tasks.report import FULL
+def register(client, records: list[dict], alias: str | None = None) -> dict[float, str]:
+    """Register the models of `records` (same task) as versions of the task's registered model, each rate's
+    alias pointed at its version (alias_of(rate), or `alias` for all: one record then). Returns rate -> version."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.mlflow_model import registered_name
+
+    task_name = json.loads((Path(records[0]["data"]) / "info.json").read_text())["task"]
+    name = registered_name(task_name)
+    try:
+        client.create_registered_model(name, description=f"Promoted models of task {task_name}")
+    except MlflowException as e:
+        if "already exists" not in str(e).lower():
+            raise
+    versions = {}
+    for r in records:
+        model_id = _model_id(client, r["path"])
+        version = client.create_model_version(name, f"models:/{model_id}", model_id=model_id, tags={
+            "skeleton.rate": str(r["rate"]), "skeleton.method": r["method"], "skeleton.accuracy": str(r["accuracy"])})
+        client.set_registered_model_alias(name, alias or alias_of(r["rate"]), version.version)
+        versions[r["rate"]] = version.version
+    return versions
+
+
+def sweep_records(experiment: str, run_id: str | None = None) -> tuple[list[dict], str]:
+    """A sweep's results table (its MLflow parent run's results.parquet), the latest finished sweep's by default."""
+    import tempfile
+
+    import pandas as pd
+
+    from tasks.tracking import client_and_experiment
+
+    client, experiment_id = client_and_experiment(experiment)
+    if run_id is None:
+        runs = client.search_runs([experiment_id], "tags.`skeleton.kind` = 'sweep' and attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            raise LookupError(f"no finished sweep in MLflow experiment {experiment!r}: run `make sweep` first")
+        run_id = runs[0].info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        return pd.read_parquet(client.download_artifacts(run_id, "results.parquet", tmp)).to_dict("records"), run_id
+
+
+def _first_seed(records: list[dict], method: str) -> tuple[dict, list[dict]]:
+    """The full model and the `method` skeletons (FFN only) of the first seed, by rate."""
+    from tasks.report import main_full
 
     seed = records[0].get("seed", 0)  # a sweep over several seeds: its first seed's models are the baseline
     records = [r for r in records if r.get("seed", 0) == seed and not r.get("head_rate")]
-    full = next(r for r in records if r["method"] == FULL)
-    points = sorted((r for r in records if r["method"] == method), key=lambda r: r["rate"])
+    full = main_full(records)  # and the skeletons of its prompt method
+    points = sorted((r for r in records if r["method"] == method and r.get("prompt") == full.get("prompt")),
+                    key=lambda r: r["rate"])
     if not points:
         raise ValueError(f"no {method!r} rows in these results; methods present: "
                          f"{sorted({r['method'] for r in records})}")
-    with atomic_dir(nightly_dir() / "baseline") as tmp:
-        shutil.copytree(full["data"], tmp / "data")
-        shutil.copytree(full["path"], tmp / "models" / "full")
-        for p in points:
-            shutil.copytree(p["path"], tmp / "models" / f"p{p['rate']}")
-        seq_len = json.loads((Path(full["data"]) / INFO).read_text())["max_length"]
-        baseline = {
-            "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "source": source,
-            "method": method, "full_accuracy": full["accuracy"], "batch_size": BENCHMARK_BATCH_SIZE,
-            "seq_len": seq_len,
-            "points": [{"rate": p["rate"], "accuracy": p["accuracy"], "speedup": p["speedup"],
-                        "model": f"models/p{p['rate']}"} for p in points],
-        }
-        (tmp / "baseline.json").write_text(json.dumps(baseline, indent=1))
-    return baseline
+    return full, points
+
+
+def promote(records: list[dict], method: str = "grad_x_act", source: str = "",
+            experiment: str = "skeleton-nightly") -> dict:
+    """Make these sweep results the nightly baseline: the full model and the `method` skeletons registered with
+    baseline aliases, the accepted figures and the test data recorded. Returns the baseline (read_baseline)."""
+    from skeleton.stages import INFO
+    from tasks.mlflow_model import registered_name
+    from tasks.tracking import client_and_experiment
+
+    full, points = _first_seed(records, method)
+    client, experiment_id = client_and_experiment(experiment)
+    register(client, [full, *points])
+    run = client.create_run(experiment_id, run_name="promotion", tags={"skeleton.kind": "promotion"})
+    client.log_artifacts(run.info.run_id, full["data"], "data")  # the fixed test split, small
+    client.set_terminated(run.info.run_id)
+    info = json.loads((Path(full["data"]) / INFO).read_text())
+    record = {"promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "source": source,
+              "method": method, "full_accuracy": full["accuracy"], "batch_size": BENCHMARK_BATCH_SIZE,
+              "seq_len": info["max_length"], "data": f"runs:/{run.info.run_id}/data",
+              "points": [{"rate": p["rate"], "accuracy": p["accuracy"], "speedup": p["speedup"],
+                          "alias": alias_of(p["rate"])} for p in points]}
+    client.set_registered_model_tag(registered_name(info["task"]), BASELINE_TAG, json.dumps(record))
+    return read_baseline()
+
+
+def promote_for_serving(records: list[dict], rate: float, method: str = "grad_x_act",
+                        alias: str = "production") -> str:
+    """Register the first seed's `method` skeleton at `rate` with `alias` (serving reads @production)."""
+    from mlflow import MlflowClient
+
+    from tasks.tracking import tracking_uri
+
+    _, points = _first_seed(records, method)
+    chosen = [p for p in points if abs(p["rate"] - rate) < 1e-9]
+    if not chosen:
+        raise ValueError(f"no {method} skeleton at rate {rate}; rates: {[p['rate'] for p in points]}")
+    return register(MlflowClient(tracking_uri()), chosen, alias)[chosen[0]["rate"]]
+
+
+def _download(uri: str, folder: Path) -> Path:
+    """An MLflow artifact (a model, a run's folder), downloaded once into `folder` (atomically)."""
+    import mlflow
+
+    from skeleton.io import atomic_dir
+
+    if not folder.is_dir():
+        with atomic_dir(folder) as tmp:
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp))
+    return folder
+
+
+def read_baseline() -> dict:
+    """The latest promoted baseline: accepted figures, and local folders of the models its aliases point at now."""
+    from mlflow import MlflowClient
+
+    from tasks.mlflow_model import skeleton_in
+    from tasks.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    promoted = [(json.loads(m.tags[BASELINE_TAG]), m.name) for m in client.search_registered_models()
+                if BASELINE_TAG in m.tags]
+    if not promoted:
+        raise FileNotFoundError(f"no benchmark baseline in the MLflow registry at {tracking_uri()}: run a sweep, "
+                                "then promote it with `skeleton nightly promote --latest` (docs/operations.md)")
+    baseline, name = max(promoted, key=lambda p: p[0]["promoted_at"])
+    cache = nightly_dir() / "cache"
+
+    def folder(alias: str) -> str:
+        source = client.get_model_version_by_alias(name, alias).source  # models:/<model id>
+        return str(skeleton_in(_download(source, cache / source.rsplit("/", 1)[-1])))
+
+    run_id = baseline["data"].removeprefix("runs:/").split("/")[0]
+    data = _download(baseline["data"], cache / f"data-{run_id}") / "data"
+    return {**baseline, "registered_model": name, "full": folder("baseline-full"), "data_path": str(data),
+            "points": [{**p, "model": folder(p["alias"])} for p in baseline["points"]]}
 
 
 @task(name="measure-reference")
 def measure_reference(baseline: dict, repeats: int = 20) -> list[dict]:
     """Tonight's speed-up (interleaved, same process) and test accuracy of every reference skeleton, at the
-    baseline's batch size and sequence length."""
+    baseline's batch size and sequence length (models as read_baseline found them by alias)."""
     from skeleton import stages
 
-    root = baseline_file().parent
-    paths = {p["rate"]: str(root / p["model"]) for p in baseline["points"]}
-    speed = stages.benchmark(str(root / "models" / "full"), list(paths.values()), [baseline["batch_size"]],
+    paths = {p["rate"]: p["model"] for p in baseline["points"]}
+    speed = stages.benchmark(baseline["full"], list(paths.values()), [baseline["batch_size"]],
                              [baseline["seq_len"]], repeats)
     speed = {r["model"]: r for r in speed["rows"]}
     night = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     measured = []
     for rate, path in paths.items():
-        result = stages.evaluate(nightly_dir() / "runs" / night / f"p{rate}", str(root / "data"), path)
+        result = stages.evaluate(nightly_dir() / "runs" / night / f"p{rate}", baseline["data_path"], path)
         measured.append({"rate": rate, "accuracy": result["accuracy"], "speedup": speed[path]["speedup"],
                          "bound_ratio": speed[path]["bound_ratio"]})
     return measured
@@ -110,6 +223,7 @@ def record_night(experiment: str, baseline: dict, measured: list[dict], found: l
         client.log_metric(run.info.run_id, f"accuracy_p{m['rate']}", m["accuracy"])
         client.log_metric(run.info.run_id, f"bound_ratio_p{m['rate']}", m["bound_ratio"])
     client.log_param(run.info.run_id, "baseline_promoted_at", baseline["promoted_at"])
+    client.log_param(run.info.run_id, "baseline_model", baseline["registered_model"])
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_history(history, Path(tmp) / "speedup_history.png")
         client.log_artifact(run.info.run_id, str(plot))

@@ -1,12 +1,13 @@
-"""The nightly regression flow: an unchanged rerun passes; a slower reference skeleton fails, named and tagged."""
-import json
-import shutil
-
+"""The nightly regression flow on the registry: promotion registers the models with baseline aliases, the nightly
+run reads them by alias (a new sweep changes nothing it measures), a slower model behind an alias fails the run,
+named and tagged; sweep and nightly flow runs carry their results as Prefect artifacts."""
 import mlflow
+import pandas as pd
 import pytest
 from prefect.states import State
 
 from helpers import sweep_args, tiny_bert_config
+from skeleton.prune import verify
 from skeleton.regression import Thresholds, regressions
 from tasks import nightly
 
@@ -35,39 +36,72 @@ def wide_backbone_dir(tmp_path_factory, minilm_tokenizer):
     return folder
 
 
-def test_nightly_passes_unchanged_and_fails_on_a_slower_skeleton(prefect_server, wide_backbone_dir, reviews_csv):
+def artifacts_of(state: State) -> dict[str, object]:
+    """The Prefect artifacts of a flow run, read back through Prefect's API: type -> artifact (latest)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    return {a.type: a for a in found}
+
+
+def test_nightly_reads_the_registry_by_alias_and_fails_on_a_slower_model(prefect_server, wide_backbone_dir,
+                                                                          reviews_csv):
     from flows.nightly import nightly_benchmark
     from flows.sweep import full_sweep
+    from tasks.mlflow_model import registered_name
 
-    records = full_sweep(**sweep_args(wide_backbone_dir, reviews_csv, rates=[0.8], methods=["grad_x_act"],
-                                      experiment="nightly-source"))
+    state = full_sweep(**sweep_args(wide_backbone_dir, reviews_csv, rates=[0.8], methods=["grad_x_act"],
+                                    experiment="nightly-source"), return_state=True)
+    records = state.result()
+    # The sweep's flow run carries the results table, the headline (with the MLflow run) and a finished progress bar.
+    sweep_artifacts = artifacts_of(state)
+    assert {"table", "markdown", "progress"} <= set(sweep_artifacts)
+    assert sweep_artifacts["progress"].data == 100.0
+    assert "grad_x_act p=0.8" in sweep_artifacts["markdown"].data and "MLflow run" in sweep_artifacts["markdown"].data
+    table = sweep_artifacts["table"].data
+    assert "grad_x_act" in str(table) and "speedup" in str(table)
+
     baseline = nightly.promote(records, source="test")
     assert [p["rate"] for p in baseline["points"]] == [0.8] and baseline["points"][0]["speedup"] > 2.5
+    client = mlflow.MlflowClient()
+    name = registered_name("file:reviews.csv")
+    assert baseline["registered_model"] == name
+    aliases = client.get_registered_model(name).aliases
+    assert set(aliases) == {"baseline-full", "baseline-p80"}
+    skeleton = next(r for r in records if r["method"] == "grad_x_act")  # what the alias serves is what the sweep made
+    assert verify(baseline["points"][0]["model"]) == verify(skeleton["path"]) != verify(baseline["full"])
 
     # Tolerances sized for timing noise of a small model on a shared machine; the regression below is ~4x.
     thresholds = dict(speedup_drop=0.5, accuracy_drop=0.01, repeats=30, experiment="nightly-test")
-    measured = nightly_benchmark(**thresholds)
+    state = nightly_benchmark(**thresholds, return_state=True)
+    measured = state.result()
     assert measured[0]["accuracy"] == baseline["points"][0]["accuracy"]  # same split, same model
+    verdict = artifacts_of(state)
+    assert verdict["markdown"].key == "nightly-verdict" and "PASS" in verdict["markdown"].data
 
-    # Replace the p=0.8 reference skeleton by the (slower) full model.
-    root = nightly.baseline_file().parent
-    shutil.rmtree(root / "models" / "p0.8")
-    shutil.copytree(root / "models" / "full", root / "models" / "p0.8")
-    state: State = nightly_benchmark(**thresholds, return_state=True)
+    # A new sweep (other rates, same data) logs new models; the aliases and so the measured models do not move.
+    full_sweep(**sweep_args(wide_backbone_dir, reviews_csv, rates=[0.5], methods=["grad_x_act"],
+                            experiment="nightly-source"))
+    assert client.get_registered_model(name).aliases == aliases
+    assert nightly.read_baseline()["points"] == baseline["points"]
+
+    # Point the p=0.8 alias at the (slower) full model: the night reads it and fails, naming the metric.
+    client.set_registered_model_alias(name, "baseline-p80", aliases["baseline-full"])
+    state = nightly_benchmark(**thresholds, return_state=True)
     assert state.is_failed()
     message = str(state.message) + repr(state.result(raise_on_failure=False))
     assert "speedup at rate 0.8" in message and "vs baseline" in message
+    verdict = artifacts_of(state)
+    assert "REGRESSION" in verdict["markdown"].data and "speedup at rate 0.8" in verdict["markdown"].data
 
-    client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("nightly-test")
     regressed = client.search_runs([experiment.experiment_id], "tags.`skeleton.regression` = 'true'")
     clean = client.search_runs([experiment.experiment_id], "tags.`skeleton.regression` = 'false'")
     assert len(regressed) == 1 and len(clean) == 1
     assert "speedup at rate 0.8" in regressed[0].data.tags["skeleton.regression_details"]
     assert {"speedup_p0.8", "accuracy_p0.8"} <= set(regressed[0].data.metrics)
-    history = json.loads(nightly.baseline_file().read_text())  # promotion is explicit: baseline unchanged
-    assert history == baseline
-    import pandas as pd
-
     nights = pd.read_parquet(nightly.nightly_dir() / "history.parquet")
     assert list(nights["regression"]) == [False, True]
