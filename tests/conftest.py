@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from helpers import tiny_bert_config  # noqa: E402
+from helpers import classifier_on, encode, tiny_bert_config, tiny_llama_config, word_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -43,23 +43,35 @@ def tiny_backbone_dir(tmp_path_factory, minilm_tokenizer):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random LlamaForCausalLM checkpoint folder with a word-level tokenizer: a local backbone path."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_classifier(tiny_backbone_dir):
-    from skeleton.backbones import load_backbone
-    from skeleton.model import AdapterConfig, PromptClassifier
-
-    backbone, tokenizer = load_backbone(str(tiny_backbone_dir))
-    model = PromptClassifier(backbone, AdapterConfig(num_labels=3, prompt_length=4), seed=0)
-    with torch.no_grad():  # a trained-looking head, so logits differ across classes
-        model.head.weight.normal_(0, 1.0)
-    return model.eval(), tokenizer
+    return classifier_on(tiny_backbone_dir)
 
 
 @pytest.fixture
 def batch(minilm_tokenizer):
-    texts = ["a gripping, beautifully made film", "dull and far too long", "it was fine", "the worst plot ever"]
-    enc = minilm_tokenizer(texts, padding=True, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor([0, 1, 2, 1])}
+    return encode(minilm_tokenizer)
+
+
+@pytest.fixture(params=["bert", "llama"])
+def tiny_family(request):
+    """(classifier, tokenizer, padded batch) on a tiny random backbone of each family: the suites that hold for
+    every family take this fixture and run once per family."""
+    folder = request.getfixturevalue({"bert": "tiny_backbone_dir", "llama": "tiny_llama_dir"}[request.param])
+    model, tokenizer = classifier_on(folder)
+    return model, tokenizer, encode(tokenizer)
 
 
 POSITIVE = ["great", "wonderful", "moving", "sharp", "funny", "brilliant", "tender", "bold"]

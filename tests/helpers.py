@@ -18,6 +18,70 @@ def tiny_bert_config(**overrides):
     return BertConfig(**{**settings, **overrides})
 
 
+TEXTS = ["a gripping , beautifully made film", "dull and far too long", "it was fine", "the worst plot ever"]
+WORDS = ("a an and the it was film plot ever worst dull far too long fine gripping beautifully made review : , . "
+         "great wonderful moving sharp funny brilliant tender bold boring clumsy flat tedious awful lifeless stale")
+
+
+def word_tokenizer():
+    """A word-level tokenizer with bos / eos and no pad token, like many decoder tokenizers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *WORDS.split()])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def classifier_on(folder, num_labels: int = 3):
+    """(PromptClassifier with a 4-vector prompt, tokenizer) on a local backbone folder, with a trained-looking
+    head so that logits differ across classes."""
+    import torch
+
+    from skeleton.backbones import load_backbone
+    from skeleton.model import AdapterConfig, PromptClassifier
+
+    backbone, tokenizer = load_backbone(str(folder))
+    model = PromptClassifier(backbone, AdapterConfig(num_labels=num_labels, prompt_length=4), seed=0)
+    with torch.no_grad():
+        model.head.weight.normal_(0, 1.0)
+    return model.eval(), tokenizer
+
+
+def encode(tokenizer, texts=TEXTS, labels=(0, 1, 2, 1)) -> dict:
+    """A padded batch: input_ids, attention_mask (batch, seq) and labels (batch,)."""
+    import torch
+
+    enc = tokenizer(list(texts), padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor(labels)}
+
+
+def set_pooling(model, pooling: str) -> None:
+    """Switch an existing classifier's pooling; "attention" gets a random (non-zero) query."""
+    import torch
+
+    model.config.pooling = pooling
+    query = torch.randn(model.head.in_features, generator=torch.Generator().manual_seed(0))
+    model.query = torch.nn.Parameter(query) if pooling == "attention" else None
+
+
+def captum_grad_x_act(model, batch, layers):
+    """captum's LayerGradientXActivation of log p(gold) on the inputs of `layers`, summed over text and prompt
+    positions and averaged over examples: the oracle for our one-backward scores, (in_features,) per layer."""
+    import torch
+    from captum.attr import LayerGradientXActivation
+
+    embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
+
+    def log_probs(inputs_embeds, attention_mask):
+        return torch.log_softmax(model.head(model.features(inputs_embeds, attention_mask)), -1)
+
+    captum = LayerGradientXActivation(log_probs, layers).attribute(
+        embeds.detach(), target=batch["labels"], additional_forward_args=(mask,), attribute_to_layer_input=True)
+    return [((layer.abs() * mask.unsqueeze(-1)).sum((0, 1)) / len(batch["labels"])).float() for layer in captum]
+
+
 def tiny_llama_config(**overrides):
     """A tiny LLaMA (gated FFN, grouped-query attention, tied embeddings as in SmolLM2)."""
     from transformers import LlamaConfig

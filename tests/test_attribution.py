@@ -1,39 +1,38 @@
 import pytest
 import torch
 
-from helpers import as_dataset
+from helpers import as_dataset, captum_grad_x_act, set_pooling
 from skeleton.attribution import METHODS, attribute, down_projections, gold_log_prob, integrated_gradients_at
+from skeleton.model import POOLINGS
 
 
-def test_fast_grad_x_activation_equals_captum(tiny_classifier, batch, minilm_tokenizer):
-    from captum.attr import LayerGradientXActivation
-
-    model, _ = tiny_classifier
-    ours = attribute("grad_x_act", model, as_dataset(batch), minilm_tokenizer.pad_token_id, batch_size=4)
-
-    embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
-
-    def log_probs(inputs_embeds, attention_mask):
-        return torch.log_softmax(model.head(model.features(inputs_embeds, attention_mask)), -1)
-
-    layers = down_projections(model)
-    captum = LayerGradientXActivation(log_probs, layers).attribute(
-        embeds.detach(), target=batch["labels"], additional_forward_args=(mask,), attribute_to_layer_input=True)
-    token_mask = mask.unsqueeze(-1)
-    for layer_ours, layer_captum in zip(ours, captum):
-        expected = (layer_captum.abs() * token_mask).sum((0, 1)) / len(batch["labels"])
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_fast_grad_x_activation_equals_captum(tiny_family, pooling):
+    """Every family and pooling: our one-backward scores equal captum's on the inputs of every down projection."""
+    model, tokenizer, batch = tiny_family
+    set_pooling(model, pooling)
+    ours = attribute("grad_x_act", model, as_dataset(batch), tokenizer.pad_token_id, batch_size=4)
+    for layer_ours, expected in zip(ours, captum_grad_x_act(model, batch, down_projections(model)), strict=True):
         assert layer_ours.shape == (64,)
-        torch.testing.assert_close(layer_ours, expected.float(), rtol=1e-4, atol=1e-7)
-    assert any(s.max() > 0 for s in ours)
+        torch.testing.assert_close(layer_ours, expected, rtol=1e-4, atol=1e-7)
+    assert all(s.max() > 0 for s in ours)
 
 
-def test_padding_does_not_change_scores(tiny_classifier, batch, minilm_tokenizer):
-    """Scores per example are the same whether it is scored alone or padded inside a batch."""
-    model, _ = tiny_classifier
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_padding_changes_nothing(tiny_family, pooling):
+    """Every family and pooling: right padding inside a batch gives each example the logits and the attribution
+    scores it gets alone."""
+    model, tokenizer, batch = tiny_family
+    set_pooling(model, pooling)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert (mask == 0).any()  # the batch is padded
+    with torch.no_grad():
+        together = model(ids, mask)
+        alone = torch.cat([model(i[m.bool()][None], m[m.bool()][None]) for i, m in zip(ids, mask)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     data = as_dataset(batch)
-    together = attribute("grad_x_act", model, data, minilm_tokenizer.pad_token_id, batch_size=4)
-    alone = attribute("grad_x_act", model, data, minilm_tokenizer.pad_token_id, batch_size=1)
-    for a, b in zip(together, alone):
+    for a, b in zip(attribute("grad_x_act", model, data, tokenizer.pad_token_id, batch_size=4),
+                    attribute("grad_x_act", model, data, tokenizer.pad_token_id, batch_size=1)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 

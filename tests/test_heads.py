@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import as_dataset, run_fresh, tiny_bert_config
+from helpers import as_dataset, captum_grad_x_act, classifier_on, run_fresh, tiny_bert_config
 from skeleton.attribution import METHODS, attribute, attribute_with_heads, out_projections, scores_heads
 from skeleton.backbones import Family
 from skeleton.prune import (ALLOCATIONS, allocate, export_skeleton, load_skeleton, mask_ffn, mask_heads, select,
@@ -28,14 +28,7 @@ def four_head_dir(tmp_path_factory, minilm_tokenizer):
 
 @pytest.fixture
 def classifier(four_head_dir):
-    from skeleton.backbones import load_backbone
-    from skeleton.model import AdapterConfig, PromptClassifier
-
-    backbone, tokenizer = load_backbone(str(four_head_dir))
-    model = PromptClassifier(backbone, AdapterConfig(num_labels=3, prompt_length=4), seed=0)
-    with torch.no_grad():
-        model.head.weight.normal_(0, 1.0)
-    return model.eval(), tokenizer
+    return classifier_on(four_head_dir)
 
 
 def run(model, batch):
@@ -165,8 +158,6 @@ def test_build_skeleton_validates_before_loading(tmp_path):
 
 
 def test_head_attribution_equals_captum(classifier, batch, minilm_tokenizer):
-    from captum.attr import LayerGradientXActivation
-
     model, _ = classifier
     data = as_dataset(batch)
     ffn, heads = attribute_with_heads("grad_x_act", model, data, minilm_tokenizer.pad_token_id, batch_size=4)
@@ -174,18 +165,9 @@ def test_head_attribution_equals_captum(classifier, batch, minilm_tokenizer):
     for a, b in zip(ffn, attribute("grad_x_act", model, data, minilm_tokenizer.pad_token_id, batch_size=2)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
-    embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
-
-    def log_probs(inputs_embeds, attention_mask):
-        return torch.log_softmax(model.head(model.features(inputs_embeds, attention_mask)), -1)
-
-    captum = LayerGradientXActivation(log_probs, out_projections(model)).attribute(
-        embeds.detach(), target=batch["labels"], additional_forward_args=(mask,), attribute_to_layer_input=True)
-    for ours, layer in zip(heads, captum):
-        columns = (layer.abs() * mask.unsqueeze(-1)).sum((0, 1)) / len(batch["labels"])
-        expected = columns.view(HEADS, HEAD_DIM).sum(-1)
+    for ours, columns in zip(heads, captum_grad_x_act(model, batch, out_projections(model)), strict=True):
         assert ours.shape == (HEADS,)
-        torch.testing.assert_close(ours, expected.float(), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(ours, columns.view(HEADS, HEAD_DIM).sum(-1), rtol=1e-4, atol=1e-7)
     assert all(h.max() > 0 for h in heads)
 
 

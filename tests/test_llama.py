@@ -1,4 +1,6 @@
-"""The LLaMA family on a tiny random LLaMA: slicing equals masking, stock export round trip, attribution, pooling.
+"""What is particular to the LLaMA family, on a tiny random LLaMA: its blocks, a stock causal-LM export, pooling.
+What holds for every family (slicing equals masking, export round trip, attribution against captum, padding) runs
+on a tiny LLaMA too, through the `tiny_family` fixture (test_prune, test_attribution).
 
 One test on the real packaged smollm2 (real_model): slice, export, reload with stock transformers.
 """
@@ -8,62 +10,20 @@ import json
 import pytest
 import torch
 
-from helpers import as_dataset, run_fresh, tiny_llama_config
-from skeleton.attribution import attribute, down_projections
+from helpers import classifier_on, encode, run_fresh, set_pooling
 from skeleton.backbones import LlamaFamily, family_of, load_backbone
-from skeleton.model import ADAPTER_CONFIG, POOLINGS, AdapterConfig, PromptClassifier
+from skeleton.model import ADAPTER_CONFIG, AdapterConfig, PromptClassifier
 from skeleton.prune import export_skeleton, kept_width, load_skeleton, mask_ffn, select, slice_ffn
-
-WORDS = ("a an and the it was film plot ever worst dull far too long fine gripping beautifully made review : , . "
-         "great wonderful moving sharp funny brilliant tender bold boring clumsy flat tedious awful lifeless stale")
-TEXTS = ["a gripping , beautifully made film", "dull and far too long", "it was fine", "the worst plot ever"]
-
-
-def word_tokenizer():
-    """A word-level tokenizer with bos / eos and no pad token, like many decoder tokenizers."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *WORDS.split()])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    """A tiny random LlamaForCausalLM checkpoint folder with its tokenizer: a local backbone path."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
 def llama(tiny_llama_dir):
-    backbone, tokenizer = load_backbone(str(tiny_llama_dir))
-    model = PromptClassifier(backbone, AdapterConfig(num_labels=3, prompt_length=4), seed=0)
-    with torch.no_grad():  # a trained-looking head, so logits differ across classes
-        model.head.weight.normal_(0, 1.0)
-    return model.eval(), tokenizer
-
-
-def set_pooling(model: PromptClassifier, pooling: str) -> None:
-    """Switch an existing classifier's pooling; "attention" gets a random (non-zero) query."""
-    model.config.pooling = pooling
-    query = torch.randn(model.head.in_features, generator=torch.Generator().manual_seed(0))
-    model.query = torch.nn.Parameter(query) if pooling == "attention" else None
+    return classifier_on(tiny_llama_dir)
 
 
 @pytest.fixture
-def llama_batch(tiny_llama_dir):
-    _, tokenizer = load_backbone(str(tiny_llama_dir))
-    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "labels": torch.tensor([0, 1, 2, 1])}
+def llama_batch(llama):
+    return encode(llama[1])
 
 
 def random_keep(rate, seed=0):
@@ -83,30 +43,10 @@ def test_load_backbone_gives_llama_model_with_pad_token(llama, llama_batch):
     assert blocks[1].up == (layer.gate_proj, layer.up_proj) and blocks[1].down is layer.down_proj
 
 
-@pytest.mark.parametrize("rate", [0.0, 0.5, 0.65, 0.8])
-def test_slicing_equals_zero_masking(llama, llama_batch, rate):
-    model, _ = llama
-    keep = random_keep(rate)
-    masked, sliced = copy.deepcopy(model), copy.deepcopy(model)
-    mask_ffn(masked.backbone, keep)
-    slice_ffn(sliced.backbone, keep)
-    with torch.no_grad():
-        expected = masked(llama_batch["input_ids"], llama_batch["attention_mask"])
-        got = sliced(llama_batch["input_ids"], llama_batch["attention_mask"])
-    width = kept_width(64, rate)
-    mlp = sliced.backbone.layers[0].mlp
-    assert sliced.backbone.config.intermediate_size == width
-    assert mlp.gate_proj.weight.shape == mlp.up_proj.weight.shape == (width, 32)
-    assert mlp.down_proj.weight.shape == (32, width)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-    if rate > 0:  # and pruning did change the model, so the comparison means something
-        with torch.no_grad():
-            assert not torch.allclose(got, model(llama_batch["input_ids"], llama_batch["attention_mask"]), atol=1e-4)
-
-
 def test_export_round_trip_with_stock_transformers(llama, llama_batch, tmp_path):
-    """The exported backbone is a standard LLaMA checkpoint: stock AutoModel, AutoModelForCausalLM (tied LM head)
-    and AutoModelForSequenceClassification load it in a fresh process, with no import of this project."""
+    """The exported backbone is a standard LLaMA checkpoint: stock AutoModelForCausalLM (its tied LM head too) and
+    AutoModelForSequenceClassification load it in a fresh process, with no import of this project (what holds
+    for every family is in test_prune)."""
     model, tokenizer = llama
     keep = random_keep(0.65)
     slice_ffn(model.backbone, keep)
@@ -139,48 +79,6 @@ def test_export_round_trip_with_stock_transformers(llama, llama_batch, tmp_path)
     assert result["names"] == ["LlamaForCausalLM", "LlamaModel", "LlamaForSequenceClassification"]
     assert result["diff_lm"] <= 1e-5 and result["diff"] <= 1e-5
     assert result["width"] == kept_width(64, 0.65) and result["pooling"] == "last"
-    loaded, _, neurons = load_skeleton(folder)
-    assert neurons["keep"] == [k.tolist() for k in keep]
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids, mask), expected["classifier"], rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("pooling", POOLINGS)
-def test_fast_grad_x_activation_equals_captum(llama, llama_batch, pooling):
-    """Our one-backward scores equal captum's LayerGradientXActivation on the inputs of every down_proj."""
-    from captum.attr import LayerGradientXActivation
-
-    model, tokenizer = llama
-    set_pooling(model, pooling)
-    ours = attribute("grad_x_act", model, as_dataset(llama_batch), tokenizer.pad_token_id, batch_size=4)
-    embeds, mask = model.embed(llama_batch["input_ids"], llama_batch["attention_mask"])
-
-    def log_probs(inputs_embeds, attention_mask):
-        return torch.log_softmax(model.head(model.features(inputs_embeds, attention_mask)), -1)
-
-    captum = LayerGradientXActivation(log_probs, down_projections(model)).attribute(
-        embeds.detach(), target=llama_batch["labels"], additional_forward_args=(mask,), attribute_to_layer_input=True)
-    for layer_ours, layer_captum in zip(ours, captum):
-        expected = (layer_captum.abs() * mask.unsqueeze(-1)).sum((0, 1)) / len(llama_batch["labels"])
-        assert layer_ours.shape == (64,)
-        torch.testing.assert_close(layer_ours, expected.float(), rtol=1e-4, atol=1e-7)
-    assert all(s.max() > 0 for s in ours)
-
-
-@pytest.mark.parametrize("pooling", POOLINGS)
-def test_padding_changes_nothing(llama, llama_batch, pooling):
-    """Right padding inside a batch gives each example the logits (and attribution scores) it gets alone."""
-    model, tokenizer = llama
-    set_pooling(model, pooling)
-    ids, mask = llama_batch["input_ids"], llama_batch["attention_mask"]
-    with torch.no_grad():
-        together = model(ids, mask)
-        alone = torch.cat([model(i[m.bool()][None], m[m.bool()][None]) for i, m in zip(ids, mask)])
-    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
-    data = as_dataset(llama_batch)
-    for a, b in zip(attribute("grad_x_act", model, data, tokenizer.pad_token_id, batch_size=4),
-                    attribute("grad_x_act", model, data, tokenizer.pad_token_id, batch_size=1)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_pooling_options(llama, llama_batch):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from helpers import run_fresh
+from skeleton.backbones import family_of
 from skeleton.prune import (ArtifactError, check_rate, export_skeleton, kept_width, load_skeleton, mask_ffn, select,
                             slice_ffn, verify)
 from skeleton.stages import full_keep
@@ -15,10 +16,11 @@ def random_keep(model, rate, seed=0):
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.5, 0.65, 0.8])
-def test_slicing_equals_zero_masking(tiny_classifier, batch, rate):
+def test_slicing_equals_zero_masking(tiny_family, rate):
+    """Every family: cutting neurons out of the weights gives what zeroing their down-projection columns gives."""
     import copy
 
-    model, _ = tiny_classifier
+    model, _, batch = tiny_family
     keep = random_keep(model, rate)
     masked, sliced = copy.deepcopy(model), copy.deepcopy(model)
     mask_ffn(masked.backbone, keep)
@@ -26,8 +28,10 @@ def test_slicing_equals_zero_masking(tiny_classifier, batch, rate):
     with torch.no_grad():
         expected = masked(batch["input_ids"], batch["attention_mask"])
         got = sliced(batch["input_ids"], batch["attention_mask"])
-    assert sliced.backbone.config.intermediate_size == kept_width(64, rate)
-    assert sliced.backbone.encoder.layer[0].intermediate.dense.weight.shape == (kept_width(64, rate), 32)
+    width = kept_width(64, rate)
+    assert sliced.backbone.config.intermediate_size == width
+    for block in family_of(sliced.backbone).ffn_blocks(sliced.backbone):
+        assert all(up.weight.shape == (width, 32) for up in block.up) and block.down.weight.shape == (32, width)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     if rate > 0:  # and pruning did change the model, so the comparison means something
         with torch.no_grad():
@@ -56,8 +60,9 @@ def test_select_keeps_top_scores_in_order():
     assert keep[1].tolist() == list(range(8))
 
 
-def test_export_round_trip_in_fresh_process(tiny_classifier, batch, tmp_path):
-    model, tokenizer = tiny_classifier
+def test_export_round_trip_in_fresh_process(tiny_family, tmp_path):
+    """Every family: a uniform skeleton is a stock checkpoint that reloads, unregistered, with the same logits."""
+    model, tokenizer, batch = tiny_family
     keep = random_keep(model, 0.65)
     slice_ffn(model.backbone, keep)
     folder = export_skeleton(model, tokenizer, keep, tmp_path / "sk", {"rate": 0.65})
@@ -84,7 +89,9 @@ def test_export_round_trip_in_fresh_process(tiny_classifier, batch, tmp_path):
     assert result["width"] == kept_width(64, 0.65)
     loaded, _, neurons = load_skeleton(folder)
     assert neurons["keep"] == [k.tolist() for k in keep] and neurons["rate"] == 0.65 and "heads" not in neurons
-    assert json.loads((folder / "backbone" / "config.json").read_text())["model_type"] == "bert"
+    assert json.loads((folder / "backbone" / "config.json").read_text())["model_type"] == model.backbone.config.model_type
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch["input_ids"], batch["attention_mask"]), expected, rtol=0, atol=1e-5)
 
 
 def test_corrupt_artifact_is_named(tiny_classifier, tmp_path):

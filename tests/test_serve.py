@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from skeleton import prune
-from skeleton.backbones import FAMILIES, family_of, load_backbone
+from skeleton.backbones import family_of, load_backbone
 from skeleton.model import AdapterConfig, PromptClassifier
 from skeleton.prune import ArtifactError, export_skeleton, load_skeleton, mask_ffn, select, slice_ffn
 from skeleton.serve import ExpertMismatchError, SkeletonServer
@@ -24,16 +24,7 @@ TEXTS = ["a gripping, beautifully made film", "dull", "it was fine, I suppose, t
 EXPERTS = [("sst", 0.0, 2, 4), ("news", 0.5, 3, 2), ("topic", 0.8, 5, 3)]
 
 
-def family_params():
-    params = [pytest.param("bert", id="bert")]
-    llama = getattr(helpers, "tiny_llama_config", None)
-    reason = "needs tests/helpers.tiny_llama_config and a registered llama family"
-    params.append(pytest.param("llama", id="llama", marks=pytest.mark.skipif(
-        llama is None or "llama" not in FAMILIES, reason=reason)))
-    return params
-
-
-@pytest.fixture(scope="module", params=family_params())
+@pytest.fixture(scope="module", params=["bert", "llama"])
 def backbone_dir(request, tmp_path_factory, minilm_tokenizer):
     if request.param == "bert":
         return request.getfixturevalue("tiny_backbone_dir")
@@ -213,8 +204,6 @@ def test_per_layer_widths(backbone_dir, tmp_path):
 
 def test_pruned_heads(tmp_path, minilm_tokenizer):
     """Experts with pruned attention heads (and uneven FFN widths) plug in too, where the family knows heads."""
-    if not hasattr(prune, "slice_heads"):
-        pytest.skip("no head pruning in skeleton.prune")
     from transformers import BertModel
 
     torch.manual_seed(2)
