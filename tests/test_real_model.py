@@ -1,13 +1,10 @@
 """The real packaged MiniLM: slicing equals masking, export round trip with stock transformers, attribution."""
 import copy
-import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
+from helpers import run_fresh
 from skeleton.attribution import attribute
 from skeleton.backbones import load_backbone
 from skeleton.data import load_task, tokenize
@@ -42,7 +39,7 @@ def test_real_skeleton_matches_masking_and_reloads(real, tmp_path):
     assert sliced.backbone.config.intermediate_size == kept_width(1536, 0.65) == 536
 
     folder = export_skeleton(sliced, tokenizer, keep, tmp_path / "sk", {"rate": 0.65})
-    script = textwrap.dedent(f"""
+    reloaded = torch.tensor(run_fresh(f"""
         import json, torch
         from transformers import AutoModel, AutoTokenizer
         path = {str(folder / "backbone")!r}
@@ -52,9 +49,7 @@ def test_real_skeleton_matches_masking_and_reloads(real, tmp_path):
         enc = tokenizer({texts!r}, padding=True, return_tensors="pt")
         with torch.no_grad():
             print(json.dumps(model(enc["input_ids"], enc["attention_mask"]).tolist()))
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    reloaded = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
+    """))
     assert (reloaded - got).abs().max().item() <= 1e-5
     full_params = model.num_parameters()
     assert sliced.num_parameters() == full_params - 6 * (1536 - 536) * (2 * 384 + 1)
