@@ -1,13 +1,14 @@
 """Build the multi-task MLflow model (one backbone, a task expert per task) and serve it with `mlflow models serve`.
 
+    python scripts/mlflow_serve.py promote --latest --rate 0.5     # the latest sweep's p=0.5 skeleton -> @production
     python scripts/mlflow_serve.py build --out DIR rotten_tomatoes=artifacts/skeletons/<hash> reuters_r8=@production
     mlflow models serve -m DIR --env-manager local -h 127.0.0.1 -p 5001
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
         -d '{"dataframe_split": {"columns": ["task", "text"], "data": [["rotten_tomatoes", "a gripping film"]]}}'
 
 Each TASK=SOURCE names a task expert: SOURCE is a skeleton folder, a model URI (models:/<model id>) or @ALIAS, the
-task's registered model (skeleton-<task>) at that alias (`python -m flows.nightly promote --alias production`
-sets it). The tracking store is $MLFLOW_TRACKING_URI, else the sweep's mlflow.db. `--log NAME` logs the model to
+task's registered model (skeleton-<task>) at that alias (`promote` sets it: an explicit command, like the
+nightly baseline's `skeleton nightly promote`). The tracking store is $MLFLOW_TRACKING_URI, else the sweep's mlflow.db. `--log NAME` logs the model to
 MLflow instead (a LoggedModel, registered as NAME) so `mlflow models serve -m models:/NAME/1` serves it.
 """
 from __future__ import annotations
@@ -28,7 +29,22 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--log", metavar="NAME", help="log it to MLflow and register it as NAME")
     build.add_argument("--backbone", help="backbone name or folder (default: the one the first expert records)")
     build.add_argument("--experiment", default="skeleton-serving")
+    promote = sub.add_parser("promote", help="register a sweep's skeleton as a version of its task's model, aliased")
+    which = promote.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", help="MLflow parent run id of a sweep")
+    which.add_argument("--latest", action="store_true", help="the latest finished sweep")
+    promote.add_argument("--rate", type=float, required=True, help="pruning rate of the skeleton to promote")
+    promote.add_argument("--method", default="grad_x_act")
+    promote.add_argument("--alias", default="production")
+    promote.add_argument("--experiment", default="skeleton", help="MLflow experiment of the sweeps")
     args = parser.parse_args(argv)
+    if args.command == "promote":
+        from tasks import nightly
+
+        records, run_id = nightly.sweep_records(args.experiment, args.run_id)
+        version = nightly.promote_for_serving(records, args.rate, args.method, args.alias)
+        print(f"sweep {run_id}: {args.method} p={args.rate} registered as version {version}, alias {args.alias}")
+        return 0
 
     import mlflow
 

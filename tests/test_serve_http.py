@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,26 @@ def test_bad_requests_get_400_naming_the_problem_and_the_server_keeps_serving(se
     assert status == 400 and message in answer["message"], answer
     status, answer = post(served, frame([("alpha", "a great story")]))
     assert status == 200 and answer["predictions"][0]["task"] == "alpha"
+
+
+def test_built_from_registry_aliases(experts, tmp_path):
+    """`promote` points @production at each task's skeleton; the multi-task model built from the aliases holds
+    exactly those skeletons."""
+    from mlflow.models import Model
+
+    from skeleton.prune import verify
+    from tasks import nightly, tracking
+
+    client = tracking._client()
+    parent = tracking.start_sweep_run.fn("serving", {"task": "many", "backbone": "tiny"})
+    for i, (task, folder) in enumerate(experts.items()):
+        record = {"seed": 0, "method": "grad_x_act", "rate": TASKS[task][1], "head_rate": 0.0, "accuracy": 0.5,
+                  "path": folder, "data": str(Path(folder).parent / "data")}
+        tracking.log_point.fn(parent, {**record, "point": task})
+        assert nightly.promote_for_serving([{**record, "method": "full (prompt tuning)", "rate": 0.0}, record],
+                                           record["rate"]) == 1
+    model = tmp_path / "model"
+    assert load_script("mlflow_serve").main(["build", "--out", str(model), *(f"{t}=@production" for t in TASKS)]) == 0
+    artifacts = Model.load(str(model)).flavors["python_function"]["artifacts"]
+    for task, folder in experts.items():
+        assert verify(model / artifacts[f"expert-{task}"]["path"]) == verify(folder)
