@@ -1,0 +1,223 @@
+"""Faults: a sweep killed anywhere resumes, two at once share the work, the cache refuses what it cannot trust.
+
+The kill tests run sweeps in their own processes (tests/sweep_runner.py) against this session's Prefect server,
+each killed with SIGKILL at a failpoint (skeleton.io.failpoint); their tables are compared with an uninterrupted
+sweep run here, on its own artifacts folder.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from helpers import sweep_args
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ["prepare-data", "tune-prompt", "evaluate", "linear-probe", "attribute", "teacher-logits", "build-skeleton",
+         "benchmark-latency"]
+MEASURED = re.compile(r"speedup(?!_bound)|bound_ratio|latency|throughput")  # speed: differs between runs
+PLACES = ["path", "logits", "data", "model"]  # folders under each run's own artifacts root
+# One failpoint per stage, in the order the sweep reaches them: each run of the chain resumes the one killed
+# before it and dies at the next point.
+CHAIN = [
+    ("rename:data", "data prep: the data folder is written, not yet renamed into place"),
+    ("end:tune-prompt", "prompt tuning: the model is exported, Prefect has not stored the result"),
+    ("rename:scores", "attribution: the scores are written, not yet renamed into place"),
+    ("rename:skeletons", "skeleton build and export: the skeleton is written, not yet renamed into place"),
+    ("rename:eval", "evaluation of the skeleton: the logits are written, not yet renamed into place"),
+    ("start:benchmark-latency", "benchmark: about to measure"),
+    ("mlflow:set_terminated", "MLflow logging: the first child run finished, the rest not logged"),
+]
+
+
+def args(backbone, data_file):
+    return sweep_args(backbone, data_file, methods=["grad_x_act"], experiment="faults")
+
+
+def comparable(records) -> pd.DataFrame:
+    table = pd.DataFrame(records)
+    return table.drop(columns=[c for c in table if MEASURED.match(c) or c in PLACES + ["kept_widths", "kept_heads"]]
+                      ).reset_index(drop=True)
+
+
+def start(kwargs, artifacts: Path, out: Path, failpoint: str = "") -> subprocess.Popen:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "SKELETON_ARTIFACTS": str(artifacts), "SKELETON_FAILPOINT": failpoint,
+           "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "sweep_runner.py"), json.dumps(kwargs), str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=300)
+    return process.returncode, output
+
+
+def computed(output: str) -> list[str]:
+    """The stage folders a run computed (skeleton.pipeline logs each), in order."""
+    return re.findall(r": computing (\S+)", output)
+
+
+def leftovers(artifacts: Path) -> list[Path]:
+    """Scratch folders of interrupted writes (atomic_dir's .tmp-/.old-) still lying around."""
+    return [p for p in artifacts.glob("*/.*-*") if p.is_dir()]
+
+
+def heavy_states(flow_run_id) -> Counter:
+    """(task, final state) counts of a flow run's heavy stages, once the server has all nine."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:  # task states reach the server asynchronously, shortly after the flow returns
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            states = [(run.name.rsplit("-", 1)[0], run.state.name) for run in runs if run.state.is_final()]
+            heavy = Counter(state for state in states if state[0] in HEAVY)
+            if sum(heavy.values()) >= 9 or time.monotonic() > deadline:
+                return heavy
+            time.sleep(0.5)
+
+
+def assert_intact(artifacts: Path):
+    from skeleton.io import read_record
+
+    folders = [p for p in artifacts.glob("*/*") if p.is_dir() and not p.name.startswith(".")]
+    assert folders and all(read_record(p) is not None for p in folders), "an unfinished stage folder"
+    assert not leftovers(artifacts)
+
+
+@pytest.fixture(scope="module")
+def reference(prefect_server, tiny_backbone_dir, reviews_csv):
+    """The uninterrupted sweep, run in this process (the session's artifacts folder)."""
+    from flows.sweep import full_sweep
+
+    return pd.DataFrame(full_sweep(**args(tiny_backbone_dir, reviews_csv)))
+
+
+def test_killed_at_every_stage_resumes_with_the_same_table(reference, tiny_backbone_dir, reviews_csv, tmp_path):
+    kwargs, artifacts = args(tiny_backbone_dir, reviews_csv), tmp_path / "artifacts"
+    history: list[str] = []  # every stage folder computed, over the whole chain
+    previous = ""
+    for failpoint, where in CHAIN:
+        code, output = finish(start(kwargs, artifacts, tmp_path / "killed.parquet", failpoint))
+        assert code == -9, f"not killed at {failpoint} ({where}):\n{output[-3000:]}"
+        now = computed(output)
+        # Nothing finished before is computed again: only the folder killed before its rename is redone, and a
+        # stage killed after its work (before Prefect stored the result) is taken from its folder.
+        assert [f for f in now if f in history] == (history[-1:] if previous.startswith("rename:") else []), now
+        if previous.startswith("end:"):
+            assert f"reusing the finished stage folder {history[-1]}" in output
+        if failpoint.startswith("rename:"):
+            assert leftovers(artifacts), f"{failpoint}: a half-written folder should be lying there"
+        history += now
+        previous = failpoint
+    code, output = finish(start(kwargs, artifacts, tmp_path / "final.parquet"))
+    assert code == 0, output[-3000:]
+    history += computed(output)
+    # Each folder computed once, plus a second time for each of the four folders killed before their rename.
+    counts = Counter(history)
+    assert sorted(counts.values()) == [1] * (len(counts) - 4) + [2] * 4, counts
+    assert_intact(artifacts)
+    # The last run reused every heavy stage the chain had finished: all of them (only MLflow logging was left).
+    states = heavy_states(re.search(r"flow run id (\S+)", output).group(1))
+    assert sum(states.values()) == 9 and {state for _, state in states} == {"Cached"}, states
+    pd.testing.assert_frame_equal(comparable(pd.read_parquet(tmp_path / "final.parquet")), comparable(reference),
+                                  check_dtype=False)
+
+
+def test_two_sweeps_at_once_share_the_work(reference, tiny_backbone_dir, reviews_csv, tmp_path):
+    import mlflow
+
+    kwargs, artifacts = {**args(tiny_backbone_dir, reviews_csv), "experiment": "concurrent"}, tmp_path / "artifacts"
+    runs = [start(kwargs, artifacts, tmp_path / f"{i}.parquet") for i in range(2)]
+    results = [finish(run) for run in runs]
+    for code, output in results:
+        assert code == 0, output[-3000:]
+    both = computed(results[0][1]) + computed(results[1][1])
+    assert len(both) == len(set(both)) == 9, both  # each stage folder computed once, by one of them
+    assert_intact(artifacts)
+    for i in range(2):
+        pd.testing.assert_frame_equal(comparable(pd.read_parquet(tmp_path / f"{i}.parquet")), comparable(reference),
+                                      check_dtype=False)
+    client = mlflow.MlflowClient()
+    sweeps = client.search_runs([client.get_experiment_by_name("concurrent").experiment_id],
+                                "tags.`skeleton.kind` = 'sweep'")
+    assert [run.info.status for run in sweeps] == ["FINISHED", "FINISHED"]
+
+
+def stored_records() -> list[Path]:
+    from tasks.pipeline import RESULTS
+
+    return sorted(p for p in RESULTS.iterdir() if p.is_file())
+
+
+def rerun(tiny_backbone_dir, reviews_csv):
+    from flows.sweep import full_sweep
+
+    state = full_sweep(**args(tiny_backbone_dir, reviews_csv), return_state=True)
+    return comparable(state.result()), heavy_states(state.state_details.flow_run_id)
+
+
+class Tamper:
+    """What an attacker would store: unpickling it touches a file (it could run anything)."""
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_result_records_are_json_and_a_tampered_one_is_refused(reference, tiny_backbone_dir, reviews_csv, tmp_path):
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import PickleSerializer
+
+    records = stored_records()
+    assert records
+    for path in records:  # plain JSON, all the way down
+        stored = json.loads(path.read_text())
+        assert stored["metadata"]["serializer"]["type"] == "json"
+        json.loads(stored["result"])
+    # Replace every record with a pickled payload, as whoever can write the artifacts folder could.
+    marker = tmp_path / "executed"
+    for path in records:
+        evil = ResultRecord(metadata=ResultRecordMetadata(storage_key=str(path), serializer=PickleSerializer()),
+                            result=Tamper(marker))
+        path.write_bytes(evil.serialize())
+    ResultRecord.deserialize(records[0].read_bytes())  # the attack is real: Prefect's own reader runs it...
+    assert marker.exists()
+    marker.unlink()
+    table, states = rerun(tiny_backbone_dir, reviews_csv)
+    assert not marker.exists()  # ...the sweep refused every record unread, and took the stages from their folders
+    assert set(states) == {(name, "Completed") for name, _ in states}, states
+    pd.testing.assert_frame_equal(table, comparable(reference), check_dtype=False)
+    for path in stored_records():
+        assert json.loads(path.read_text())["metadata"]["serializer"]["type"] == "json"
+
+
+def test_cache_hit_on_a_missing_or_corrupt_folder_recomputes_it(reference, tiny_backbone_dir, reviews_csv):
+    from skeleton.io import ArtifactError
+    from skeleton.prune import load_skeleton
+
+    table, states = rerun(tiny_backbone_dir, reviews_csv)
+    assert states[("build-skeleton", "Cached")] == 1
+    full, skeleton = (Path(p) for p in reference["path"].dropna())
+    weights = skeleton / "backbone" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(ArtifactError, match="corrupt.*re-run the sweep"):  # what the message says to do...
+        load_skeleton(skeleton)
+    shutil.rmtree(full)
+    table, states = rerun(tiny_backbone_dir, reviews_csv)  # ...works: both stages are rebuilt, the rest cached
+    assert states[("tune-prompt", "Completed")] == 1 and states[("build-skeleton", "Completed")] == 1, states
+    assert states[("prepare-data", "Cached")] == 1 and states[("attribute", "Cached")] == 1, states
+    load_skeleton(skeleton)
+    load_skeleton(full)
+    pd.testing.assert_frame_equal(table, comparable(reference), check_dtype=False)
