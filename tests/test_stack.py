@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -140,6 +139,46 @@ def test_full_sweep_deployment_runs_and_is_tracked_in_mlflow(stack, tiny_backbon
     assert sorted(c["params"]["method"] for c in children) == ["grad_x_act", "random"]
     for child in children:
         assert {"accuracy", "speedup", "parameters", "kept_width", "rate"} <= set(child["metrics"])
-    query = urllib.parse.urlencode({"run_id": children[0]["info"]["run_id"], "path": "skeleton"})
-    files = {f["path"] for f in http(f"{stack.mlflow}/api/2.0/mlflow/artifacts/list?{query}")["files"]}
-    assert {"skeleton/backbone", "skeleton/adapter", "skeleton/manifest.json"} <= files
+    # Each exported model is a LoggedModel in the server's store, with its point's metrics.
+    models = http(f"{stack.mlflow}/api/2.0/mlflow/logged-models/search",
+                  {"experiment_ids": [experiment["experiment_id"]]})["models"]
+    assert sorted(m["info"]["name"] for m in models) == ["full", "grad_x_act-p50", "random-p50"]
+    for model in models:
+        assert {"accuracy", "rate"} <= {m["key"] for m in model["data"]["metrics"]}
+    stack.sweep_run = parent["info"]["run_id"]
+
+
+def test_promotion_by_alias_and_the_nightly_deployment_reading_it(stack):
+    """`skeleton nightly promote --latest` registers the sweep's models with baseline aliases on the server; the
+    nightly deployment reads them by alias, passes, and leaves its verdict in MLflow and as Prefect artifacts."""
+    if not hasattr(stack, "sweep_run"):
+        pytest.skip("needs the full-sweep deployment's run (test above)")
+    env = {**stack.env, "PREFECT_API_URL": stack.api, "PREFECT_HOME": str(stack.state / "prefect"),
+           "MLFLOW_TRACKING_URI": stack.mlflow}
+    promote = subprocess.run([sys.executable, "-m", "flows.cli", "nightly", "promote", "--latest"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert promote.returncode == 0 and stack.sweep_run in promote.stdout, promote.stdout + promote.stderr
+    name = "skeleton-file-reviews-csv"
+    registered = http(f"{stack.mlflow}/api/2.0/mlflow/registered-models/get?name={name}")["registered_model"]
+    assert {a["alias"] for a in registered["aliases"]} == {"baseline-full", "baseline-p50"}
+
+    # Timing of a tiny model on a shared machine is noise: the speed-up threshold is loose, accuracy exact.
+    run = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "skeleton/nightly-benchmark",
+                          "-p", "speedup_drop=0.95", "-p", "accuracy_drop=0.001", "-p", "repeats=5", "--watch",
+                          "--watch-timeout", "300"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=360)
+    assert run.returncode == 0 and "Completed" in run.stdout, run.stdout + run.stderr + stack.logs()
+    experiment = http(f"{stack.mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name=skeleton-nightly")
+    nights = http(f"{stack.mlflow}/api/2.0/mlflow/runs/search",
+                  {"experiment_ids": [experiment["experiment"]["experiment_id"]],
+                   "filter": "tags.`skeleton.kind` = 'nightly'"})["runs"]
+    assert len(nights) == 1
+    night = nights[0]["data"]
+    assert {t["key"]: t["value"] for t in night["tags"]}["skeleton.regression"] == "false"
+    assert {p["key"]: p["value"] for p in night["params"]}["baseline_model"] == name
+
+    # The Prefect API holds the sweep's three artifacts and the night's verdict.
+    artifacts = http(f"{stack.api}/artifacts/filter", {})
+    by_key = {a["key"]: a for a in artifacts if a.get("key")}
+    assert {"sweep-file-reviews-csv-results", "sweep-file-reviews-csv-summary", "sweep-file-reviews-csv-progress",
+            "nightly-verdict", "nightly-measurements"} <= set(by_key), sorted(by_key)
+    assert "PASS" in by_key["nightly-verdict"]["data"] and by_key["sweep-file-reviews-csv-progress"]["data"] == 100.0
