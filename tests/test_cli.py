@@ -80,3 +80,25 @@ def test_usage_errors_stay_argparse_errors():
     out = skeleton("sweep", "--rates", "half")
     assert out.returncode == 2 and "argument --rates: invalid float value: 'half'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_sweep_command_runs_the_flow_with_the_options_given(prefect_server, tiny_backbone_dir, reviews_csv):
+    """`skeleton sweep` with the tests' tiny sweep as options: the flow runs, MLflow records what was given and
+    the family defaults of what was not."""
+    import mlflow
+
+    from flows.cli import main
+    from helpers import sweep_args
+    from skeleton.backbones import FAMILIES
+
+    argv = ["sweep"]
+    for name, value in sweep_args(tiny_backbone_dir, reviews_csv, methods=["random"], experiment="cli").items():
+        argv += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 0
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id], "tags.`skeleton.kind` = 'sweep'")
+    assert run.info.status == "FINISHED"
+    assert (run.data.params["train_steps"], run.data.params["methods"]) == ("6", "['random']")
+    assert run.data.params["retune_evals"] == str(FAMILIES["bert"].sweep_defaults["retune_evals"])
