@@ -16,12 +16,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 from flows.config import NightlyConfig, SweepConfig, add_options, from_options
 
 ROOT = Path(__file__).resolve().parents[1]
+# What `make` exports, so `skeleton ...` behaves as `make sweep` does (an environment that sets them wins).
+ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+               "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_HOME": str(ROOT / ".prefect")}
 # Commands whose code is a script in scripts/ (each has main(argv, prog) -> exit code): their options stay there.
 SCRIPTS = {
     "benchmark": ("benchmark", None, "latency of the full model against its skeletons, beside the arithmetic bound"),
@@ -107,6 +112,8 @@ def dispatch(args) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
     try:
         code = dispatch(args)
     except KeyboardInterrupt:
