@@ -2,8 +2,9 @@
 
     skeleton sweep [--task T] [--backbone B] ...   the sweep flow; its options are flows.config.SweepConfig's fields
     skeleton benchmark [--demo | --skeletons DIR ...]   latency of skeletons vs the full model (scripts/benchmark.py)
-    skeleton list | classify --task NAME TEXT ...  the exported task experts, and classifying with one (scripts/serve.py)
-    skeleton serve-bench                           one backbone + N experts vs N separate skeletons (scripts/serve_bench.py)
+    skeleton list | classify --task NAME TEXT ...  the exported task experts, and classifying with one
+    skeleton serve build | promote                 the REST server: the multi-task MLflow model (scripts/mlflow_serve.py)
+    skeleton serve-bench | load-bench              serving's memory and latency; REST throughput under load
     skeleton stack up | down | status              the local Prefect + MLflow stack (scripts/stack.py)
     skeleton nightly run | promote                 the nightly benchmark regression and its baseline (flows/nightly.py)
     skeleton verify RESULTS.parquet                every exported model reloads with its logits (scripts/verify_exports.py)
@@ -33,6 +34,9 @@ SCRIPTS = {
     "list": ("serve", "list", "list the task experts available (exported folders or MLflow)"),
     "classify": ("serve", "classify", "classify texts with one task expert on its backbone"),
     "serve-bench": ("serve_bench", None, "memory and latency of one backbone + N experts vs N separate skeletons"),
+    "serve": ("mlflow_serve", None, "REST serving: build the multi-task MLflow model for `mlflow models serve`, or "
+              "promote a skeleton to @production"),
+    "load-bench": ("load_bench", None, "REST load test: the multi-task server against per-task servers and the full model"),
     "stack": ("stack", None, "start, stop or inspect the local Prefect + MLflow stack (up | down | status)"),
     "verify": ("verify_exports", None, "check that a sweep's exported models reload with their test logits"),
 }
@@ -81,9 +85,11 @@ def parser() -> argparse.ArgumentParser:
 
 def sweep(args) -> int:
     from flows.sweep import dask_runner, full_sweep
+    from skeleton.data import check_source
 
     config = from_options(SweepConfig, args)
     config.resolved()  # unknown backbone or method: one line now, not a failed flow run
+    check_source(config.task, config.data_file, config.text_column, config.label_column)  # bad data: the same
     flow = full_sweep.with_options(task_runner=dask_runner(args.dask)) if args.dask else full_sweep
     flow(**dataclasses.asdict(config))
     return 0

@@ -134,6 +134,9 @@ def cmd_classify(args) -> int:
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise SystemExit("serve: no texts (give them as arguments or one per line on stdin)")
+    empty = [i + 1 for i, text in enumerate(texts) if not text.strip()]
+    if empty:
+        raise SystemExit(f"serve: text {empty[0]} is empty: give every text some words")
     with tempfile.TemporaryDirectory() as tmp:
         folder = entry.source
         if entry.run_id:

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 TASKS: Registry[Callable[[int], DatasetDict]] = Registry("task")
 HELD_OUT = {"validation": 0.1, "test": 0.1}  # train gets the rest: 80/10/10
+MAX_TEXT_CHARS = 100_000  # per text in a user file: past max_length tokens it is truncated anyway
+MISSING = {"", "nan", "null", "none"}  # label cells that mean "no label" (what exporters write for a missing value)
 FORMATS = {".csv": "CSV", ".csv.gz": "CSV", ".csv.bz2": "CSV", ".jsonl": "JSON lines", ".json": "JSON lines",
            ".parquet": "Parquet"}
 
@@ -185,6 +187,12 @@ def _read_table(path: Path) -> pd.DataFrame:
         return pd.read_parquet(path)
     except pd.errors.EmptyDataError:
         raise DataError(f"data file {path} is empty: point data_file at a file with rows") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
+                        f"{e.start}): re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+    except PermissionError:
+        raise DataError(f"cannot read data file {path}: permission denied; make it readable (chmod a+r) or "
+                        "point data_file at a copy you can read") from None
     except Exception as e:  # parser errors differ per format and library; all mean the same to the user
         raise DataError(f"could not read {path} as {fmt} ({type(e).__name__}: {e}); check that the file is "
                         f"valid {fmt}{' with one JSON object per line' if fmt == 'JSON lines' else ''}") from e
@@ -194,6 +202,8 @@ def load_file(path: str | os.PathLike, text_column: str = "text", label_column: 
               seed: int = 0) -> DatasetDict:
     """A user's CSV / JSONL / Parquet file, split stratified 80/10/10; all checks run before any training."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {path} is a folder: point data_file at a CSV / JSONL / Parquet file")
     if not path.is_file():
         raise DataError(f"data file not found: {path} (relative paths start at {Path.cwd()}): check data_file")
     df = _read_table(path)
@@ -207,15 +217,50 @@ def load_file(path: str | os.PathLike, text_column: str = "text", label_column: 
     df = pd.DataFrame({"text": df[text_column], "label": df[label_column]})
     if df["label"].dtype.kind == "f" and (df["label"].dropna() % 1 == 0).all():
         df["label"] = df["label"].astype("Int64")  # ints read as floats because of a missing value: 1.0 -> 1
-    df = _clean(df)
-    if len(df) == 0:
-        raise DataError(f"no usable rows in {path}: every {text_column!r} or {label_column!r} value is empty")
+    _check_rows(df, path, text_column, label_column)
+    df = _clean(df)  # what is left to drop: exact duplicates
     df["label"] = df["label"].astype(str)
     names = _sorted_names(df["label"])
     if len(names) < 2:
         raise DataError(f"only one class ({names[0]!r}) in column {label_column!r} of {path}; a classifier "
                         f"needs at least two: check label_column or add examples of other classes")
     return _split(_build(df, names), HELD_OUT, seed)
+
+
+def _check_rows(df: pd.DataFrame, path: Path, text_column: str, label_column: str) -> None:
+    """Refuse what a user file must not hold: rows without a label or a text, huge texts, a text with two labels.
+    Rows are counted from 1, the header not included."""
+    def refuse(bad: pd.Series, problem: str, fix: str):
+        if bad.any():
+            rows = [i + 1 for i in np.flatnonzero(bad.to_numpy())]
+            where = f"row {rows[0]}" + (f" and {len(rows) - 1} more" if len(rows) > 1 else "")
+            raise DataError(f"{path}: {where} {problem}: {fix}")
+
+    labels = df["label"].astype("string").str.strip().str.lower()
+    refuse(labels.isna() | labels.isin(MISSING), f"has no label in column {label_column!r}",
+           "label those rows or remove them")
+    texts = df["text"].astype("string")
+    refuse(texts.isna() | (texts.str.strip() == ""), f"has an empty text in column {text_column!r}",
+           "fill in those rows or remove them")
+    refuse(texts.str.len() > MAX_TEXT_CHARS, f"has a text over {MAX_TEXT_CHARS:,} characters",
+           f"shorten or split it (only the first max_length tokens are used anyway)")
+    labels_per_text = df.astype({"label": str}).groupby("text")["label"].nunique()
+    conflicting = labels_per_text[labels_per_text > 1]
+    if len(conflicting):
+        text = conflicting.index[0]
+        both = sorted(df.loc[df["text"] == text, "label"].astype(str).unique())
+        raise DataError(f"{path}: the text {text[:60]!r} has labels {both}" +
+                        (f" ({len(conflicting) - 1} more texts have several)" if len(conflicting) > 1 else "") +
+                        ": give each text one label, or remove the duplicates")
+
+
+def check_source(task: str, data_file: str | None, text_column: str = "text", label_column: str = "label") -> None:
+    """Fail now, naming the problem and the fix, on data the sweep could not use: a user file is read and checked
+    in full (as the sweep would); a task must be registered."""
+    if data_file:
+        load_file(data_file, text_column, label_column)
+    elif task not in TASKS:
+        load_task(task)
 
 
 # ---- model inputs and records ----------------------------------------------------------------------------
