@@ -1,9 +1,9 @@
 """Load test of REST serving on loopback: `mlflow models serve` of the multi-task model (one backbone, 4 task
 experts) against 4 separate skeleton servers (one process per task) and against one server of the full model.
 
-    python scripts/load_bench.py                                   # 4 synthetic MiniLM experts (as serve_bench.py)
-    python scripts/load_bench.py --experts a=DIR b=DIR c=DIR d=DIR --full DIR   # real skeletons and full model
-    python scripts/load_bench.py --clients 1 4 16 --seconds 10 --max-requests 2000 --out bench.json
+    skeleton load-bench                                   # 4 synthetic MiniLM experts (as serve_bench.py)
+    skeleton load-bench --experts a=DIR b=DIR c=DIR d=DIR --full DIR   # real skeletons and full model
+    skeleton load-bench --clients 1 4 16 --seconds 10 --max-requests 2000 --out bench.json
 
 For each setup and each number of concurrent clients, every client sends one text per request (tasks round-robin)
 until --seconds pass or --max-requests are answered; reported: answered requests per second, p50 / p99 latency,
@@ -129,8 +129,8 @@ def requests_for(tasks: list[str], per_task_url: dict[str, str] | None, url: str
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--experts", nargs="+", metavar="TASK=DIR", help="skeleton folders (default: 4 synthetic)")
     parser.add_argument("--full", help="the full model's folder (a rate-0 skeleton; default: synthetic)")
     parser.add_argument("--backbone", default="minilm")

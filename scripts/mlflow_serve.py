@@ -1,7 +1,7 @@
 """Build the multi-task MLflow model (one backbone, a task expert per task) and serve it with `mlflow models serve`.
 
-    python scripts/mlflow_serve.py promote --latest --rate 0.5     # the latest sweep's p=0.5 skeleton -> @production
-    python scripts/mlflow_serve.py build --out DIR rotten_tomatoes=artifacts/skeletons/<hash> reuters_r8=@production
+    skeleton serve promote --latest --rate 0.5     # the latest sweep's p=0.5 skeleton -> @production
+    skeleton serve build --out DIR rotten_tomatoes=artifacts/skeletons/<hash> reuters_r8=@production
     mlflow models serve -m DIR --env-manager local -h 127.0.0.1 -p 5001
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
         -d '{"dataframe_split": {"columns": ["task", "text"], "data": [["rotten_tomatoes", "a gripping film"]]}}'
@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="save the multi-task model to a folder, or log it with --log")
     build.add_argument("experts", nargs="+", metavar="TASK=SOURCE")

@@ -9,7 +9,7 @@ from helpers import run_fresh
 
 COMMAND = Path(sys.executable).with_name("skeleton")  # the console script `pip install -e .` put beside python
 HELP = [["sweep"], ["nightly"], ["nightly", "run"], ["nightly", "promote"], ["benchmark"], ["list"], ["classify"],
-        ["serve-bench"], ["stack"], ["verify"]]
+        ["serve"], ["serve", "build"], ["serve", "promote"], ["serve-bench"], ["load-bench"], ["stack"], ["verify"]]
 
 
 def skeleton(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
