@@ -67,7 +67,8 @@ class SkeletonModel(PythonModel):
             names = self.model.config.label_names
             self.labels = list(names) if names else [str(i) for i in range(self.model.config.num_labels)]
             return
-        self.server = SkeletonServer.load(artifacts["backbone"])
+        # Sliced weights kept per expert: a switch is pointer swaps (~0.3 ms) rather than slicing on every request.
+        self.server = SkeletonServer.load(artifacts["backbone"], cache_slices=True)
         for key, folder in sorted(artifacts.items()):
             if key.startswith(EXPERT):
                 self.server.add(folder, name=key.removeprefix(EXPERT))

@@ -26,7 +26,8 @@ def run_link(run_id: str, experiment: str) -> str:
     from tasks.tracking import client_and_experiment, tracking_uri
 
     _, experiment_id = client_and_experiment(experiment)
-    fragment = f"#/experiments/{experiment_id}/runs/{run_id}"
+    # workflowType: the UI's "Model training" view (its default is GenAI, whatever the experiment's kind tag)
+    fragment = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     uri = tracking_uri()
     if uri.startswith("http"):
         url = f"{uri.rstrip('/')}/{fragment}"
