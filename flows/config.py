@@ -45,13 +45,20 @@ class SweepConfig:
     target_speedups: list[float] = option([], "joint-budget points: cut FFN neurons and heads until the "
                                           "multiply-adds fall by this factor (e.g. 2.0); the mix with the lowest "
                                           "validation loss before re-tuning is kept")
-    prompt_length: int = option(20, "soft prompt vectors")
+    prompt_length: int = option(20, "prompt vectors (per layer for a prefix)")
+    prompt_methods: list[str] = option(["input"], "prompt methods to compare, each with its own full model and "
+                                       "skeletons: input (soft prompt vectors before the text) or prefix (trained "
+                                       "keys and values in every layer; the prompt then runs no FFN)")
+    finetune: bool = option(False, "also fine-tune every backbone weight (same head, same steps) as a reference row")
     max_length: int = option(64, "text tokens per example (truncation)")
     train_steps: int | None = option(None, "prompt-tuning steps of the full model", family=True)
     train_evals: int | None = option(None, "validation checks while prompt-tuning the full model (best kept)", family=True)
     retune_steps: int | None = option(None, "re-tuning steps per skeleton", family=True)
     retune_evals: int | None = option(None, "validation checks while re-tuning a skeleton (best kept)", family=True)
     distill: float = option(0.0, "weight of the full model's soft labels when re-tuning a skeleton (0 = off)")
+    distill_hidden: float = option(0.0, "weight of layer-by-layer distillation of the full model's hidden states "
+                                   "when re-tuning a skeleton (0 = off)")
+    retune_patience: int = option(0, "stop re-tuning after this many validation checks without a new best (0 = off)")
     precision: str = option("bf16", "training arithmetic, fp32 or bf16 (bf16 autocast is ~1.7x faster on CPUs "
                             "with AVX512-BF16); evaluation and exports are always float32")
     attribution_examples: int | None = option(None, "training examples to score neurons on", family=True)
@@ -64,6 +71,7 @@ class SweepConfig:
     def __post_init__(self):
         # The library's own checks (imported here: they load torch), so a bad value fails before any work.
         from skeleton.budget import check_target_speedup
+        from skeleton.model import check_prompt_method
         from skeleton.prune import check_allocation, check_head_rate, check_rate
         from skeleton.train import check_precision
 
@@ -72,6 +80,10 @@ class SweepConfig:
         self.target_speedups = [check_target_speedup(t) for t in self.target_speedups]
         check_allocation(self.allocation)
         check_precision(self.precision)
+        if not self.prompt_methods:
+            raise ValueError("prompt_methods must name at least one prompt method, e.g. [input] or [input, prefix]")
+        for name in self.prompt_methods:
+            check_prompt_method(name)
         if not self.seeds:
             raise ValueError("seeds must name at least one seed, e.g. [0] or [0, 1, 2]")
         for name in ("train_evals", "retune_evals", "prompt_length", "max_length"):
@@ -101,6 +113,7 @@ class SweepConfig:
         for seed in config.seeds:
             TrainConfig(**config.train_config(seed))
             TrainConfig(**config.retune_config(seed))
+            TrainConfig(**config.finetune_config(seed))
         return config
 
     def train_config(self, seed: int) -> dict:
@@ -111,7 +124,12 @@ class SweepConfig:
     def retune_config(self, seed: int) -> dict:
         """skeleton.train.TrainConfig of each skeleton's re-tuning (of a resolved configuration)."""
         return {"steps": self.retune_steps, "warmup_steps": 10, "eval_every": max(1, self.retune_steps // self.retune_evals),
-                "distill": self.distill, "precision": self.precision, "tune_norms": self.retune_norms, "seed": seed}
+                "distill": self.distill, "precision": self.precision, "tune_norms": self.retune_norms, "seed": seed,
+                "distill_hidden": self.distill_hidden, "patience": self.retune_patience}
+
+    def finetune_config(self, seed: int) -> dict:
+        """skeleton.train.TrainConfig of the fine-tuned reference: every weight, the full model's budget."""
+        return {**self.train_config(seed), "finetune": True, "tune_norms": False}
 
     @property
     def task_name(self) -> str:

@@ -57,47 +57,54 @@ def full_sweep(**parameters) -> list[dict]:
     print(f"data: {data['split_sizes']} labels {data['label_names']}")
     run_id = tracking.start_sweep_run(config.experiment, {**config.params(),
                                                           "artifacts": str(pipeline.artifacts_dir())})
-    methods, seeds = config.methods, config.seeds
+    methods, seeds, prompts = config.methods, config.seeds, config.prompt_methods
     points = [(m, r, h, None) for m in methods for r in config.rates for h in config.head_rates]
     points += [(m, 0.0, 0.0, t) for m in methods for t in config.target_speedups]
-    progress = prefect_ui.sweep_progress(config.task_name, len(points) * len(seeds))  # the Prefect UI's progress bar
+    total = len(points) * len(seeds) * len(prompts)
+    progress = prefect_ui.sweep_progress(config.task_name, total)  # the Prefect UI's progress bar
     try:
-        fulls, probes, rows, scores = {}, {}, [], {}
+        fulls, probes, finetuned, rows, scores = {}, {}, {}, [], {}
         for seed in seeds:
-            full_model = pipeline.tune_prompt(data["path"], config.backbone, config.prompt_length,
-                                              config.train_config(seed))
-            fulls[seed] = {**pipeline.evaluate(data["path"], full_model["path"]), "path": full_model["path"],
-                           "val_accuracy": full_model["val_accuracy"]}
             probes[seed] = pipeline.linear_probe(data["path"], config.backbone, seed, config.precision)
-            print(f"seed {seed}: full prompt-tuned accuracy {fulls[seed]['accuracy']:.4f}; "
-                  f"linear probe {probes[seed]['accuracy']:.4f}")
+            if config.finetune:  # the reference a user could pick instead: every weight trained, a model per task
+                tuned = pipeline.tune_prompt(data["path"], config.backbone, 0, config.finetune_config(seed))
+                finetuned[seed] = {**pipeline.evaluate(data["path"], tuned["path"]), "path": tuned["path"],
+                                   "val_accuracy": tuned["val_accuracy"], "prompt": None}
+            for prompt in prompts:
+                full_model = pipeline.tune_prompt(data["path"], config.backbone, config.prompt_length,
+                                                  config.train_config(seed), prompt)
+                fulls[seed, prompt] = {**pipeline.evaluate(data["path"], full_model["path"]), "path": full_model["path"],
+                                       "val_accuracy": full_model["val_accuracy"], "prompt": prompt}
+                print(f"seed {seed}: full model ({prompt} prompt) accuracy {fulls[seed, prompt]['accuracy']:.4f}; "
+                      f"linear probe {probes[seed]['accuracy']:.4f}")
 
-            # Independent sweep points are submitted together: a Dask task runner spreads them over its workers,
-            # the default runner takes them one at a time (parallel threads would only fight over the cores).
-            examples = config.attribution_examples
-            futures = {m: pipeline.attribute.submit(data["path"], full_model["path"], m, examples, seed) for m in methods}
-            scores[seed] = {m: future.result()["path"] for m, future in futures.items()}
-            teacher = pipeline.teacher_logits(data["path"], full_model["path"])["path"] if config.distill else None
-            built = [pipeline.build_skeleton.submit(data["path"], full_model["path"], scores[seed][m], r,
-                                                    config.retune_config(seed), teacher, h, config.allocation,
-                                                    config.reconstruct, t)
-                     for m, r, h, t in points]
-            built = [future.result() for future in built]
-            results = [pipeline.evaluate.submit(data["path"], b["path"]) for b in built]
-            for (method, _, _, target), b, future in zip(points, built, results):
-                result = future.result()
-                point = f"x{target:g}" if target else f"p={b['rate']:g} h={b['head_rate']:g}"
-                rows.append({"seed": seed, "method": method, "point": point, "rate": b["rate"],
-                             "head_rate": b["head_rate"],
-                             "kept_width": b["kept_width"], "kept_widths": b["kept_widths"],
-                             "kept_heads": b.get("kept_heads"), "val_accuracy": b["val_accuracy"], **result,
-                             "path": b["path"]})
-                print(f"seed {seed} point {len(rows)}/{len(points) * len(seeds)}: {method} {point} "
-                      f"(p={b['rate']:.3f} h={b['head_rate']:.3f}) accuracy {result['accuracy']:.4f}")
-                prefect_ui.point_finished(progress, len(rows), len(points) * len(seeds))
+                # Independent sweep points are submitted together: a Dask task runner spreads them over its
+                # workers, the default runner takes them one at a time (parallel threads would only fight over cores).
+                examples = config.attribution_examples
+                futures = {m: pipeline.attribute.submit(data["path"], full_model["path"], m, examples, seed)
+                           for m in methods}
+                by_method = {m: future.result()["path"] for m, future in futures.items()}
+                scores.setdefault(seed, {}).update({f"{prompt}/{m}": path for m, path in by_method.items()})
+                teacher = pipeline.teacher_logits(data["path"], full_model["path"])["path"] if config.distill else None
+                built = [pipeline.build_skeleton.submit(data["path"], full_model["path"], by_method[m], r,
+                                                        config.retune_config(seed), teacher, h, config.allocation,
+                                                        config.reconstruct, t)
+                         for m, r, h, t in points]
+                built = [future.result() for future in built]
+                results = [pipeline.evaluate.submit(data["path"], b["path"]) for b in built]
+                for (method, _, _, target), b, future in zip(points, built, results):
+                    result = future.result()
+                    point = f"x{target:g}" if target else f"p={b['rate']:g} h={b['head_rate']:g}"
+                    rows.append({"seed": seed, "prompt": prompt, "method": method, "point": point, "rate": b["rate"],
+                                 "head_rate": b["head_rate"], "kept_width": b["kept_width"],
+                                 "kept_widths": b["kept_widths"], "kept_heads": b.get("kept_heads"),
+                                 "val_accuracy": b["val_accuracy"], **result, "path": b["path"]})
+                    print(f"seed {seed} point {len(rows)}/{total}: {prompt} {method} {point} "
+                          f"(p={b['rate']:.3f} h={b['head_rate']:.3f}) accuracy {result['accuracy']:.4f}")
+                    prefect_ui.point_finished(progress, len(rows), total)
 
-        bench, measured_as = _benchmark(rows, fulls[seeds[0]]["path"], config.max_length)
-        table = results_table(rows, fulls, probes)
+        bench, measured_as = _benchmark(rows, fulls, finetuned, config.max_length)
+        table = results_table(rows, fulls, probes, finetuned)
         records = [{**record, "data": data["path"]} for record in table.to_dict("records")]
         logged = [tracking.log_point.submit(run_id, row, [b for b in bench["rows"]
                                                           if b["model"] == measured_as[row["path"]]])
@@ -116,21 +123,36 @@ def full_sweep(**parameters) -> list[dict]:
     return records
 
 
-def _benchmark(rows: list[dict], full: str, max_length: int) -> tuple[dict, dict[str, str]]:
-    """Latency of each distinct skeleton shape against the full model (seeds and methods that cut the same widths
-    and heads share one measurement), copied onto every row. Returns the benchmark and, per skeleton path, the
-    path measured for its shape."""
+def _benchmark(rows: list[dict], fulls: dict, finetuned: dict, max_length: int) -> tuple[dict, dict[str, str]]:
+    """Latency of each distinct model shape against the input-prompt full model (the paper's baseline; else the first
+    prompt method's) and against each prompt method's full model, in a fresh process; seeds and methods that cut the
+    same widths and heads share one measurement. Sets on every row `speedup` / `speedup_bound` / `bound_ratio`
+    against the full model of its own prompt method (like for like) and `speedup_vs_input` / `bound_vs_input`
+    against the input-prompt one. Returns the benchmark and, per model path, the path measured for its shape."""
     from skeleton.benchmark import at
 
+    first_seed = next(iter(fulls))[0]
+    own = {prompt: full["path"] for (seed, prompt), full in fulls.items() if seed == first_seed}
+    reference = own.get("input") or next(iter(own.values()))
     first: dict[tuple, str] = {}
     measured_as = {}
-    for row in rows:
-        shape = (tuple(row["kept_widths"]), tuple(row["kept_heads"] or ()))
+    shaped = [(row, (row["prompt"], tuple(row["kept_widths"]), tuple(row["kept_heads"] or ()))) for row in rows]
+    shaped += [(full, (prompt, "full")) for (_, prompt), full in fulls.items()]
+    shaped += [(tuned, ("fine-tuned",)) for tuned in finetuned.values()]
+    for row, shape in shaped:
         measured_as[row["path"]] = first.setdefault(shape, row["path"])
-    bench = pipeline.benchmark(full, list(first.values()), pipeline.BENCHMARK_BATCH_SIZES, [max_length], repeats=20)
+    measured = [path for path in first.values() if path != reference]
+    bench = pipeline.benchmark(reference, measured, pipeline.BENCHMARK_BATCH_SIZES, [max_length], repeats=20,
+                               baselines=[path for path in own.values() if path != reference])
     headline = at(bench, pipeline.BENCHMARK_BATCH_SIZE, max_length)
-    for row in rows:
-        row.update({key: headline[measured_as[row["path"]]][key] for key in ("speedup", "speedup_bound", "bound_ratio")})
+    vs_input = "input" in own
+    for row, _ in shaped:
+        m = headline[measured_as[row["path"]]]
+        base = own.get(row.get("prompt"), reference)  # a fine-tuned reference has no prompt: its own full model
+        speedup, bound = (m["speedup"], m["speedup_bound"]) if base == reference else (m["speedups"][base], m["bounds"][base])
+        row.update(speedup=speedup, speedup_bound=bound, bound_ratio=speedup / bound,
+                   speedup_vs_input=m["speedup"] if vs_input else None,
+                   bound_vs_input=m["speedup_bound"] if vs_input else None)
     return bench, measured_as
 
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a plain checkout, without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
-from tasks.report import FULL  # noqa: E402  (plain Python: no Prefect, no MLflow)
+from tasks.report import main_full  # noqa: E402  (plain Python: no Prefect, no MLflow)
 
 
 def artifacts_dir() -> Path:
@@ -67,9 +67,11 @@ def from_mlflow(experiment: str, method: str, rates: list[float]) -> dict[str, P
         table = table[table["seed"] == table["seed"].iloc[0]]
     if "head_rate" in table:  # FFN-only skeletons: the rates name them
         table = table[table["head_rate"].fillna(0.0) == 0.0]
-    full = table[table["method"] == FULL]["path"].tolist()  # the results table's reference row
+    reference = main_full(table.to_dict("records"))  # the results table's reference row, and its prompt's skeletons
+    if "prompt" in table:
+        table = table[table["prompt"] == reference["prompt"]]
     points = {float(r.rate): r.path for r in table[table["method"] == method].itertuples()}
-    folders = {"full": full[0]} if full else {}
+    folders = {"full": reference["path"]}
     folders |= {f"{method} p={rate}": points[rate] for rate in rates if rate in points}
     if len(folders) < len(rates) + 1 or not all(Path(p).is_dir() for p in folders.values()):
         return None

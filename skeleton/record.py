@@ -41,14 +41,16 @@ def method_of(scores: str | None) -> str | None:
 
 
 def skeleton_name(meta: dict, folder: str | Path | None = None) -> str:
-    """<task>-<method>-p<rate> (the full model's method is "full"), then -h<head rate>, -<allocation>, -rec
-    (reconstructed) and -norms (normalisation layers tuned) where they are not the defaults. Without a recorded
-    task (skeletons exported before it was) the folder's name."""
+    """<task>-<method>-p<rate> (the full model's method is "full", a fine-tuned one's "finetuned"), then
+    -<prompt method>, -h<head rate>, -<allocation>, -rec (reconstructed) and -norms (normalisation layers tuned)
+    where they are not the defaults. Without a recorded task (skeletons exported before it was) the folder's name."""
     if not meta.get("task") and folder is not None:
         return Path(folder).name
     rate = float(meta.get("rate", 0.0))
-    method = meta.get("method") or ("full" if rate == 0.0 else None)
+    method = meta.get("method") or (("finetuned" if meta.get("finetune") else "full") if rate == 0.0 else None)
     parts = [*([meta["task"]] if meta.get("task") else []), *([method] if method else []), f"p{rate}"]
+    if meta.get("prompt_method", "input") != "input":
+        parts.append(meta["prompt_method"])
     if meta.get("head_rate"):
         parts.append(f"h{float(meta['head_rate'])}")
     if meta.get("allocation", "uniform") != "uniform":

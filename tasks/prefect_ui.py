@@ -13,8 +13,8 @@ from uuid import UUID
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 
-TABLE_COLUMNS = ("method", "point", "rate", "head_rate", "seeds", "accuracy", "accuracy_std", "macro_f1", "speedup",
-                 "speedup_bound", "parameters", "kept_width")
+TABLE_COLUMNS = ("prompt", "method", "point", "rate", "head_rate", "seeds", "accuracy", "accuracy_std", "macro_f1",
+                 "speedup", "speedup_bound", "speedup_vs_input", "parameters", "kept_width")
 
 
 def key(*parts: str) -> str:
@@ -57,22 +57,27 @@ def _cell(value):
 
 def sweep_results(task_name: str, summary: list[dict], run_id: str, experiment: str) -> None:
     """The results table, and the headline: full model, linear probe, each skeleton's accuracy and speed-up."""
-    from tasks.report import FULL, PROBE
+    from tasks.report import FULLS, PROBE, REFERENCES, main_full
 
     table = [{c: _cell(row.get(c)) for c in TABLE_COLUMNS} for row in summary]
     create_table_artifact(table, key=key("sweep", task_name, "results"),
                           description=f"Sweep results for {task_name} (means over seeds)")
     by_method = {row["method"]: row for row in summary}
-    full = by_method[FULL]
-    lines = [f"# Sweep: {task_name}", "",
-             f"- full prompt-tuned model: accuracy **{full['accuracy']:.4f}**, macro-F1 {full['macro_f1']:.4f}",
-             f"- linear probe: accuracy {by_method[PROBE]['accuracy']:.4f}" if PROBE in by_method else "", ""]
-    lines += ["| skeleton | accuracy | vs full | speed-up |", "|---|---|---|---|"]
+    full = main_full(summary)
+    lines = [f"# Sweep: {task_name}", ""]
+    lines += [f"- {row['method']}: accuracy **{row['accuracy']:.4f}**" for row in summary
+              if row["method"] in REFERENCES and row["method"] != PROBE]
+    lines += [f"- linear probe: accuracy {by_method[PROBE]['accuracy']:.4f}" if PROBE in by_method else "", ""]
+    lines += [f"| skeleton | accuracy | vs its full model | speed-up over it | speed-up over {full['method']} |",
+              "|---|---|---|---|---|"]
     for row in summary:
-        if row["method"] in (FULL, PROBE):
+        if row["method"] in REFERENCES:
             continue
-        lines.append(f"| {row['method']} {row['point']} | {row['accuracy']:.4f} | "
-                     f"{100 * (row['accuracy'] - full['accuracy']):+.1f} pts | {row['speedup']:.2f}x |")
+        own = by_method.get(FULLS.get(row["prompt"]), full)
+        over_main = row.get("speedup_vs_input")
+        lines.append(f"| {row['prompt']} {row['method']} {row['point']} | {row['accuracy']:.4f} | "
+                     f"{100 * (row['accuracy'] - own['accuracy']):+.1f} pts | {row['speedup']:.2f}x | "
+                     + (f"{over_main:.2f}x |" if over_main is not None and over_main == over_main else "- |"))
     lines += ["", run_link(run_id, experiment)]
     create_markdown_artifact("\n".join(lines), key=key("sweep", task_name, "summary"),
                              description=f"Sweep headline for {task_name}")

@@ -3,31 +3,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLUMNS = ["seed", "method", "point", "rate", "head_rate", "kept_width", "accuracy", "macro_f1", "speedup", "speedup_bound",
-           "bound_ratio", "parameters", "path"]
+# speedup / speedup_bound / bound_ratio: against the full model of the row's own prompt method (like for like);
+# speedup_vs_input / bound_vs_input: against the input-prompt full model (the paper's prompt-tuning baseline).
+COLUMNS = ["seed", "prompt", "method", "point", "rate", "head_rate", "kept_width", "accuracy", "macro_f1", "speedup",
+           "speedup_bound", "bound_ratio", "speedup_vs_input", "bound_vs_input", "parameters", "path"]
 EXTRA = ["val_accuracy", "kept_widths", "kept_heads", "logits"]  # in the records and the Parquet table
-SUMMARY = ["method", "point", "rate", "head_rate", "kept_width", "accuracy", "accuracy_std", "macro_f1", "val_accuracy",
-           "speedup", "speedup_bound", "bound_ratio", "parameters", "seeds", "path"]
-FULL, PROBE = "full (prompt tuning)", "linear probe"  # the reference rows
-POINT = ["method", "point"]  # what identifies a sweep point across seeds: "p=<rate> h=<head rate>" or "x<target>"
+SUMMARY = ["prompt", "method", "point", "rate", "head_rate", "kept_width", "accuracy", "accuracy_std", "macro_f1",
+           "val_accuracy", "speedup", "speedup_bound", "bound_ratio", "speedup_vs_input", "bound_vs_input",
+           "parameters", "seeds", "path"]
+FULL, PROBE, FINETUNED = "full (prompt tuning)", "linear probe", "fine-tuned"  # reference rows
+FULL_PREFIX = "full (prefix tuning)"
+FULLS = {"input": FULL, "prefix": FULL_PREFIX}  # prompt method -> its full model's row
+REFERENCES = (FULL, FULL_PREFIX, FINETUNED, PROBE)  # in the order tables list them
+POINT = ["prompt", "method", "point"]  # a sweep point across seeds: "p=<rate> h=<head rate>" or "x<target>"
 
 
-def results_table(rows: list[dict], fulls: dict[int, dict], probes: dict[int, dict]):
-    """Per seed: the full prompt-tuned model and the linear probe as reference rows, then one row per skeleton."""
+def main_full(records: list[dict]) -> dict:
+    """The reference full model: the input-prompt one (the paper's baseline) if the sweep has it, else the first."""
+    fulls = [r for r in records if r["method"] in FULLS.values()]
+    return next((r for r in fulls if r["method"] == FULL), fulls[0])
+
+
+def results_table(rows: list[dict], fulls: dict[tuple, dict], probes: dict[int, dict], finetuned: dict[int, dict] = {}):
+    """Per seed: the full model of each prompt method ((seed, prompt) -> record), the fine-tuned model and the linear
+    probe as reference rows, then one row per skeleton."""
     import pandas as pd
 
-    reference = []
-    for seed, full in fulls.items():
-        probe = probes[seed]
-        reference += [
-            {"seed": seed, "method": FULL, "point": "", "rate": 0.0, "head_rate": 0.0, "accuracy": full["accuracy"],
-             "macro_f1": full["macro_f1"], "speedup": 1.0, "speedup_bound": 1.0, "bound_ratio": 1.0,
-             "parameters": full["parameters"], "path": full["path"], "logits": full["logits"],
-             "val_accuracy": full["val_accuracy"]},
-            {"seed": seed, "method": PROBE, "point": "", "rate": 0.0, "head_rate": 0.0, "accuracy": probe["accuracy"],
-             "macro_f1": probe["macro_f1"], "val_accuracy": probe["val_accuracy"]},
-        ]
-    points = sorted(rows, key=lambda r: (r["seed"], r["method"], r["rate"], r["head_rate"]))
+    speed = ("speedup", "speedup_bound", "bound_ratio", "speedup_vs_input", "bound_vs_input")
+
+    def model_row(seed, prompt, method, record):
+        return {"seed": seed, "prompt": prompt, "method": method, "point": "", "rate": 0.0, "head_rate": 0.0,
+                **{k: record.get(k) for k in ("accuracy", "macro_f1", "parameters", "path", "logits", "val_accuracy",
+                                             *speed)}}
+
+    reference = [model_row(seed, prompt, FULLS[prompt], full) for (seed, prompt), full in fulls.items()]
+    reference += [model_row(seed, "-", FINETUNED, tuned) for seed, tuned in finetuned.items()]
+    reference += [{"seed": seed, "prompt": "-", "method": PROBE, "point": "", "rate": 0.0, "head_rate": 0.0,
+                   "accuracy": probe["accuracy"], "macro_f1": probe["macro_f1"], "val_accuracy": probe["val_accuracy"]}
+                  for seed, probe in probes.items()]
+    points = sorted(rows, key=lambda r: (r["seed"], r["prompt"], r["method"], r["rate"], r["head_rate"]))
     table = pd.DataFrame(reference + points)
     return table.reindex(columns=COLUMNS + EXTRA).astype({"kept_width": "Int64", "parameters": "Int64"})
 
@@ -43,19 +57,22 @@ def summary_table(records: list[dict]):
                           accuracy_std=("accuracy", "std"), macro_f1=("macro_f1", "mean"),
                           val_accuracy=("val_accuracy", "mean"), speedup=("speedup", "mean"),
                           speedup_bound=("speedup_bound", "mean"), bound_ratio=("bound_ratio", "mean"),
+                          speedup_vs_input=("speedup_vs_input", "mean"), bound_vs_input=("bound_vs_input", "mean"),
                           parameters=("parameters", "first"), seeds=("seed", "nunique"), path=("path", "first"))
     summary = summary.reset_index()
-    order = {FULL: 0, PROBE: 1}
-    summary = summary.sort_values(["method", "rate", "head_rate"], kind="stable",
-                                  key=lambda col: col.map(order).fillna(2) if col.name == "method" else col)
+    order = {name: i for i, name in enumerate(REFERENCES)}
+    summary = summary.sort_values(["method", "prompt", "rate", "head_rate"], kind="stable",
+                                  key=lambda col: col.map(order).fillna(len(order)) if col.name == "method" else col)
     return summary[SUMMARY].astype({"kept_width": "Int64", "parameters": "Int64"}).reset_index(drop=True)
 
 
 def _label(row: dict) -> str:
-    """A plotted series: a method at one head rate; joint-budget points (chosen per seed) stand alone."""
+    """A plotted series: a method at one head rate (and prompt method, when not the input prompt); joint-budget
+    points (chosen per seed) stand alone."""
+    method = ("prefix " if row.get("prompt") == "prefix" else "") + row["method"]
     if row["point"].startswith("x"):
-        return f"{row['method']} {row['point']} (joint)"
-    return row["method"] + (f" h={row['head_rate']:g}" if row["head_rate"] else "")
+        return f"{method} {row['point']} (joint)"
+    return method + (f" h={row['head_rate']:g}" if row["head_rate"] else "")
 
 
 def _axes():
@@ -94,16 +111,18 @@ def plot_accuracy(records: list[dict], out: Path) -> Path:
     """Accuracy against pruning rate, a line per selection method (and head rate), the reference rows as
     horizontal lines; with several seeds, the mean with a bar of +- one standard deviation."""
     summary = summary_table(records).to_dict("records")
-    reference = {r["method"]: r for r in summary if r["method"] in (FULL, PROBE)}
+    reference = {r["method"]: r for r in summary if r["method"] in REFERENCES}
     rows = [r for r in summary if r["method"] not in reference]
     fig, ax = _axes()
     for label in sorted({_label(r) for r in rows}):
         points = sorted((r["rate"], r["accuracy"], r["accuracy_std"]) for r in rows if _label(r) == label)
         rates, accuracy, std = zip(*points)
         ax.errorbar(rates, accuracy, yerr=[0 if s != s else s for s in std], marker="o", capsize=3, label=label)
-    for name, style in ((FULL, dict(color="black", linestyle="--")), (PROBE, dict(color="grey", linestyle=":"))):
-        ax.axhline(reference[name]["accuracy"], label=name, **style)
-    seeds = int(reference[FULL]["seeds"])
+    styles = {FULL: dict(color="black", linestyle="--"), FULL_PREFIX: dict(color="black", linestyle="-."),
+              FINETUNED: dict(color="brown", linestyle="--"), PROBE: dict(color="grey", linestyle=":")}
+    for name, row in reference.items():
+        ax.axhline(row["accuracy"], label=name, **styles[name])
+    seeds = int(main_full(summary)["seeds"])
     ax.set_xlabel("FFN pruning rate")
     ax.set_ylabel("test accuracy" + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
     ax.set_title("Skeleton accuracy vs sparsity")
@@ -115,7 +134,7 @@ def plot_speedup(records: list[dict], out: Path) -> Path:
     """Measured speed-up against pruning rate, a line per selection method, beside the arithmetic bound
     (MACs of the full model / MACs of the skeleton), each point labelled with measured / bound."""
     rows = [r for r in summary_table(records).to_dict("records")
-            if r["method"] not in (FULL, PROBE) and r.get("speedup") == r.get("speedup")]
+            if r["method"] not in REFERENCES and r.get("speedup") == r.get("speedup")]
     fig, ax = _axes()
     for head_rate in sorted({r["head_rate"] for r in rows}):
         bound = sorted({(0.0, 1.0)} | {(r["rate"], r["speedup_bound"]) for r in rows if r["head_rate"] == head_rate})
@@ -128,8 +147,40 @@ def plot_speedup(records: list[dict], out: Path) -> Path:
             ax.annotate(f"{ratio:.2f}", (rate, speedup), textcoords="offset points", xytext=(4, -12), fontsize=8,
                         color=line.get_color())
     ax.set_xlabel("FFN pruning rate")
-    ax.set_ylabel("speed-up over the full model")
+    ax.set_ylabel("speed-up over the full model of the same prompt method")
     ax.set_title("Measured speed-up vs arithmetic bound")
     ax.text(0.98, 0.02, "numbers: measured / bound", transform=ax.transAxes, ha="right", fontsize=8)
     ax.legend(loc="upper left")
+    return _save(fig, out)
+
+
+def plot_frontier(records: list[dict], out: Path) -> Path:
+    """The accuracy-speed frontier: test accuracy (mean, bar +- one standard deviation over seeds) against the
+    measured speed-up over the input-prompt full model (the paper's baseline; over the main full model when the
+    sweep has no input prompt), a line per selection method x prompt method through its rates, the full models and
+    the fine-tuned reference as labelled points, the linear probe as a horizontal line."""
+    summary = summary_table(records).to_dict("records")
+    def known(value) -> bool:
+        return value is not None and value == value  # not missing, not NaN
+
+    x = "speedup_vs_input" if any(known(r.get("speedup_vs_input")) for r in summary) else "speedup"
+    measured = [r for r in summary if known(r.get(x))]
+    fig, ax = _axes()
+    for label in sorted({_label(r) for r in measured if r["method"] not in REFERENCES}):
+        points = sorted((r[x], r["accuracy"], r["accuracy_std"]) for r in measured
+                        if r["method"] not in REFERENCES and _label(r) == label)
+        speed, accuracy, std = zip(*points)
+        ax.errorbar(speed, accuracy, yerr=[0 if s != s else s for s in std], marker="o", capsize=3, label=label)
+    for row in (r for r in measured if r["method"] in REFERENCES):
+        ax.errorbar([row[x]], [row["accuracy"]], yerr=[row["accuracy_std"] if known(row["accuracy_std"]) else 0],
+                    marker="*", markersize=12, linestyle="none", capsize=3, label=row["method"])
+    probe = next((r for r in summary if r["method"] == PROBE), None)
+    if probe:
+        ax.axhline(probe["accuracy"], color="grey", linestyle=":", label=PROBE)
+    seeds = int(main_full(summary)["seeds"])
+    base = "the input-prompt full model" if x == "speedup_vs_input" else "the full model"
+    ax.set_xlabel(f"measured speed-up over {base}")
+    ax.set_ylabel("test accuracy" + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
+    ax.set_title("Accuracy-speed frontier")
+    ax.legend(loc="lower left", fontsize=7)
     return _save(fig, out)

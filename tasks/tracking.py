@@ -128,9 +128,10 @@ def benchmark_metrics(rows: list[dict]) -> dict[str, float]:
 
 
 def point_key(row: dict) -> str:
-    """What identifies a sweep point within its sweep: seed, method and point (rates or target)."""
+    """What identifies a sweep point within its sweep: seed, prompt method, selection method and point (rates or
+    target)."""
     point = row.get("point") or f"p={row['rate']:g} h={row['head_rate'] or 0:g}"
-    return f"seed{row['seed']}/{row['method']}/{point}"
+    return f"seed{row['seed']}/{row.get('prompt') or 'input'}/{row['method']}/{point}"
 
 
 def folder_bytes(folder: str | Path) -> int:
@@ -186,26 +187,29 @@ def log_point(parent_run_id: str, row: dict, benchmark_rows: list[dict] = ()) ->
         return next(r.info.run_id for r in found if r.info.status == "FINISHED")
     from skeleton.record import skeleton_name
 
-    name = skeleton_name(row)
+    name = skeleton_name({**row, "prompt_method": row.get("prompt")})
     if found:
         run_id = found[0].info.run_id
     else:
         run_id = client.create_run(parent.info.experiment_id, run_name=f"{name}-seed{row['seed']}",
                                    tags={"mlflow.parentRunId": parent_run_id, "skeleton.kind": "point",
                                          "skeleton.point": key}).info.run_id
-    for param in ("method", "rate", "head_rate", "seed", "kept_width", "kept_widths", "kept_heads"):
+    for param in ("prompt", "method", "rate", "head_rate", "seed", "kept_width", "kept_widths", "kept_heads"):
         if row.get(param) is not None:
             client.log_param(run_id, param, row[param])
     metrics = {k: float(row[k]) for k in ("accuracy", "macro_f1", "speedup", "speedup_bound", "bound_ratio",
-                                          "parameters", "kept_width", "rate", "head_rate", "val_accuracy")
-               if row.get(k) is not None}
+                                          "speedup_vs_input", "bound_vs_input", "parameters", "kept_width", "rate",
+                                          "head_rate", "val_accuracy")
+               if row.get(k) is not None and row[k] == row[k]}
     metrics["size_mb"] = folder_bytes(row["path"]) / 2**20
     metrics.update(benchmark_metrics(benchmark_rows))
     tags = {"skeleton.kind": "skeleton", "skeleton.method": str(row["method"]), "skeleton.rate": str(row["rate"]),
+            "skeleton.prompt": str(row.get("prompt") or "input"),
             "skeleton.head_rate": str(row["head_rate"]), "skeleton.task": parent.data.params.get("task", "")}
     # LoggedModel names allow no dots: rates in percent, e.g. grad_x_act-p65-h25
-    log_model(run_id, row["path"], f"{row['method']}-p{row['rate'] * 100:.4g}" +
-              (f"-h{row['head_rate'] * 100:.4g}" if row["head_rate"] else ""), metrics, tags)
+    log_model(run_id, row["path"], ("prefix-" if row.get("prompt") == "prefix" else "") +
+              f"{row['method']}-p{row['rate'] * 100:.4g}" + (f"-h{row['head_rate'] * 100:.4g}" if row["head_rate"] else ""),
+              metrics, tags)
     client.set_terminated(run_id)
     return run_id
 
@@ -221,11 +225,13 @@ def log_benchmark(parent_run_id: str, result: dict, records: list[dict]) -> None
     and rate), the speed-up-vs-rate plot with the arithmetic bound, the full model's latencies as metrics and
     where it ran as params."""
     from skeleton.benchmark import write_report
-    from tasks.report import FULL, plot_speedup
+    from tasks.report import REFERENCES, main_full, plot_frontier, plot_speedup
 
     client = _client()
-    names = {r["path"]: "full" if r["method"] == FULL else
-             f"{r['method']} p={r['rate']:.3g}" + (f" h={r['head_rate']:.3g}" if r["head_rate"] else "")
+    main = main_full(records)["path"]
+    names = {r["path"]: "full" if r["path"] == main else r["method"] if r["method"] in REFERENCES else
+             ("prefix " if r.get("prompt") == "prefix" else "") + f"{r['method']} p={r['rate']:.3g}"
+             + (f" h={r['head_rate']:.3g}" if r["head_rate"] else "")
              for r in reversed(records) if isinstance(r.get("path"), str)}  # reversed: the first seed's name wins
     named = {**result, "rows": [{**r, "model": names.get(r["model"], r["model"])} for r in result["rows"]]}
     env = result["environment"]
@@ -240,8 +246,10 @@ def log_benchmark(parent_run_id: str, result: dict, records: list[dict]) -> None
         tmp = Path(tmp)
         write_report(named, tmp / "benchmark", title="Sweep latency: full model vs skeletons")
         plot_speedup(records, tmp / "speedup_vs_rate.png")
+        plot_frontier(records, tmp / "accuracy_vs_speedup.png")  # the frontier: the sweep's headline plot
         client.log_artifacts(parent_run_id, str(tmp / "benchmark"), "benchmark")
         client.log_artifact(parent_run_id, str(tmp / "speedup_vs_rate.png"))
+        client.log_artifact(parent_run_id, str(tmp / "accuracy_vs_speedup.png"))
 
 
 @task(name="finish-sweep-run", retries=2, retry_delay_seconds=2)
@@ -252,15 +260,18 @@ def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict
     earlier killed attempts at this sweep are closed."""
     import pandas as pd
 
-    from tasks.report import FULL, PROBE, plot_accuracy
+    from tasks.report import FINETUNED, FULL_PREFIX, PROBE, main_full, plot_accuracy
 
     client = _client()
-    reference = {r["method"]: r for r in summary if r["method"] in (FULL, PROBE)}
-    for prefix, name, keys in (("full", FULL, ("accuracy", "accuracy_std", "macro_f1", "parameters")),
+    reference = {r["method"]: r for r in summary}
+    reference["main"] = main_full(summary)
+    for prefix, name, keys in (("full", "main", ("accuracy", "accuracy_std", "macro_f1", "parameters")),
+                               ("full_prefix", FULL_PREFIX, ("accuracy", "accuracy_std", "speedup_vs_input")),
+                               ("finetuned", FINETUNED, ("accuracy", "accuracy_std", "speedup_vs_input")),
                                ("linear_probe", PROBE, ("accuracy", "accuracy_std", "macro_f1"))):
-        for key in keys:
-            value = reference[name][key]
-            if value == value:  # a standard deviation over one seed is NaN: not logged
+        for key in keys if name in reference else ():
+            value = reference[name].get(key)
+            if value is not None and value == value:  # a standard deviation over one seed is NaN: not logged
                 client.log_metric(parent_run_id, f"{prefix}_{key}", float(value))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -272,11 +283,12 @@ def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict
     for seed, by_method in scores.items():
         for method, path in by_method.items():
             client.log_artifact(parent_run_id, path, f"attribution/seed{seed}/{method}")
-    full = next(r for r in records if r["method"] == FULL and r["path"] == reference[FULL]["path"])
+    full = next(r for r in records if r["path"] == reference["main"]["path"])
     metrics = {k: float(full[k]) for k in ("accuracy", "macro_f1", "parameters") if full.get(k) is not None}
     metrics.update(rate=0.0, head_rate=0.0, speedup=1.0, size_mb=folder_bytes(full["path"]) / 2**20)
     task_name = client.get_run(parent_run_id).data.params.get("task", "")
     log_model(parent_run_id, full["path"], "full", metrics,
-              {"skeleton.kind": "full", "skeleton.method": FULL, "skeleton.rate": "0.0", "skeleton.task": task_name})
+              {"skeleton.kind": "full", "skeleton.method": full["method"], "skeleton.rate": "0.0",
+               "skeleton.task": task_name})
     close_killed_attempts(client, parent_run_id)
     client.set_terminated(parent_run_id)

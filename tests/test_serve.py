@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 12  # short enough that the long text below is truncated
 TEXTS = ["a gripping, beautifully made film", "dull", "it was fine, I suppose, though the second half drags on "
          "and on and on without any of the charm of the first", "the worst plot ever", "moving", "sharp and funny"]
-# (task, rate, labels, prompt length): different rates, label counts and prompt lengths
-EXPERTS = [("sst", 0.0, 2, 4), ("news", 0.5, 3, 2), ("topic", 0.8, 5, 3)]
+# (task, rate, labels, prompt length, prompt method): different rates, label counts, prompt lengths and methods
+EXPERTS = [("sst", 0.0, 2, 4, "input"), ("news", 0.5, 3, 2, "input"), ("topic", 0.8, 5, 3, "input"),
+           ("intent", 0.0, 3, 2, "prefix"), ("qa", 0.65, 2, 3, "prefix")]
 
 
 @pytest.fixture(scope="module", params=["bert", "llama"])
@@ -37,12 +38,14 @@ def backbone_dir(request, tmp_path_factory, minilm_tokenizer):
     return folder
 
 
-def make_expert(backbone_dir, folder, task, rate, num_labels, prompt_length, seed, keep=None, heads=None, **meta):
+def make_expert(backbone_dir, folder, task, rate, num_labels, prompt_length, seed, keep=None, heads=None,
+                prompt_method="input", **meta):
     """Export a skeleton with a seeded random adapter and random kept neurons (or the given per-layer `keep`, and
     kept attention `heads`)."""
     backbone, tokenizer = load_backbone(str(backbone_dir))
     labels = [f"{task}{j}" for j in range(num_labels)]
-    model = PromptClassifier(backbone, AdapterConfig(num_labels, prompt_length, labels), seed=seed).eval()
+    config = AdapterConfig(num_labels, prompt_length, labels, prompt_method=prompt_method)
+    model = PromptClassifier(backbone, config, seed=seed).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         model.head.weight.normal_(0, 1.0, generator=g)
@@ -51,17 +54,20 @@ def make_expert(backbone_dir, folder, task, rate, num_labels, prompt_length, see
                       rate)
     if heads is not None:
         prune.slice_heads(backbone, heads)
+        model.prompt.keep_heads(heads)
     slice_ffn(backbone, keep)
     return export_skeleton(model, tokenizer, keep, folder,
-                           {"rate": rate, "task": task, "method": "random", "max_length": MAX_LENGTH, **meta},
+                           {"rate": rate, "task": task, "method": "random", "max_length": MAX_LENGTH,
+                            "prompt_method": prompt_method, **meta},
                            **({"heads": heads} if heads is not None else {}))
 
 
 @pytest.fixture(scope="module")
 def expert_dirs(backbone_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("experts")
-    return {f"{task}-random-p{rate}": make_expert(backbone_dir, root / task, task, rate, labels, prompt, seed=i)
-            for i, (task, rate, labels, prompt) in enumerate(EXPERTS)}
+    return {f"{task}-random-p{rate}" + ("-prefix" if method == "prefix" else ""):
+            make_expert(backbone_dir, root / task, task, rate, labels, prompt, seed=i, prompt_method=method)
+            for i, (task, rate, labels, prompt, method) in enumerate(EXPERTS)}
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +143,7 @@ def test_mixed_requests_are_grouped_by_task_in_request_order(server, monkeypatch
 
 
 def test_unknown_task_lists_loaded_experts(server):
-    with pytest.raises(KeyError, match=r"unknown task expert 'nope'; known: news-random-p0.5, sst-random-p0.0"):
+    with pytest.raises(KeyError, match=r"unknown task expert 'nope'; known: intent-random-p0.0-prefix, news-random-p0.5, "):
         server.classify("nope", TEXTS)
     with pytest.raises(KeyError, match="unknown task expert 'nope'"):
         server.serve([(server.names[0], "fine"), ("nope", "fine")])
@@ -213,7 +219,8 @@ def test_pruned_heads(tmp_path, minilm_tokenizer):
     heads = [torch.tensor([0, 2, 3]), torch.tensor([1])]
     g = torch.Generator().manual_seed(4)
     keep = [torch.sort(torch.randperm(64, generator=g)[:w]).values for w in (40, 16)]
-    folder = make_expert(backbone_dir, tmp_path / "heads", "heads", 0.5, 3, 2, seed=6, keep=keep, heads=heads)
+    folder = make_expert(backbone_dir, tmp_path / "heads", "heads", 0.5, 3, 2, seed=6, keep=keep, heads=heads,
+                         prompt_method="prefix")  # its prefix keeps the kept heads' keys and values
     plain = make_expert(backbone_dir, tmp_path / "plain", "plain", 0.5, 2, 2, seed=7)
     server = SkeletonServer.load(str(backbone_dir))
     name, other = server.add(folder), server.add(plain)
