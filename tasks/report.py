@@ -19,9 +19,8 @@ POINT = ["prompt", "method", "point"]  # a sweep point across seeds: "p=<rate> h
 
 
 def main_full(records: list[dict]) -> dict:
-    """The reference full model: the input-prompt one (the paper's baseline) if the sweep has it, else the first."""
-    fulls = [r for r in records if r["method"] in FULLS.values()]
-    return next((r for r in fulls if r["method"] == FULL), fulls[0])
+    """The reference full model of a sweep: the input-prompt one (the paper's baseline), which every sweep has."""
+    return next(r for r in records if r["method"] == FULL)
 
 
 def results_table(rows: list[dict], fulls: dict[tuple, dict], probes: dict[int, dict], finetuned: dict[int, dict] = {}):
@@ -156,9 +155,9 @@ def plot_speedup(records: list[dict], out: Path) -> Path:
 
 def plot_frontier(records: list[dict], out: Path) -> Path:
     """The accuracy-speed frontier: test accuracy (mean, bar +- one standard deviation over seeds) against the
-    measured speed-up over the input-prompt full model (the paper's baseline; over the main full model when the
-    sweep has no input prompt), a line per selection method x prompt method through its rates, the full models and
-    the fine-tuned reference as labelled points, the linear probe as a horizontal line."""
+    measured speed-up over the input-prompt full model (the paper's baseline), a line per selection method x prompt
+    method through its rates, the full models and the fine-tuned reference as labelled points, the linear probe as
+    a horizontal line. Results from before speedup_vs_input existed are drawn against their own full model."""
     summary = summary_table(records).to_dict("records")
     def known(value) -> bool:
         return value is not None and value == value  # not missing, not NaN
@@ -178,7 +177,7 @@ def plot_frontier(records: list[dict], out: Path) -> Path:
     if probe:
         ax.axhline(probe["accuracy"], color="grey", linestyle=":", label=PROBE)
     seeds = int(main_full(summary)["seeds"])
-    base = "the input-prompt full model" if x == "speedup_vs_input" else "the full model"
+    base = "the input-prompt full model" if x == "speedup_vs_input" else "the full model"  # older results
     ax.set_xlabel(f"measured speed-up over {base}")
     ax.set_ylabel("test accuracy" + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
     ax.set_title("Accuracy-speed frontier")
