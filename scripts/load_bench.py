@@ -8,7 +8,8 @@ experts) against 4 separate skeleton servers (one process per task) and against 
 For each setup and each number of concurrent clients, every client sends one text per request (tasks round-robin)
 until --seconds pass or --max-requests are answered; reported: answered requests per second, p50 / p99 latency,
 and the resident memory of the setup's server processes (all of their processes, after the load). Everything
-listens on 127.0.0.1 only; servers are started and stopped by the script (one worker each).
+listens on 127.0.0.1 only; servers are started and stopped by the script (one uvicorn worker each, and the
+multi-task server once more with two).
 """
 from __future__ import annotations
 
@@ -42,13 +43,13 @@ def free_port() -> int:
 class Server:
     """`mlflow models serve` of a saved model folder, on a free loopback port, in its own session."""
 
-    def __init__(self, model: Path, log: Path):
+    def __init__(self, model: Path, log: Path, workers: int = 1):
         self.port = free_port()
         self.log = open(log, "w")
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(self.port), "-w", "1"],
+             "-h", "127.0.0.1", "-p", str(self.port), "-w", str(workers)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}/invocations"
 
@@ -161,11 +162,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             mlflow.pyfunc.save_model(str(models[task]), **skeleton_model(folder))
 
         tasks = list(experts)
-        setups = {"multi-task server (1 backbone + 4 experts)": ["multi"],
-                  "4 separate skeleton servers": tasks, "full model server": ["full"]}
+        # (model names, uvicorn workers): a second worker process holds a second backbone, and works in parallel
+        setups = {"multi-task server (1 backbone + 4 experts)": (["multi"], 1),
+                  "multi-task server, 2 workers": (["multi"], 2),
+                  "4 separate skeleton servers": (tasks, 1), "full model server": (["full"], 1)}
         results = []
-        for setup, names in setups.items():
-            servers = {name: Server(models[name], tmp / f"{name}.log") for name in names}
+        for setup, (names, workers) in setups.items():
+            servers = {name: Server(models[name], tmp / f"{name}.log", workers) for name in names}
             try:
                 for server in servers.values():
                     server.wait()
