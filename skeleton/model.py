@@ -32,8 +32,13 @@ from torch import nn
 from skeleton.backbones import family_of
 from skeleton.registry import Registry
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# An adapter folder: the head (and the configuration of the whole adapter) in files of our own, and the prompt
+# as its method writes it: an input prompt as a real PEFT prompt-tuning adapter (PEFT's file names and format, so
+# `peft.PeftModel.from_pretrained(AutoModel..., folder)` runs it), a prefix in a file of our own name (PEFT's prefix
+# tuning gives the text positions after the prefix's, ours keep 0..T-1: not the same model).
+HEAD_CONFIG, HEAD_WEIGHTS = "head_config.json", "head.safetensors"
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PREFIX_WEIGHTS = "prefix.safetensors"
 POOLINGS = ("mean", "attention", "last")
 
 
@@ -70,6 +75,25 @@ class InputPrompt(nn.Module):
 
     def keep_heads(self, heads: list[torch.Tensor]) -> None:
         """Nothing to do: the prompt is an input, not per head."""
+
+    def save(self, folder: Path, backbone: nn.Module) -> None:
+        """PEFT's prompt-tuning adapter for feature extraction: the prompt, prepended to the token embeddings (none
+        without a prompt: a linear probe, a fine-tuned model)."""
+        if not self.length:
+            return
+        config = backbone.config
+        peft = {"peft_type": "PROMPT_TUNING", "task_type": "FEATURE_EXTRACTION", "num_virtual_tokens": self.length,
+                "token_dim": self.prompt.shape[1], "num_transformer_submodules": 1,
+                "num_attention_heads": config.num_attention_heads, "num_layers": config.num_hidden_layers,
+                "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
+                "tokenizer_kwargs": None, "inference_mode": True, "base_model_name_or_path": None, "revision": None,
+                "auto_mapping": None, "modules_to_save": None}
+        (folder / PEFT_CONFIG).write_text(json.dumps(peft, indent=2))
+        save_file({"prompt_embeddings": self.prompt.detach().contiguous()}, str(folder / PEFT_WEIGHTS))
+
+    @staticmethod
+    def read(folder: Path) -> dict[str, torch.Tensor]:
+        return {"prompt": load_file(str(folder / PEFT_WEIGHTS))["prompt_embeddings"]}
 
 
 class PrefixPrompt(nn.Module):
@@ -125,6 +149,13 @@ class PrefixPrompt(nn.Module):
         """Cut the prefix of the attention heads a skeleton removed (kept head indices per layer)."""
         self.layers = nn.ParameterList([nn.Parameter(kv.detach().index_select(1, h.to(kv.device)).clone())
                                         for kv, h in zip(self.layers, heads)])
+
+    def save(self, folder: Path, backbone: nn.Module) -> None:
+        save_file({k: v.detach().contiguous() for k, v in self.state().items()}, str(folder / PREFIX_WEIGHTS))
+
+    @staticmethod
+    def read(folder: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(folder / PREFIX_WEIGHTS))
 
 
 def _cache_kwarg(backbone: nn.Module) -> str:
@@ -232,11 +263,15 @@ class PromptClassifier(nn.Module):
         """What trains besides the prompt: the linear layer, and the pooling query if there is one."""
         return [*self.head.parameters(), *([self.query] if self.query is not None else [])]
 
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        state = {**self.prompt.state(), "head.weight": self.head.weight, "head.bias": self.head.bias}
+    def head_state(self) -> dict[str, torch.Tensor]:
+        state = {"head.weight": self.head.weight, "head.bias": self.head.bias}
         if self.query is not None:
             state["query"] = self.query
         return {k: v.detach() for k, v in state.items()}
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """What a task owns: its prompt and its head."""
+        return {**{k: v.detach() for k, v in self.prompt.state().items()}, **self.head_state()}
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -244,16 +279,28 @@ class PromptClassifier(nn.Module):
     def save_adapter(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.adapter_state().items()}, str(folder / ADAPTER_WEIGHTS))
-        (folder / ADAPTER_CONFIG).write_text(json.dumps(asdict(self.config), indent=2))
+        save_file({k: v.contiguous() for k, v in self.head_state().items()}, str(folder / HEAD_WEIGHTS))
+        (folder / HEAD_CONFIG).write_text(json.dumps(asdict(self.config), indent=2))
+        self.prompt.save(folder, self.backbone)
 
     @classmethod
     def from_adapter(cls, backbone: nn.Module, folder: str | Path) -> "PromptClassifier":
         folder = Path(folder)
-        # adapters saved before pooling was configurable all pooled by mean
-        config = AdapterConfig(**{"pooling": "mean", **json.loads((folder / ADAPTER_CONFIG).read_text())})
+        if not (folder / HEAD_CONFIG).is_file():  # written before the head had files of its own
+            return cls._from_old_adapter(backbone, folder)
+        config = AdapterConfig(**json.loads((folder / HEAD_CONFIG).read_text()))
         model = cls(backbone, config)
-        model.load_adapter_state(load_file(str(folder / ADAPTER_WEIGHTS)))
+        prompt = model.prompt.read(folder) if config.prompt_length else {"prompt": model.prompt.prompt}
+        model.load_adapter_state({**load_file(str(folder / HEAD_WEIGHTS)), **prompt})
+        return model
+
+    @classmethod
+    def _from_old_adapter(cls, backbone: nn.Module, folder: Path) -> "PromptClassifier":
+        """An adapter exported before this format: our config and every tensor under PEFT's file names (and, before
+        pooling was configurable, mean pooling)."""
+        config = AdapterConfig(**{"pooling": "mean", **json.loads((folder / PEFT_CONFIG).read_text())})
+        model = cls(backbone, config)
+        model.load_adapter_state(load_file(str(folder / PEFT_WEIGHTS)))
         return model
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -5,7 +5,8 @@ A skeleton folder:
                      checkpoint with a smaller intermediate_size (stock AutoModel loads it). Per-layer widths or
                      pruned heads: model_type "skeleton_bert" with `per_layer_config` (AutoModel loads it after
                      `import skeleton`; see skeleton/skeleton_bert.py)
-    adapter/         prompt + head (adapter_config.json, adapter_model.safetensors)
+    adapter/         prompt + head: head_config.json + head.safetensors, and the prompt as a PEFT prompt-tuning
+                     adapter (adapter_config.json, adapter_model.safetensors) or a prefix (prefix.safetensors)
     neurons.json     "keep": kept FFN neuron indices per layer, into the original model's FFN; "heads" (only when
                      heads were pruned): kept head indices per layer, into the original model's heads
     manifest.json    sha256 of every file, checked on load

@@ -12,7 +12,7 @@ import torch
 
 from helpers import classifier_on, encode, run_fresh, set_pooling
 from skeleton.backbones import LlamaFamily, family_of, load_backbone
-from skeleton.model import ADAPTER_CONFIG, AdapterConfig, PromptClassifier
+from skeleton.model import HEAD_CONFIG, PEFT_CONFIG, PEFT_WEIGHTS, AdapterConfig, PromptClassifier
 from skeleton.prune import export_skeleton, kept_width, load_skeleton, mask_ffn, select, slice_ffn
 
 
@@ -111,13 +111,19 @@ def test_pooling_default_comes_from_family_and_is_saved(llama, tiny_backbone_dir
     assert PromptClassifier(bert, AdapterConfig(num_labels=2)).config.pooling == "attention"
     assert PromptClassifier(bert, AdapterConfig(num_labels=2, pooling="last")).config.pooling == "last"
     model.save_adapter(tmp_path / "adapter")
-    saved = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
+    saved = json.loads((tmp_path / "adapter" / HEAD_CONFIG).read_text())
     assert saved["pooling"] == "last"
     assert PromptClassifier.from_adapter(model.backbone, tmp_path / "adapter").config.pooling == "last"
-    # adapters written before pooling was configurable pooled by mean, whatever the backbone's default
-    del saved["pooling"]
-    (tmp_path / "adapter" / ADAPTER_CONFIG).write_text(json.dumps(saved))
-    assert PromptClassifier.from_adapter(model.backbone, tmp_path / "adapter").config.pooling == "mean"
+    # adapters of the first format (our config and every tensor under PEFT's names) written before pooling was
+    # configurable pooled by mean, whatever the backbone's default
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / PEFT_CONFIG).write_text(json.dumps({k: v for k, v in saved.items() if k != "pooling"}))
+    save_file({k: v.contiguous() for k, v in model.adapter_state().items()}, str(old / PEFT_WEIGHTS))
+    loaded = PromptClassifier.from_adapter(model.backbone, old)
+    assert loaded.config.pooling == "mean" and torch.equal(loaded.prompt.prompt, model.prompt.prompt)
 
 
 def test_unknown_pooling_is_rejected():

@@ -220,3 +220,30 @@ def test_hidden_distillation_pulls_a_skeleton_towards_its_teacher(family, minilm
     assert gaps[10.0] < gaps[0.0]
     with pytest.raises(ValueError, match="needs a teacher"):
         train(teacher, data, data, pad, TrainConfig(steps=1, distill_hidden=1.0))
+
+
+def test_an_input_prompt_adapter_is_a_peft_adapter(family, batch, minilm_tokenizer, tmp_path):
+    """adapter/ of an input prompt is a real PEFT prompt-tuning adapter: PEFT runs it on the stock backbone, and our
+    head on PEFT's hidden states gives the exported model's logits."""
+    import peft  # a test dependency (the [test] extra)
+    from transformers import AutoModel
+
+    model = classifier(family, len(minilm_tokenizer), "input")
+    keep = random_keep(model, 0.5)
+    slice_ffn(model.backbone, keep)
+    folder = export_skeleton(model, minilm_tokenizer, keep, tmp_path / "sk", {"rate": 0.5})
+    stock = AutoModel.from_pretrained(folder / "backbone")
+    tuned = peft.PeftModel.from_pretrained(stock, folder / "adapter").eval()
+    with torch.no_grad():
+        hidden = tuned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = torch.cat([batch["attention_mask"].new_ones(len(hidden), M), batch["attention_mask"]], 1)
+        theirs = model.head(model.pool(hidden, mask))
+    assert (theirs - logits(model, batch)).abs().max().item() <= 1e-5
+    assert sorted(p.name for p in (folder / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "head.safetensors", "head_config.json"]
+
+
+def test_a_prefix_adapter_uses_names_of_its_own(minilm_tokenizer, tmp_path):
+    model = classifier("bert", len(minilm_tokenizer), "prefix")
+    model.save_adapter(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.safetensors", "head_config.json", "prefix.safetensors"]
