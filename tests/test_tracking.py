@@ -16,6 +16,12 @@ def store_bytes(location: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
 
 
+def points(children) -> list[tuple[str, str, str]]:
+    """(seed, method, point) of each child run's point key (which may also name the prompt method)."""
+    keys = [c.data.tags["skeleton.point"].split("/") for c in children]
+    return [(key[0], key[-2], key[-1]) for key in keys]
+
+
 def test_identical_rerun_stores_nothing_twice(prefect_server, tiny_backbone_dir, reviews_csv):
     from flows.sweep import full_sweep
 
@@ -35,8 +41,7 @@ def test_identical_rerun_stores_nothing_twice(prefect_server, tiny_backbone_dir,
     assert len(parents) == 2 and {p.info.status for p in parents} == {"FINISHED"}
     for parent in parents:  # each run refers to the same stored models, one child run per point
         children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-        assert sorted(c.data.tags["skeleton.point"] for c in children) == ["seed0/grad_x_act/p=0.5 h=0",
-                                                                            "seed0/random/p=0.5 h=0"]
+        assert sorted(points(children)) == [("seed0", "grad_x_act", "p=0.5 h=0"), ("seed0", "random", "p=0.5 h=0")]
         assert {c.data.tags["skeleton.model_id"] for c in children} | {parent.data.tags["skeleton.model_id"]} == set(models)
 
 
@@ -64,3 +69,37 @@ def test_a_rerun_closes_the_runs_of_a_killed_attempt(tiny_backbone_dir):
         assert run.info.status == "KILLED" and run.data.tags["skeleton.finished_by"] == rerun
     assert {client.get_run(r).info.status for r in (live, other, rerun)} == {"RUNNING"}
     assert tracking.close_killed_attempts(client, rerun) == []  # idempotent
+
+
+def test_a_sweep_killed_mid_build_then_rerun_leaves_one_finished_sweep(prefect_server, tiny_backbone_dir, reviews_csv,
+                                                                        tmp_path):
+    """SIGKILL while a skeleton is being exported (tests/sweep_runner.py, failpoint rename:skeletons), then the same
+    sweep again: one FINISHED sweep with one child run per point, the killed attempt KILLED, pointing at it."""
+    import json
+    from pathlib import Path
+
+    from prefect.settings import PREFECT_API_URL
+
+    root = Path(__file__).resolve().parents[1]
+    kwargs = sweep_args(tiny_backbone_dir, reviews_csv, experiment="killed-mid-build")
+
+    def sweep(failpoint: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "SKELETON_ARTIFACTS": str(tmp_path / "artifacts"), "SKELETON_FAILPOINT": failpoint,
+               "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(root)}
+        return subprocess.run([sys.executable, str(root / "tests" / "sweep_runner.py"), json.dumps(kwargs),
+                               str(tmp_path / "out.parquet")], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    assert sweep("rename:skeletons").returncode == -signal.SIGKILL
+    done = sweep("")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_experiment_by_name("killed-mid-build").experiment_id
+    sweeps = client.search_runs([experiment_id], "tags.`skeleton.kind` = 'sweep'")
+    assert sorted(run.info.status for run in sweeps) == ["FINISHED", "KILLED"]
+    finished = next(run for run in sweeps if run.info.status == "FINISHED")
+    killed = next(run for run in sweeps if run.info.status == "KILLED")
+    assert killed.data.tags["skeleton.finished_by"] == finished.info.run_id
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{finished.info.run_id}'")
+    assert sorted(points(children)) == [("seed0", "grad_x_act", "p=0.5 h=0"), ("seed0", "random", "p=0.5 h=0")]
+    assert {c.info.status for c in children} == {"FINISHED"}
