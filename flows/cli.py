@@ -8,6 +8,7 @@
     skeleton stack up | down | status              the local Prefect + MLflow stack (scripts/stack.py)
     skeleton nightly run | promote                 the nightly benchmark regression and its baseline (flows/nightly.py)
     skeleton verify RESULTS.parquet                every exported model reloads with its logits (scripts/verify_exports.py)
+    skeleton gc [--delete]                         artifacts nothing refers to, listed or removed (tasks/gc.py)
 
 An error prints as one line and exits 2; `skeleton --debug ...` shows the traceback. torch and Prefect are
 imported only by the command that runs, so every --help is quick.
@@ -39,6 +40,7 @@ SCRIPTS = {
     "load-bench": ("load_bench", None, "REST load test: the multi-task server against per-task servers and the full model"),
     "stack": ("stack", None, "start, stop or inspect the local Prefect + MLflow stack (up | down | status)"),
     "verify": ("verify_exports", None, "check that a sweep's exported models reload with their test logits"),
+    "gc": ("gc", None, "list (--delete: remove) the artifacts no MLflow run, logged model or baseline refers to"),
 }
 
 

@@ -48,6 +48,7 @@ RESULTS = artifacts_dir() / ".prefect-results"
 # Plain json both ways: no encoder for objects, and no decoder that imports a class named in the file.
 SERIALIZER = JSONSerializer(object_encoder=None, object_decoder=None)
 log = logging.getLogger("skeleton.pipeline")
+INPUTS_FILE = "inputs.json"  # beside a stage folder's record: the inputs its name was hashed from
 
 
 def refusal(record_file: Path) -> str | None:
@@ -71,9 +72,10 @@ def refusal(record_file: Path) -> str | None:
     return None
 
 
-def stage_folders(record) -> set[Path]:
-    """The stage folders (<artifacts>/<stage>/<hash>) that paths anywhere in a record point into."""
-    root, found = artifacts_dir(), set()
+def stage_folders(record, root: Path | None = None) -> set[Path]:
+    """The stage folders (<root>/<stage>/<hash>, root the artifacts folder) that paths anywhere in a record point
+    into."""
+    root, found = root or artifacts_dir(), set()
     stack = [record]
     while stack:
         value = stack.pop()
@@ -119,18 +121,23 @@ def output_dir(stage: str, **inputs) -> Path:
     return artifacts_dir() / stage / stable_hash({**inputs, "library": LIBRARY_VERSION})
 
 
-def run_stage(name: str, out: Path, compute: Callable[[], dict]) -> dict:
-    """`compute()`'s record, or the record `out` already holds when a finished, intact stage is there. One process
-    at a time per folder (a lock the kernel drops if the holder dies); the record is written last, so a folder
-    without one is never trusted."""
+def run_stage(name: str, stage: str, inputs: dict, compute: Callable[[Path], dict]) -> dict:
+    """`compute(out)`'s record, out the stage folder named by `inputs`, or the record `out` already holds when a
+    finished, intact stage is there. One process at a time per folder (a lock the kernel drops if the holder dies);
+    the inputs (what the folder was made from: tasks/gc.py follows them) and then the record are written last, so
+    a folder without a record is never trusted."""
     from skeleton.io import failpoint, locked, read_record, write_record
 
+    out = output_dir(stage, **inputs)
     failpoint(f"start:{name}")
     with locked(out):
         record = read_record(out)
         if record is None:
             log.info("%s: computing %s", name, out)
-            record = write_record(out, compute())
+            result = compute(out)
+            out.mkdir(parents=True, exist_ok=True)  # a stage that writes no files (a linear probe) gets a folder
+            (out / INPUTS_FILE).write_text(json.dumps(inputs, default=str))
+            record = write_record(out, result)
         else:
             log.info("%s: reusing the finished stage folder %s", name, out)
     failpoint(f"end:{name}")  # the stage is done; Prefect has not stored its result yet
@@ -144,43 +151,43 @@ def prepare_data(task_name: str, backbone: str, max_length: int, seed: int, data
 
     inputs = dict(task_name=task_name, backbone=backbone, max_length=max_length, seed=seed, data_file=data_file,
                   text_column=text_column, label_column=label_column, data_file_hash=data_file_hash)
-    out = output_dir("data", **inputs)
-    return run_stage("prepare-data", out, lambda: stages.prepare_data(out, task_name, backbone, max_length, seed,
-                                                                      data_file, text_column, label_column))
+    return run_stage("prepare-data", "data", inputs, lambda out: stages.prepare_data(
+        out, task_name, backbone, max_length, seed, data_file, text_column, label_column))
 
 
 @task(name="tune-prompt", **CACHED)
 def tune_prompt(data: str, backbone: str, prompt_length: int, train_config: dict, prompt_method: str = "input") -> dict:
     from skeleton import stages
 
-    out = output_dir("models", data=data, backbone=backbone, prompt_length=prompt_length, train=train_config,
-                     prompt_method=prompt_method)
-    return run_stage("tune-prompt", out, lambda: stages.tune_prompt(out, data, backbone, prompt_length, train_config,
-                                                                     prompt_method))
+    inputs = dict(data=data, backbone=backbone, prompt_length=prompt_length, train=train_config,
+                  prompt_method=prompt_method)
+    return run_stage("tune-prompt", "models", inputs, lambda out: stages.tune_prompt(
+        out, data, backbone, prompt_length, train_config, prompt_method))
 
 
 @task(name="linear-probe", **CACHED)
 def linear_probe(data: str, backbone: str, seed: int, precision: str) -> dict:
     from skeleton import stages
 
-    out = output_dir("probe", data=data, backbone=backbone, seed=seed, precision=precision)
-    return run_stage("linear-probe", out, lambda: stages.linear_probe(data, backbone, seed, precision))
+    inputs = dict(data=data, backbone=backbone, seed=seed, precision=precision)
+    return run_stage("linear-probe", "probe", inputs, lambda out: stages.linear_probe(data, backbone, seed, precision))
 
 
 @task(name="attribute", **CACHED)
 def attribute(data: str, model: str, method: str, examples: int, seed: int) -> dict:
     from skeleton import stages
 
-    out = output_dir("scores", data=data, model=model, method=method, examples=examples, seed=seed)
-    return run_stage("attribute", out, lambda: stages.attribute(out, data, model, method, examples=examples, seed=seed))
+    inputs = dict(data=data, model=model, method=method, examples=examples, seed=seed)
+    return run_stage("attribute", "scores", inputs, lambda out: stages.attribute(
+        out, data, model, method, examples=examples, seed=seed))
 
 
 @task(name="teacher-logits", **CACHED)
 def teacher_logits(data: str, model: str) -> dict:
     from skeleton import stages
 
-    out = output_dir("teacher", data=data, model=model)
-    return run_stage("teacher-logits", out, lambda: stages.teacher_logits(out, data, model))
+    return run_stage("teacher-logits", "teacher", dict(data=data, model=model),
+                     lambda out: stages.teacher_logits(out, data, model))
 
 
 @task(name="build-skeleton", **CACHED)
@@ -189,10 +196,9 @@ def build_skeleton(data: str, model: str, scores: str, rate: float, train_config
                    target_speedup: float | None = None) -> dict:
     from skeleton import stages
 
-    out = output_dir("skeletons", data=data, model=model, scores=scores, rate=rate, train=train_config,
-                     teacher=teacher, head_rate=head_rate, allocation=allocation, reconstruct=reconstruct,
-                     target_speedup=target_speedup)
-    return run_stage("build-skeleton", out, lambda: stages.build_skeleton(
+    inputs = dict(data=data, model=model, scores=scores, rate=rate, train=train_config, teacher=teacher,
+                  head_rate=head_rate, allocation=allocation, reconstruct=reconstruct, target_speedup=target_speedup)
+    return run_stage("build-skeleton", "skeletons", inputs, lambda out: stages.build_skeleton(
         out, data, model, scores, rate, train_config, teacher, head_rate=head_rate, allocation=allocation,
         reconstruct=reconstruct, target_speedup=target_speedup))
 
@@ -201,8 +207,7 @@ def build_skeleton(data: str, model: str, scores: str, rate: float, train_config
 def evaluate(data: str, model: str) -> dict:
     from skeleton import stages
 
-    out = output_dir("eval", data=data, model=model)
-    return run_stage("evaluate", out, lambda: stages.evaluate(out, data, model))
+    return run_stage("evaluate", "eval", dict(data=data, model=model), lambda out: stages.evaluate(out, data, model))
 
 
 @task(name="benchmark-latency", **CACHED)
@@ -212,7 +217,7 @@ def benchmark(full: str, skeletons: list[str], batch_sizes: list[int], lengths: 
     against `full` and each of `baselines`; see skeleton.stages.benchmark."""
     from skeleton import stages
 
-    out = output_dir("benchmark", full=full, skeletons=skeletons, batch_sizes=batch_sizes, lengths=lengths,
-                     repeats=repeats, baselines=list(baselines))
-    return run_stage("benchmark-latency", out, lambda: stages.benchmark(full, skeletons, batch_sizes, lengths, repeats,
-                                                                         baselines=list(baselines)))
+    inputs = dict(full=full, skeletons=skeletons, batch_sizes=batch_sizes, lengths=lengths, repeats=repeats,
+                  baselines=list(baselines))
+    return run_stage("benchmark-latency", "benchmark", inputs, lambda out: stages.benchmark(
+        full, skeletons, batch_sizes, lengths, repeats, baselines=list(baselines)))

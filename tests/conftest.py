@@ -7,6 +7,7 @@ import tempfile
 # removed at exit (each session leaves about 180 MB otherwise).
 SCRATCH = tempfile.mkdtemp(prefix="skeleton-tests-")
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+os.environ["TMPDIR"] = tempfile.tempdir = SCRATCH  # what tempfile makes, here and in subprocesses, goes with it
 os.environ["SKELETON_ARTIFACTS"] = os.path.join(SCRATCH, "artifacts")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{SCRATCH}/mlflow.db"
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -98,3 +99,8 @@ def reviews_csv(tmp_path_factory):
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
 
+
+
+def pytest_configure(config):
+    if config.option.basetemp is None:  # tmp_path folders too: pytest would keep its last three runs' in /tmp
+        config.option.basetemp = os.path.join(SCRATCH, "pytest")

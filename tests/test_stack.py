@@ -96,6 +96,17 @@ def test_up_recovers_from_stale_pid_files_and_is_idempotent(stack):
     assert status.returncode == 0 and status.stdout.count("running (pid") == 3, status.stdout
 
 
+def test_everything_listens_on_loopback_only(stack):
+    import psutil
+
+    listening = []
+    for pid_file in (stack.state / "pids").glob("*.pid"):
+        process = psutil.Process(int(pid_file.read_text()))
+        for p in [process, *process.children(recursive=True)]:
+            listening += [(p.name(), c.laddr.ip) for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and {ip for _, ip in listening} <= {"127.0.0.1", "::1"}, listening
+
+
 def test_up_refuses_a_port_in_use(stack, tmp_path):
     clash = stack.run("up", state=tmp_path / "other")
     assert clash.returncode != 0
