@@ -156,19 +156,28 @@ def build_demo(backbone: str, rates: list[float], prompt_length: int, random_ini
 
 
 def skeleton_folders(paths: list[str]) -> dict[str, Path]:
-    """Name each folder by its rate (and method); the rate-0 one is the reference, listed first."""
+    """Name each folder by its rate, method and prompt method; the input-prompt full model (rate 0, not fine-tuned)
+    is the reference, listed first as "full"."""
     from skeleton.record import read_meta
 
-    named = {}
+    named, reference = {}, []
     for path in map(Path, paths):
         meta = read_meta(path)
-        rate = meta.get("rate")
-        name = "full" if rate == 0 else f"{meta['method'] or path.name} p={rate:.3g}"
-        named[name if name not in named else f"{name} ({path.name})"] = path
-    reference = [n for n in named if n.startswith("full")]
+        rate, prompt = meta.get("rate"), meta.get("prompt_method", "input")
+        if meta.get("finetune"):
+            name = "fine-tuned"
+        elif rate == 0:
+            name = "full" if prompt == "input" else f"full ({prompt})"
+        else:
+            name = ("" if prompt == "input" else f"{prompt} ") + f"{meta['method'] or path.name} p={rate:.3g}"
+        name = name if name not in named else f"{name} ({path.name})"
+        named[name] = path
+        if rate == 0 and prompt == "input" and not meta.get("finetune"):
+            reference.append(name)
     if len(reference) != 1:
-        raise SystemExit(f"--skeletons needs exactly one rate-0 (full) model among the folders, found {len(reference)}")
-    return {reference[0]: named.pop(reference[0]), **named}
+        raise SystemExit("--skeletons needs exactly one input-prompt full model (rate 0) among the folders, "
+                         f"found {len(reference)}")
+    return {"full": named.pop(reference[0]), **named}
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

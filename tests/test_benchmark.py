@@ -271,3 +271,23 @@ def test_stage_benchmark_runs_in_a_fresh_process_against_every_baseline(tmp_path
     assert cut["speedup_bound"] > cut["bounds"][folders["prefix"]] > 1.0  # the input prompt costs more positions
     assert cut["speedups"][folders["prefix"]] > 0
 
+
+
+def test_script_names_folders_of_every_prompt_method_and_picks_the_input_full_model(script, tmp_path,
+                                                                                    minilm_tokenizer):
+    from skeleton.prune import export_skeleton, select, slice_ffn
+
+    def export(name, rate, method="input", **meta):
+        model = PromptClassifier(bert().backbone, AdapterConfig(num_labels=3, prompt_length=M, prompt_method=method))
+        keep = select([torch.rand(64, generator=torch.Generator().manual_seed(1)) for _ in range(2)], rate)
+        slice_ffn(model.backbone, keep)
+        meta = {"rate": rate, "prompt_method": method, "method": "grad_x_act" if rate else None, **meta}
+        return str(export_skeleton(model, minilm_tokenizer, keep, tmp_path / name, meta))
+
+    folders = [export("prefix-cut", 0.5, "prefix"), export("tuned", 0.0, finetune=True), export("full", 0.0),
+               export("prefix-full", 0.0, "prefix"), export("cut", 0.5)]
+    named = script.skeleton_folders(folders)
+    assert list(named) == ["full", "prefix grad_x_act p=0.5", "fine-tuned", "full (prefix)", "grad_x_act p=0.5"]
+    assert named["full"].name == "full"
+    with pytest.raises(SystemExit, match="exactly one input-prompt full model"):
+        script.skeleton_folders(folders[:2])
