@@ -21,9 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
-from prefect.serializers import JSONSerializer
+# Whatever else Prefect persists (a failed run's exception) is JSON too, not its default pickle.
+os.environ.setdefault("PREFECT_RESULTS_DEFAULT_SERIALIZER", "json")
+
+from prefect import task  # noqa: E402
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy  # noqa: E402
+from prefect.serializers import JSONSerializer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK_BATCH_SIZE = 32  # the sweep's headline speed-up (at max_length text tokens), and the nightly baseline's

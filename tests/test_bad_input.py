@@ -3,6 +3,7 @@
 On the command line each case prints one line naming the problem and the fix and exits 2, with no traceback,
 before any work: no MLflow run, no stage folder, nothing left in the working folder.
 """
+import json
 import os
 import re
 import sqlite3
@@ -180,6 +181,8 @@ def test_flow_parameters_out_of_range_fail_the_run_before_any_work(prefect_serve
     run = full_sweep(**parameters, return_state=True)
     assert run.is_failed() and words in run.message, run.message
     assert state() == before
+    stored = json.loads(Path(run.data.metadata.storage_key).read_text())  # the exception, stored as JSON
+    assert stored["__exc_type__"] in ("builtins.ValueError", "builtins.KeyError"), stored
 
 
 # ---- skeleton folders and serving requests ---------------------------------------------------------------
