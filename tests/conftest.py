@@ -9,6 +9,7 @@ SCRATCH = tempfile.mkdtemp(prefix="skeleton-tests-")
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 os.environ["TMPDIR"] = tempfile.tempdir = SCRATCH  # what tempfile makes, here and in subprocesses, goes with it
 os.environ["SKELETON_ARTIFACTS"] = os.path.join(SCRATCH, "artifacts")
+os.environ["PREFECT_HOME"] = os.path.join(SCRATCH, "prefect")  # not the checkout's .prefect/ (the Makefile's)
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{SCRATCH}/mlflow.db"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -47,18 +47,31 @@ def comparable(records) -> pd.DataFrame:
                       ).reset_index(drop=True)
 
 
-def start(kwargs, artifacts: Path, out: Path, failpoint: str = "") -> subprocess.Popen:
+@pytest.fixture(scope="module")
+def runner(prefect_server, tmp_path_factory):
+    """Runs sweeps in forked processes of one runner (tests/sweep_runner.py): a list of runs at once, each
+    {"kwargs", "failpoint"}; returns (exit code, output, results path) per run."""
     from prefect.settings import PREFECT_API_URL
 
-    env = {**os.environ, "SKELETON_ARTIFACTS": str(artifacts), "SKELETON_FAILPOINT": failpoint,
-           "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "sweep_runner.py"), json.dumps(kwargs), str(out)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    folder = tmp_path_factory.mktemp("runs")
+    env = {**os.environ, "SKELETON_ARTIFACTS": str(folder / "artifacts"), "PREFECT_API_URL": PREFECT_API_URL.value(),
+           "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "sweep_runner.py")], cwd=ROOT, env=env,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    count = iter(range(10**6))
 
+    def run(*runs: dict) -> list[tuple[int, str, Path]]:
+        paths = [folder / f"run{next(count)}" for _ in runs]
+        request = [{**r, "log": f"{p}.log", "results": f"{p}.parquet"} for r, p in zip(runs, paths)]
+        process.stdin.write(json.dumps({"runs": request}) + "\n")
+        process.stdin.flush()
+        codes = json.loads(process.stdout.readline())["codes"]
+        return [(code, Path(f"{p}.log").read_text(), Path(f"{p}.parquet")) for code, p in zip(codes, paths)]
 
-def finish(process: subprocess.Popen) -> tuple[int, str]:
-    output, _ = process.communicate(timeout=300)
-    return process.returncode, output
+    run.artifacts = folder / "artifacts"
+    yield run
+    process.stdin.close()
+    process.wait(timeout=60)
 
 
 def computed(output: str) -> list[str]:
@@ -103,12 +116,12 @@ def reference(prefect_server, tiny_backbone_dir, reviews_csv):
     return pd.DataFrame(full_sweep(**args(tiny_backbone_dir, reviews_csv)))
 
 
-def test_killed_at_every_stage_resumes_with_the_same_table(reference, tiny_backbone_dir, reviews_csv, tmp_path):
-    kwargs, artifacts = args(tiny_backbone_dir, reviews_csv), tmp_path / "artifacts"
+def test_killed_at_every_stage_resumes_with_the_same_table(reference, runner, tiny_backbone_dir, reviews_csv):
+    kwargs, artifacts = args(tiny_backbone_dir, reviews_csv), runner.artifacts
     history: list[str] = []  # every stage folder computed, over the whole chain
     previous = ""
     for failpoint, where in CHAIN:
-        code, output = finish(start(kwargs, artifacts, tmp_path / "killed.parquet", failpoint))
+        [(code, output, _)] = runner({"kwargs": kwargs, "failpoint": failpoint})
         assert code == -9, f"not killed at {failpoint} ({where}):\n{output[-3000:]}"
         now = computed(output)
         # Nothing finished before is computed again: only the folder killed before its rename is redone, and a
@@ -120,7 +133,7 @@ def test_killed_at_every_stage_resumes_with_the_same_table(reference, tiny_backb
             assert leftovers(artifacts), f"{failpoint}: a half-written folder should be lying there"
         history += now
         previous = failpoint
-    code, output = finish(start(kwargs, artifacts, tmp_path / "final.parquet"))
+    [(code, output, results)] = runner({"kwargs": kwargs})
     assert code == 0, output[-3000:]
     history += computed(output)
     # Each folder computed once, plus a second time for each of the four folders killed before their rename.
@@ -130,24 +143,25 @@ def test_killed_at_every_stage_resumes_with_the_same_table(reference, tiny_backb
     # The last run reused every heavy stage the chain had finished: all of them (only MLflow logging was left).
     states = heavy_states(re.search(r"flow run id (\S+)", output).group(1))
     assert sum(states.values()) == 9 and {state for _, state in states} == {"Cached"}, states
-    pd.testing.assert_frame_equal(comparable(pd.read_parquet(tmp_path / "final.parquet")), comparable(reference),
-                                  check_dtype=False)
+    pd.testing.assert_frame_equal(comparable(pd.read_parquet(results)), comparable(reference), check_dtype=False)
 
 
-def test_two_sweeps_at_once_share_the_work(reference, tiny_backbone_dir, reviews_csv, tmp_path):
+def test_two_sweeps_at_once_share_the_work(reference, runner, tiny_backbone_dir, reviews_csv, tmp_path):
     import mlflow
 
-    kwargs, artifacts = {**args(tiny_backbone_dir, reviews_csv), "experiment": "concurrent"}, tmp_path / "artifacts"
-    runs = [start(kwargs, artifacts, tmp_path / f"{i}.parquet") for i in range(2)]
-    results = [finish(run) for run in runs]
-    for code, output in results:
+    # The same data under another name: fresh stage folders in the runner's artifacts folder, for both sweeps.
+    copy = tmp_path / "copy" / reviews_csv.name
+    copy.parent.mkdir()
+    copy.write_bytes(reviews_csv.read_bytes())
+    kwargs = {**args(tiny_backbone_dir, copy), "experiment": "concurrent"}
+    runs = runner({"kwargs": kwargs}, {"kwargs": kwargs})
+    for code, output, _ in runs:
         assert code == 0, output[-3000:]
-    both = computed(results[0][1]) + computed(results[1][1])
+    both = computed(runs[0][1]) + computed(runs[1][1])
     assert len(both) == len(set(both)) == 9, both  # each stage folder computed once, by one of them
-    assert_intact(artifacts)
-    for i in range(2):
-        pd.testing.assert_frame_equal(comparable(pd.read_parquet(tmp_path / f"{i}.parquet")), comparable(reference),
-                                      check_dtype=False)
+    assert_intact(runner.artifacts)
+    for _, _, results in runs:
+        pd.testing.assert_frame_equal(comparable(pd.read_parquet(results)), comparable(reference), check_dtype=False)
     client = mlflow.MlflowClient()
     sweeps = client.search_runs([client.get_experiment_by_name("concurrent").experiment_id],
                                 "tags.`skeleton.kind` = 'sweep'")
