@@ -1,42 +1,55 @@
-"""The installed `skeleton` command: every subcommand answers --help, errors are one line, --help stays light."""
+"""The installed `skeleton` command: every subcommand answers --help, errors are one line, --help stays light.
+In-process through flows.cli.main (what the console script calls), except where the installed script itself or a
+fresh interpreter is the point."""
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from flows.cli import main
 from helpers import run_fresh
 
-COMMAND = Path(sys.executable).with_name("skeleton")  # the console script `pip install -e .` put beside python
 HELP = [["sweep"], ["nightly"], ["nightly", "run"], ["nightly", "promote"], ["benchmark"], ["list"], ["classify"],
         ["serve"], ["serve", "build"], ["serve", "promote"], ["serve-bench"], ["load-bench"], ["stack"], ["verify"]]
 
 
-def skeleton(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(COMMAND), *argv], capture_output=True, text=True, timeout=300, env=env)
+def skeleton(capsys, *argv: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `skeleton ARGV`; the environment defaults it sets are undone after."""
+    saved = dict(os.environ)
+    try:
+        with pytest.raises(SystemExit) as exit:
+            main(list(argv))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    out = capsys.readouterr()
+    return exit.value.code, out.out, out.err
 
 
 def test_the_command_is_installed_and_lists_every_subcommand():
-    out = skeleton("--help")
+    command = Path(sys.executable).with_name("skeleton")  # the console script `pip install -e .` put beside python
+    out = subprocess.run([str(command), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for name in {argv[0] for argv in HELP}:
         assert f"    {name}" in out.stdout
 
 
 @pytest.mark.parametrize("argv", HELP, ids=" ".join)
-def test_every_subcommand_answers_help(argv):
-    out = skeleton(*argv, "--help")
-    assert out.returncode == 0, out.stderr
+def test_every_subcommand_answers_help(capsys, argv):
+    code, out, err = skeleton(capsys, *argv, "--help")
+    assert code == 0, err
     # serve.py names its own subcommands (list, classify) after the prog "skeleton"
-    assert out.stdout.startswith(f"usage: skeleton {' '.join(argv)}"), out.stdout[:200]
+    assert out.startswith(f"usage: skeleton {' '.join(argv)}"), out[:200]
 
 
-def test_sweep_options_are_the_config_fields():
+def test_sweep_options_are_the_config_fields(capsys):
     from dataclasses import fields
 
     from flows.config import SweepConfig
 
-    out = skeleton("sweep", "--help").stdout
+    out = skeleton(capsys, "sweep", "--help")[1]
     for f in fields(SweepConfig):
         assert f"--{f.name.replace('_', '-')}" in out
     assert "--reconstruct, --no-reconstruct" in out and "(default: the backbone family's)" in out
@@ -64,39 +77,37 @@ def test_help_imports_neither_torch_nor_prefect():
     (["nightly", "promote", "--latest", "--experiment", "no-such-experiment"], "no finished sweep in MLflow"),
     (["verify", "/no/such/results.parquet"], "/no/such/results.parquet: no such file"),
 ])
-def test_errors_are_one_line_and_exit_2(argv, message):
-    out = skeleton(*argv)
-    assert out.returncode == 2, out.stdout + out.stderr
-    errors = [line for line in out.stderr.splitlines() if line.startswith(f"skeleton {argv[0]}: error: ")]
-    assert len(errors) == 1 and message in errors[0] and "Traceback" not in out.stderr, out.stderr  # (logs may precede)
+def test_errors_are_one_line_and_exit_2(capsys, argv, message):
+    code, _, err = skeleton(capsys, *argv)
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith(f"skeleton {argv[0]}: error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err  # (library logs may precede)
 
 
-def test_debug_shows_the_traceback():
-    out = skeleton("--debug", "sweep", "--rates", "1.5")
-    assert out.returncode == 1 and "Traceback" in out.stderr and "pruning rate must be in [0, 1)" in out.stderr
+def test_debug_raises_the_exception_itself():
+    """--debug lets the exception through, so Python prints its traceback."""
+    with pytest.raises(ValueError, match=r"pruning rate must be in \[0, 1\)"):
+        main(["--debug", "sweep", "--rates", "1.5"])
 
 
-def test_usage_errors_stay_argparse_errors():
-    out = skeleton("sweep", "--rates", "half")
-    assert out.returncode == 2 and "argument --rates: invalid float value: 'half'" in out.stderr
-    assert "Traceback" not in out.stderr
+def test_usage_errors_stay_argparse_errors(capsys):
+    code, _, err = skeleton(capsys, "sweep", "--rates", "half")
+    assert code == 2 and "argument --rates: invalid float value: 'half'" in err and "Traceback" not in err
 
 
-def test_sweep_command_runs_the_flow_with_the_options_given(prefect_server, tiny_backbone_dir, reviews_csv):
-    """`skeleton sweep` with the tests' tiny sweep as options: the flow runs, MLflow records what was given and
-    the family defaults of what was not."""
+def test_sweep_command_runs_the_flow_with_the_options_given(tiny_backbone_dir, reviews_csv):
+    """The installed `skeleton sweep` with the tests' tiny sweep as options (its own ephemeral Prefect server): the
+    flow runs, MLflow records what was given and the family defaults of what was not."""
     import mlflow
 
-    from flows.cli import main
     from helpers import sweep_args
     from skeleton.backbones import FAMILIES
 
-    argv = ["sweep"]
+    argv = [str(Path(sys.executable).with_name("skeleton")), "sweep"]
     for name, value in sweep_args(tiny_backbone_dir, reviews_csv, methods=["random"], experiment="cli").items():
         argv += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
-    with pytest.raises(SystemExit) as exit:
-        main(argv)
-    assert exit.value.code == 0
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
     client = mlflow.MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id], "tags.`skeleton.kind` = 'sweep'")
     assert run.info.status == "FINISHED"
