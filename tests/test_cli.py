@@ -84,8 +84,9 @@ def test_errors_are_one_line_and_exit_2(capsys, argv, message):
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err  # (library logs may precede)
 
 
-def test_debug_raises_the_exception_itself():
+def test_debug_raises_the_exception_itself(monkeypatch):
     """--debug lets the exception through, so Python prints its traceback."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the defaults main sets stay in this test
     with pytest.raises(ValueError, match=r"pruning rate must be in \[0, 1\)"):
         main(["--debug", "sweep", "--rates", "1.5"])
 
