@@ -57,6 +57,19 @@ def encode(tokenizer, texts=TEXTS, labels=(0, 1, 2, 1)) -> dict:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor(labels)}
 
 
+def masked_and_sliced(model, keep):
+    """Two copies of a classifier: one with the dropped FFN neurons' down-projection columns zeroed (the oracle),
+    one with them cut out of the weights."""
+    import copy
+
+    from skeleton.prune import mask_ffn, slice_ffn
+
+    masked, sliced = copy.deepcopy(model), copy.deepcopy(model)
+    mask_ffn(masked.backbone, keep)
+    slice_ffn(sliced.backbone, keep)
+    return masked, sliced
+
+
 def set_pooling(model, pooling: str) -> None:
     """Switch an existing classifier's pooling; "attention" gets a random (non-zero) query."""
     import torch

@@ -4,16 +4,15 @@ on a tiny LLaMA too, through the `tiny_family` fixture (test_prune, test_attribu
 
 One test on the real packaged smollm2 (real_model): slice, export, reload with stock transformers.
 """
-import copy
 import json
 
 import pytest
 import torch
 
-from helpers import classifier_on, encode, run_fresh, set_pooling
+from helpers import classifier_on, encode, masked_and_sliced, run_fresh, set_pooling
 from skeleton.backbones import LlamaFamily, family_of, load_backbone
 from skeleton.model import HEAD_CONFIG, PEFT_CONFIG, PEFT_WEIGHTS, AdapterConfig, PromptClassifier
-from skeleton.prune import export_skeleton, kept_width, load_skeleton, mask_ffn, select, slice_ffn
+from skeleton.prune import export_skeleton, kept_width, load_skeleton, select, slice_ffn
 
 
 @pytest.fixture
@@ -179,9 +178,7 @@ def test_real_smollm2_skeleton_reloads_with_stock_transformers(tmp_path):
     model = PromptClassifier(backbone, AdapterConfig(num_labels=2, prompt_length=20), seed=0).eval()
     g = torch.Generator().manual_seed(0)
     keep = select([torch.rand(1536, generator=g) for _ in range(30)], 0.5)
-    masked = copy.deepcopy(model)
-    mask_ffn(masked.backbone, keep)
-    slice_ffn(model.backbone, keep)
+    masked, model = masked_and_sliced(model, keep)
     texts = ["an absorbing, well-acted drama", "a tedious mess"]
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():

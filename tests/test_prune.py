@@ -3,10 +3,9 @@ import json
 import pytest
 import torch
 
-from helpers import run_fresh
+from helpers import masked_and_sliced, run_fresh
 from skeleton.backbones import family_of
-from skeleton.prune import (ArtifactError, check_rate, export_skeleton, kept_width, load_skeleton, mask_ffn, select,
-                            slice_ffn, verify)
+from skeleton.prune import ArtifactError, check_rate, export_skeleton, kept_width, load_skeleton, select, slice_ffn, verify
 from skeleton.stages import full_keep
 
 
@@ -18,13 +17,8 @@ def random_keep(model, rate, seed=0):
 @pytest.mark.parametrize("rate", [0.0, 0.5, 0.65, 0.8])
 def test_slicing_equals_zero_masking(tiny_family, rate):
     """Every family: cutting neurons out of the weights gives what zeroing their down-projection columns gives."""
-    import copy
-
     model, _, batch = tiny_family
-    keep = random_keep(model, rate)
-    masked, sliced = copy.deepcopy(model), copy.deepcopy(model)
-    mask_ffn(masked.backbone, keep)
-    slice_ffn(sliced.backbone, keep)
+    masked, sliced = masked_and_sliced(model, random_keep(model, rate))
     with torch.no_grad():
         expected = masked(batch["input_ids"], batch["attention_mask"])
         got = sliced(batch["input_ids"], batch["attention_mask"])

@@ -1,15 +1,13 @@
 """The real packaged MiniLM: slicing equals masking, export round trip with stock transformers, attribution."""
-import copy
-
 import pytest
 import torch
 
-from helpers import run_fresh
+from helpers import masked_and_sliced, run_fresh
 from skeleton.attribution import attribute
 from skeleton.backbones import load_backbone
 from skeleton.data import load_task, tokenize
 from skeleton.model import AdapterConfig, PromptClassifier
-from skeleton.prune import export_skeleton, kept_width, mask_ffn, select, slice_ffn
+from skeleton.prune import export_skeleton, kept_width, select
 
 pytestmark = pytest.mark.real_model
 
@@ -27,9 +25,7 @@ def test_real_skeleton_matches_masking_and_reloads(real, tmp_path):
     scores = attribute("grad_x_act", model, examples, tokenizer.pad_token_id, batch_size=16)
     assert [len(s) for s in scores] == [1536] * 6
     keep = select(scores, 0.65)
-    masked, sliced = copy.deepcopy(model), copy.deepcopy(model)
-    mask_ffn(masked.backbone, keep)
-    slice_ffn(sliced.backbone, keep)
+    masked, sliced = masked_and_sliced(model, keep)
     texts = ["an absorbing, well-acted drama", "a tedious mess from start to finish"]
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
