@@ -187,7 +187,7 @@ def log_point(parent_run_id: str, row: dict, benchmark_rows: list[dict] = ()) ->
         return next(r.info.run_id for r in found if r.info.status == "FINISHED")
     from skeleton.record import skeleton_name
 
-    name = skeleton_name({**row, "prompt_method": row.get("prompt")})
+    name = skeleton_name({**row, "prompt_method": row.get("prompt") or "input"})  # rows logged directly may lack it
     if found:
         run_id = found[0].info.run_id
     else:
@@ -207,9 +207,9 @@ def log_point(parent_run_id: str, row: dict, benchmark_rows: list[dict] = ()) ->
             "skeleton.prompt": str(row.get("prompt") or "input"),
             "skeleton.head_rate": str(row["head_rate"]), "skeleton.task": parent.data.params.get("task", "")}
     # LoggedModel names allow no dots: rates in percent, e.g. grad_x_act-p65-h25
-    log_model(run_id, row["path"], ("prefix-" if row.get("prompt") == "prefix" else "") +
-              f"{row['method']}-p{row['rate'] * 100:.4g}" + (f"-h{row['head_rate'] * 100:.4g}" if row["head_rate"] else ""),
-              metrics, tags)
+    model_name = (("prefix-" if row.get("prompt") == "prefix" else "") + f"{row['method']}-p{row['rate'] * 100:.4g}"
+                  + (f"-h{row['head_rate'] * 100:.4g}" if row["head_rate"] else ""))
+    log_model(run_id, row["path"], model_name, metrics, tags)
     client.set_terminated(run_id)
     return run_id
 

@@ -82,17 +82,25 @@ def test_a_sweep_killed_mid_build_then_rerun_leaves_one_finished_sweep(prefect_s
 
     root = Path(__file__).resolve().parents[1]
     kwargs = sweep_args(tiny_backbone_dir, reviews_csv, experiment="killed-mid-build")
+    env = {**os.environ, "SKELETON_ARTIFACTS": str(tmp_path / "artifacts"), "PREFECT_API_URL": PREFECT_API_URL.value(),
+           "PYTHONPATH": str(root)}
+    runner = subprocess.Popen([sys.executable, str(root / "tests" / "sweep_runner.py")], cwd=root, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def sweep(failpoint: str) -> subprocess.CompletedProcess:
-        env = {**os.environ, "SKELETON_ARTIFACTS": str(tmp_path / "artifacts"), "SKELETON_FAILPOINT": failpoint,
-               "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(root)}
-        return subprocess.run([sys.executable, str(root / "tests" / "sweep_runner.py"), json.dumps(kwargs),
-                               str(tmp_path / "out.parquet")], cwd=root, env=env, capture_output=True, text=True,
-                              timeout=300)
+    def sweep(failpoint: str) -> int:
+        """One sweep forked by the runner (its protocol: a JSON line of runs in, their exit codes out)."""
+        run = {"kwargs": kwargs, "failpoint": failpoint, "log": str(tmp_path / f"{failpoint or 'rerun'}.log"),
+               "results": str(tmp_path / "out.parquet")}
+        runner.stdin.write(json.dumps({"runs": [run]}) + "\n")
+        runner.stdin.flush()
+        return json.loads(runner.stdout.readline())["codes"][0]
 
-    assert sweep("rename:skeletons").returncode == -signal.SIGKILL
-    done = sweep("")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    try:
+        assert sweep("rename:skeletons") == -signal.SIGKILL
+        assert sweep("") == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+    finally:
+        runner.stdin.close()
+        runner.wait(timeout=60)
     client = mlflow.MlflowClient()
     experiment_id = client.get_experiment_by_name("killed-mid-build").experiment_id
     sweeps = client.search_runs([experiment_id], "tags.`skeleton.kind` = 'sweep'")
