@@ -1,12 +1,15 @@
 import atexit
 import os
 import shutil
+import signal
 import tempfile
 
 # Before anything imports the tasks: the whole test session writes artifacts and MLflow runs to a scratch folder,
 # removed at exit (each session leaves about 180 MB otherwise).
 SCRATCH = tempfile.mkdtemp(prefix="skeleton-tests-")
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+# A session stopped by SIGTERM (a CI timeout) ends as Ctrl-C does: fixtures tear down (servers stop), atexit runs.
+signal.signal(signal.SIGTERM, signal.default_int_handler)
 os.environ["TMPDIR"] = tempfile.tempdir = SCRATCH  # what tempfile makes, here and in subprocesses, goes with it
 os.environ["SKELETON_ARTIFACTS"] = os.path.join(SCRATCH, "artifacts")
 os.environ["PREFECT_HOME"] = os.path.join(SCRATCH, "prefect")  # not the checkout's .prefect/ (the Makefile's)
