@@ -81,10 +81,10 @@ class InputPrompt(nn.Module):
         without a prompt: a linear probe, a fine-tuned model)."""
         if not self.length:
             return
-        config = backbone.config
+        config = backbone.config.to_dict()  # a per-layer config refuses attribute reads of per-layer fields
         peft = {"peft_type": "PROMPT_TUNING", "task_type": "FEATURE_EXTRACTION", "num_virtual_tokens": self.length,
                 "token_dim": self.prompt.shape[1], "num_transformer_submodules": 1,
-                "num_attention_heads": config.num_attention_heads, "num_layers": config.num_hidden_layers,
+                "num_attention_heads": config["num_attention_heads"], "num_layers": config["num_hidden_layers"],
                 "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
                 "tokenizer_kwargs": None, "inference_mode": True, "base_model_name_or_path": None, "revision": None,
                 "auto_mapping": None, "modules_to_save": None}

@@ -206,9 +206,9 @@ def log_point(parent_run_id: str, row: dict, benchmark_rows: list[dict] = ()) ->
     tags = {"skeleton.kind": "skeleton", "skeleton.method": str(row["method"]), "skeleton.rate": str(row["rate"]),
             "skeleton.prompt": str(row.get("prompt") or "input"),
             "skeleton.head_rate": str(row["head_rate"]), "skeleton.task": parent.data.params.get("task", "")}
-    # LoggedModel names allow no dots: rates in percent, e.g. grad_x_act-p65-h25
+    # LoggedModel names allow no dots: rates in percent, e.g. grad_x_act-p65-h25 (a joint budget's 87.5: p87_5)
     model_name = (("prefix-" if row.get("prompt") == "prefix" else "") + f"{row['method']}-p{row['rate'] * 100:.4g}"
-                  + (f"-h{row['head_rate'] * 100:.4g}" if row["head_rate"] else ""))
+                  + (f"-h{row['head_rate'] * 100:.4g}" if row["head_rate"] else "")).replace(".", "_")
     log_model(run_id, row["path"], model_name, metrics, tags)
     client.set_terminated(run_id)
     return run_id
