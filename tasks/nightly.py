@@ -214,10 +214,13 @@ def record_night(experiment: str, baseline: dict, measured: list[dict], found: l
     history.to_parquet(tmp_path, index=False)
     tmp_path.replace(history_path)  # atomic: a crash never loses earlier nights
 
+    from prefect.runtime import flow_run
+
     client, experiment_id = client_and_experiment(experiment)
     run = client.create_run(experiment_id, run_name=f"nightly-{now}",
                             tags={"skeleton.kind": "nightly", "skeleton.regression": str(bool(found)).lower(),
-                                  "skeleton.regression_details": "; ".join(found)[:5000]})
+                                  "skeleton.regression_details": "; ".join(found)[:5000],
+                                  "skeleton.flow_run_id": str(flow_run.id or "")})  # the Prefect run behind it
     for m in measured:
         client.log_metric(run.info.run_id, f"speedup_p{m['rate']}", m["speedup"])
         client.log_metric(run.info.run_id, f"accuracy_p{m['rate']}", m["accuracy"])

@@ -3,6 +3,7 @@ schedule, `prefect deployment run skeleton/full-sweep -p ...` run by the worker,
 and `down` leaving no process behind. Free loopback ports, a temporary state folder; a few minutes."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -178,10 +179,11 @@ def test_promotion_by_alias_and_the_nightly_deployment_reading_it(stack):
                           "-p", "speedup_drop=0.95", "-p", "accuracy_drop=0.001", "-p", "repeats=5", "--watch",
                           "--watch-timeout", "300"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=360)
     assert run.returncode == 0 and "Completed" in run.stdout, run.stdout + run.stderr + stack.logs()
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
     experiment = http(f"{stack.mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name=skeleton-nightly")
-    nights = http(f"{stack.mlflow}/api/2.0/mlflow/runs/search",
+    nights = http(f"{stack.mlflow}/api/2.0/mlflow/runs/search",  # the schedule may start one too (at 02:00 UTC)
                   {"experiment_ids": [experiment["experiment"]["experiment_id"]],
-                   "filter": "tags.`skeleton.kind` = 'nightly'"})["runs"]
+                   "filter": f"tags.`skeleton.kind` = 'nightly' and tags.`skeleton.flow_run_id` = '{flow_run_id}'"})["runs"]
     assert len(nights) == 1
     night = nights[0]["data"]
     assert {t["key"]: t["value"] for t in night["tags"]}["skeleton.regression"] == "false"
@@ -189,7 +191,8 @@ def test_promotion_by_alias_and_the_nightly_deployment_reading_it(stack):
 
     # The Prefect API holds the sweep's three artifacts and the night's verdict.
     artifacts = http(f"{stack.api}/artifacts/filter", {})
-    by_key = {a["key"]: a for a in artifacts if a.get("key")}
+    ours = [a for a in artifacts if a.get("key") and (a["key"].startswith("sweep-") or a["flow_run_id"] == flow_run_id)]
+    by_key = {a["key"]: a for a in ours}
     assert {"sweep-file-reviews-csv-results", "sweep-file-reviews-csv-summary", "sweep-file-reviews-csv-progress",
             "nightly-verdict", "nightly-measurements"} <= set(by_key), sorted(by_key)
     assert "PASS" in by_key["nightly-verdict"]["data"] and by_key["sweep-file-reviews-csv-progress"]["data"] == 100.0
