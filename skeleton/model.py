@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import DynamicCache
 
 from skeleton.backbones import family_of
 from skeleton.registry import Registry
@@ -108,16 +109,10 @@ class PrefixPrompt(nn.Module):
         vocab = backbone.get_input_embeddings().weight.shape[0]
         rows = torch.randint(0, vocab, (1, length), generator=generator)
         with torch.no_grad():
-            cache = self._cache_class()()
+            cache = DynamicCache()
             backbone(input_ids=rows, **{_cache_kwarg(backbone): cache}, use_cache=False)
         self.layers = nn.ParameterList(
             [nn.Parameter(torch.stack([layer.keys[0], layer.values[0]]).detach().clone()) for layer in cache.layers])
-
-    @staticmethod
-    def _cache_class():
-        from transformers import DynamicCache
-
-        return DynamicCache
 
     @property
     def positions(self) -> int:
@@ -128,7 +123,7 @@ class PrefixPrompt(nn.Module):
 
     def backbone_kwargs(self, backbone: nn.Module, attention_mask: torch.Tensor) -> dict:
         batch, text = attention_mask.shape
-        cache = self._cache_class()()
+        cache = DynamicCache()
         for i, kv in enumerate(self.layers):  # a fresh cache per forward: the backbone appends the text's keys to it
             cache.update(kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1), i)
         prefix_mask = attention_mask.new_ones(batch, self.length)
