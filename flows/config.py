@@ -46,9 +46,10 @@ class SweepConfig:
                                           "multiply-adds fall by this factor (e.g. 2.0); the mix with the lowest "
                                           "validation loss before re-tuning is kept")
     prompt_length: int = option(20, "prompt vectors (per layer for a prefix)")
-    prompt_methods: list[str] = option(["input"], "prompt methods to compare, each with its own full model and "
-                                       "skeletons: input (soft prompt vectors before the text) or prefix (trained "
-                                       "keys and values in every layer; the prompt then runs no FFN)")
+    prompt_methods: list[str] | None = option(None, "prompt methods to compare, each with its own full model and "
+                                              "skeletons: input (soft prompt vectors before the text) or prefix "
+                                              "(trained keys and values in every layer; the prompt then runs no FFN)",
+                                              family=True)
     finetune: bool = option(False, "also fine-tune every backbone weight (same head, same steps) as a reference row")
     max_length: int = option(64, "text tokens per example (truncation)")
     train_steps: int | None = option(None, "prompt-tuning steps of the full model", family=True)
@@ -80,9 +81,9 @@ class SweepConfig:
         self.target_speedups = [check_target_speedup(t) for t in self.target_speedups]
         check_allocation(self.allocation)
         check_precision(self.precision)
-        if not self.prompt_methods:
+        if self.prompt_methods is not None and not self.prompt_methods:
             raise ValueError("prompt_methods must name at least one prompt method, e.g. [input] or [input, prefix]")
-        for name in self.prompt_methods:
+        for name in self.prompt_methods or []:
             check_prompt_method(name)
         if not self.seeds:
             raise ValueError("seeds must name at least one seed, e.g. [0] or [0, 1, 2]")

@@ -53,7 +53,7 @@ class Family:
     # takes about 15 minutes on 2 CPU cores.
     sweep_defaults: dict = {"methods": ["grad_x_act", "random"], "reconstruct": False, "tune_norms": False,
                             "retune_norms": False, "train_steps": 800, "train_evals": 8, "retune_steps": 300,
-                            "retune_evals": 3, "attribution_examples": 1024}
+                            "retune_evals": 3, "attribution_examples": 1024, "prompt_methods": ["input"]}
 
     def ffn_blocks(self, backbone: nn.Module) -> list[FFN]:
         raise NotImplementedError
@@ -87,6 +87,8 @@ FAMILIES: Registry[Family] = Registry("architecture family")
 class BertFamily(Family):
     model_types = ("bert", "skeleton_bert")  # skeleton_bert: per-layer widths / heads (skeleton/skeleton_bert.py)
     per_layer_shapes = True
+    # A prefix beat the input prompt on MiniLM's validation, full model and skeletons alike (docs/results.md)
+    sweep_defaults = {**Family.sweep_defaults, "prompt_methods": ["prefix"]}
 
     def ffn_blocks(self, backbone: nn.Module) -> list[FFN]:
         return [FFN((layer.intermediate.dense,), layer.output.dense) for layer in backbone.encoder.layer]

@@ -87,18 +87,19 @@ def sweep_records(experiment: str, run_id: str | None = None) -> tuple[list[dict
 
 
 def _first_seed(records: list[dict], method: str) -> tuple[dict, list[dict]]:
-    """The full model and the `method` skeletons (FFN only) of the first seed, by rate."""
-    from tasks.report import main_full
+    """The `method` skeletons (FFN only) of the first seed, by rate, and the full model of their prompt method
+    (of the first prompt method, if the sweep compared several)."""
+    from tasks.report import FULLS
 
     seed = records[0].get("seed", 0)  # a sweep over several seeds: its first seed's models are the baseline
     records = [r for r in records if r.get("seed", 0) == seed and not r.get("head_rate")]
-    full = main_full(records)  # and the skeletons of its prompt method
-    points = sorted((r for r in records if r["method"] == method and r.get("prompt") == full.get("prompt")),
-                    key=lambda r: r["rate"])
+    points = [r for r in records if r["method"] == method]
     if not points:
         raise ValueError(f"no {method!r} rows in these results; methods present: "
                          f"{sorted({r['method'] for r in records})}")
-    return full, points
+    prompt = points[0].get("prompt") or "input"  # results from before prompt methods: the input prompt
+    full = next(r for r in records if r["method"] == FULLS[prompt])
+    return full, sorted((r for r in points if (r.get("prompt") or "input") == prompt), key=lambda r: r["rate"])
 
 
 def promote(records: list[dict], method: str = "grad_x_act", source: str = "",

@@ -260,7 +260,7 @@ def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict
     earlier killed attempts at this sweep are closed."""
     import pandas as pd
 
-    from tasks.report import FINETUNED, FULL_PREFIX, PROBE, main_full, plot_accuracy
+    from tasks.report import FINETUNED, FULL, FULL_PREFIX, PROBE, main_full, plot_accuracy
 
     client = _client()
     reference = {r["method"]: r for r in summary}
@@ -283,12 +283,17 @@ def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict
     for seed, by_method in scores.items():
         for method, path in by_method.items():
             client.log_artifact(parent_run_id, path, f"attribution/seed{seed}/{method}")
-    full = next(r for r in records if r["path"] == reference["main"]["path"])
-    metrics = {k: float(full[k]) for k in ("accuracy", "macro_f1", "parameters") if full.get(k) is not None}
-    metrics.update(rate=0.0, head_rate=0.0, speedup=1.0, size_mb=folder_bytes(full["path"]) / 2**20)
     task_name = client.get_run(parent_run_id).data.params.get("task", "")
-    log_model(parent_run_id, full["path"], "full", metrics,
-              {"skeleton.kind": "full", "skeleton.method": full["method"], "skeleton.rate": "0.0",
-               "skeleton.task": task_name})
+    for method, model_name in ((FULL, "full"), (FULL_PREFIX, "prefix-full"), (FINETUNED, "finetuned")):
+        model = next((r for r in records if r["method"] == method), None)  # the first seed's
+        if model is None:
+            continue
+        metrics = {k: float(model[k]) for k in ("accuracy", "macro_f1", "parameters", "speedup", "speedup_vs_input",
+                                                 "bound_vs_input", "val_accuracy")
+                   if model.get(k) is not None and model[k] == model[k]}
+        metrics.update(rate=0.0, head_rate=0.0, size_mb=folder_bytes(model["path"]) / 2**20)
+        log_model(parent_run_id, model["path"], model_name, metrics,
+                  {"skeleton.kind": "full", "skeleton.method": method, "skeleton.rate": "0.0",
+                   "skeleton.prompt": str(model.get("prompt") or "none"), "skeleton.task": task_name})
     close_killed_attempts(client, parent_run_id)
     client.set_terminated(parent_run_id)

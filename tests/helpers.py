@@ -105,8 +105,10 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**{**settings, **overrides})
 
 
-# Budgets small enough for a test; every key is a field of flows.config.SweepConfig (checked in sweep_args).
+# Budgets small enough for a test; every key is a field of flows.config.SweepConfig (checked in sweep_args). The
+# input prompt only: one full model per sweep (a prefix adds a second; test_flow's prompt-methods test runs it).
 TINY_SWEEP = {"text_column": "review", "label_column": "sentiment", "rates": [0.5], "methods": ["grad_x_act", "random"],
+              "prompt_methods": ["input"],
               "prompt_length": 4, "max_length": 24, "train_steps": 6, "retune_steps": 4, "attribution_examples": 16,
               "distill": 0.5, "experiment": "test-sweep"}
 

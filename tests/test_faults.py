@@ -22,6 +22,9 @@ from helpers import sweep_args
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ["prepare-data", "tune-prompt", "evaluate", "linear-probe", "attribute", "teacher-logits", "build-skeleton",
          "benchmark-latency"]
+# The heavy task runs (and stage folders) of args' sweep: data, probe, the full model, attribution, teacher
+# logits, one skeleton, its evaluation and the full model's and probe's, the benchmark.
+HEAVY_RUNS = 9
 MEASURED = re.compile(r"speedup(?!_bound)|bound_ratio|latency|throughput")  # speed: differs between runs
 PLACES = ["path", "logits", "data", "model"]  # folders under each run's own artifacts root
 # One failpoint per stage, in the order the sweep reaches them: each run of the chain resumes the one killed
@@ -85,7 +88,7 @@ def leftovers(artifacts: Path) -> list[Path]:
 
 
 def heavy_states(flow_run_id) -> Counter:
-    """(task, final state) counts of a flow run's heavy stages, once the server has all nine."""
+    """(task, final state) counts of a flow run's heavy stages, once the server has all HEAVY_RUNS."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -95,7 +98,7 @@ def heavy_states(flow_run_id) -> Counter:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
             states = [(run.name.rsplit("-", 1)[0], run.state.name) for run in runs if run.state.is_final()]
             heavy = Counter(state for state in states if state[0] in HEAVY)
-            if sum(heavy.values()) >= 9 or time.monotonic() > deadline:
+            if sum(heavy.values()) >= HEAVY_RUNS or time.monotonic() > deadline:
                 return heavy
             time.sleep(0.5)
 
@@ -142,7 +145,7 @@ def test_killed_at_every_stage_resumes_with_the_same_table(reference, runner, ti
     assert_intact(artifacts)
     # The last run reused every heavy stage the chain had finished: all of them (only MLflow logging was left).
     states = heavy_states(re.search(r"flow run id (\S+)", output).group(1))
-    assert sum(states.values()) == 9 and {state for _, state in states} == {"Cached"}, states
+    assert sum(states.values()) == HEAVY_RUNS and {state for _, state in states} == {"Cached"}, states
     pd.testing.assert_frame_equal(comparable(pd.read_parquet(results)), comparable(reference), check_dtype=False)
 
 
@@ -158,7 +161,7 @@ def test_two_sweeps_at_once_share_the_work(reference, runner, tiny_backbone_dir,
     for code, output, _ in runs:
         assert code == 0, output[-3000:]
     both = computed(runs[0][1]) + computed(runs[1][1])
-    assert len(both) == len(set(both)) == 9, both  # each stage folder computed once, by one of them
+    assert len(both) == len(set(both)) == HEAVY_RUNS, both  # each stage folder computed once, by one of them
     assert_intact(runner.artifacts)
     for _, _, results in runs:
         pd.testing.assert_frame_equal(comparable(pd.read_parquet(results)), comparable(reference), check_dtype=False)

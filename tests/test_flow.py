@@ -229,6 +229,7 @@ def test_unset_parameters_take_the_backbone_familys_defaults(tiny_backbone_dir, 
     tiny_llama_config().save_pretrained(tmp_path)  # config.json alone: the family is read from it, no weights
     bert, llama = FAMILIES["bert"].sweep_defaults, FAMILIES["llama"].sweep_defaults
     assert bert["train_steps"] != llama["train_steps"] and bert["reconstruct"] != llama["reconstruct"]
+    assert (bert["prompt_methods"], llama["prompt_methods"]) == (["prefix"], ["input"])  # chosen per family
     family_fields = {f.name for f in dataclasses.fields(SweepConfig) if f.metadata["family"]}
     assert set(bert) == set(llama) == family_fields  # every family field has a value in every family
     for backbone, family in (("minilm", bert), (str(tiny_backbone_dir), bert), ("smollm2", llama),
@@ -294,3 +295,7 @@ def test_sweep_compares_prompt_methods_beside_a_finetuned_reference(prefect_serv
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert [c.data.params["prompt"] for c in children] == ["prefix"]
     assert all("speedup_vs_input" in c.data.metrics for c in children)
+    # Every exported model is an MLflow model: the three reference models beside the skeleton.
+    models = {m.name: m for m in client.search_logged_models([experiment.experiment_id])}
+    assert set(models) == {"full", "prefix-full", "finetuned", "prefix-grad_x_act-p50"}
+    assert models["prefix-full"].metrics and models["prefix-full"].tags["skeleton.prompt"] == "prefix"

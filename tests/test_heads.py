@@ -54,7 +54,7 @@ def test_head_slicing_equals_head_masking(classifier, batch, heads):
         assert inner.num_attention_heads == len(kept) and inner.all_head_size == len(kept) * HEAD_DIM
         assert inner.query.weight.shape == inner.key.weight.shape == inner.value.weight.shape == (len(kept) * 8, 32)
         assert layer.attention.output.dense.weight.shape == (32, len(kept) * HEAD_DIM)
-    torch.testing.assert_close(run(sliced, batch), run(masked, batch), rtol=0, atol=1e-6)
+    torch.testing.assert_close(run(sliced, batch), run(masked, batch), rtol=1e-6, atol=1e-6)  # float32 rounding
     assert not torch.allclose(run(sliced, batch), run(model, batch), atol=1e-4)  # pruning did change the model
     config = sliced.backbone.config
     assert config.model_type == "skeleton_bert" and config.head_dim == HEAD_DIM

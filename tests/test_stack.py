@@ -154,7 +154,8 @@ def test_full_sweep_deployment_runs_and_is_tracked_in_mlflow(stack, tiny_backbon
     # Each exported model is a LoggedModel in the server's store, with its point's metrics.
     models = http(f"{stack.mlflow}/api/2.0/mlflow/logged-models/search",
                   {"experiment_ids": [experiment["experiment_id"]]})["models"]
-    assert sorted(m["info"]["name"] for m in models) == ["full", "grad_x_act-p50", "random-p50"]
+    assert sorted(m["info"]["name"] for m in models) == ["full", "prefix-full", "prefix-grad_x_act-p50",
+                                                         "prefix-random-p50"]  # the default prompt: prefix
     for model in models:
         assert {"accuracy", "rate"} <= {m["key"] for m in model["data"]["metrics"]}
     stack.sweep_run = parent["info"]["run_id"]
