@@ -60,8 +60,9 @@ class SweepConfig:
     distill_hidden: float = option(0.0, "weight of layer-by-layer distillation of the full model's hidden states "
                                    "when re-tuning a skeleton (0 = off)")
     retune_patience: int = option(0, "stop re-tuning after this many validation checks without a new best (0 = off)")
-    precision: str = option("bf16", "training arithmetic, fp32 or bf16 (bf16 autocast is ~1.7x faster on CPUs "
-                            "with AVX512-BF16); evaluation and exports are always float32")
+    precision: str = option("auto", "training arithmetic: fp32, bf16, or auto (bf16 where the CPU or GPU has it in "
+                            "hardware, e.g. AVX512-BF16: ~1.7x faster steps; fp32 elsewhere, where bf16 is emulated "
+                            "and 30x slower); evaluation and exports are always float32")
     attribution_examples: int | None = option(None, "training examples to score neurons on", family=True)
     seeds: list[int] = option([0], "training seeds; with several the table shows mean and spread")
     data_file: str | None = option(None, "your own CSV / JSONL / Parquet file instead of --task")
@@ -97,11 +98,12 @@ class SweepConfig:
         or method, or a bad budget, fails here, before any work."""
         from skeleton.attribution import METHODS, scores_heads
         from skeleton.backbones import sweep_defaults
-        from skeleton.train import TrainConfig
+        from skeleton.train import TrainConfig, resolve_precision
 
         defaults = sweep_defaults(self.backbone)
         config = dataclasses.replace(self, **{f.name: defaults[f.name] for f in fields(self)
                                               if f.metadata["family"] and getattr(self, f.name) is None})
+        config.precision = resolve_precision(self.precision)  # this machine's: the sweep's runs record what ran
         if config.methods == ["all"]:
             config.methods = METHODS.names()
         for method in config.methods:

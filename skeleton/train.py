@@ -12,7 +12,7 @@ from skeleton.backbones import norm_parameters
 from skeleton.model import PromptClassifier
 
 log = logging.getLogger("skeleton")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware runs it natively (native_bf16)
 PROGRESS_EVERY = 20  # steps between progress lines (a real-model step can take seconds)
 
 
@@ -55,9 +55,25 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
+def native_bf16(device: torch.device = torch.device("cpu")) -> bool:
+    """Whether this machine computes bf16 in hardware. A CPU without AVX512-BF16 or AMX emulates it: bf16
+    autocast made a MiniLM training step 30x slower on an AVX2-only AMD EPYC (45 s against 1.5 s in fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_precision(precision: str, device: torch.device = torch.device("cpu")) -> str:
+    """fp32 or bf16: "auto" becomes bf16 where the hardware has it (native_bf16), fp32 elsewhere."""
+    check_precision(precision)
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def autocast(precision: str, device: torch.device):
     """The arithmetic of a forward pass: bf16 autocast for "bf16" (parameters stay float32), plain float32 else."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(device.type, torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16")
 
 
 def collate(pad_id: int):

@@ -25,7 +25,7 @@ SWEEP = [
     (["--methods", "grad_x_actt"], ["unknown selection method 'grad_x_actt'", "grad_x_act"]),
     (["--backbone", "/no/such/folder"], ["unknown backbone '/no/such/folder'"]),
     (["--allocation", "diagonal"], ["diagonal", "uniform"]),
-    (["--precision", "fp16"], ["precision must be one of fp32, bf16, got 'fp16'"]),
+    (["--precision", "fp16"], ["precision must be one of fp32, bf16, auto, got 'fp16'"]),
     (["--prompt-length", "0"], ["prompt_length must be at least 1, got 0"]),
     (["--train-steps", "0"], ["steps", "must be positive"]),
     (["--max-length", "0"], ["max_length must be at least 1, got 0"]),

@@ -71,7 +71,7 @@ def test_help_imports_neither_torch_nor_prefect():
     (["sweep", "--rates", "0.5", "1.5"], "pruning rate must be in [0, 1), got 1.5"),
     (["sweep", "--methods", "grad_x_actt"], "unknown selection method 'grad_x_actt'; known: "),
     (["sweep", "--backbone", "/no/such/folder"], "unknown backbone '/no/such/folder'"),
-    (["sweep", "--precision", "fp16"], "precision must be one of fp32, bf16, got 'fp16'"),
+    (["sweep", "--precision", "fp16"], "precision must be one of fp32, bf16, auto, got 'fp16'"),
     (["sweep", "--seeds", "0", "--train-evals", "0"], "train_evals must be at least 1, got 0"),
     (["nightly", "run", "--speedup-drop", "1.5"], "thresholds must be in [0, 1)"),
     (["nightly", "promote", "--latest", "--experiment", "no-such-experiment"], "no finished sweep in MLflow"),

@@ -117,7 +117,7 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     ({"rates": [0.5, 1.0]}, ValueError, r"pruning rate must be in \[0, 1\)"),
     ({"methods": ["grad_x_actt"]}, KeyError, "unknown selection method 'grad_x_actt'"),
     ({"backbone": "bert-huge"}, ValueError, "unknown backbone 'bert-huge'"),
-    ({"precision": "fp16"}, ValueError, "precision must be one of fp32, bf16, got 'fp16'"),
+    ({"precision": "fp16"}, ValueError, "precision must be one of fp32, bf16, auto, got 'fp16'"),
     ({"target_speedups": [2.0, 1.0]}, ValueError, "target speed-up must be above 1, got 1.0"),
     ({"train_evals": 0}, ValueError, "train_evals must be at least 1, got 0"),
     ({"retune_steps": 0}, ValueError, "steps, batch_size and eval_every must be positive"),

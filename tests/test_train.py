@@ -102,3 +102,16 @@ def test_linear_probe_trains_the_prompt_tuning_head(tiny_backbone_dir, toy_data,
     result = linear_probe(backbone, splits, tokenizer.pad_token_id, num_labels=2, precision=precision)
     assert result["accuracy"] > 0.9 and result["val_accuracy"] > 0.9 and result["l2"] in L2_STRENGTHS
     assert linear_probe(backbone, splits, tokenizer.pad_token_id, num_labels=2, precision=precision) == result
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    """bf16 emulated on a CPU without AVX512-BF16 / AMX is 30x slower: auto must not pick it there."""
+    from flows.config import SweepConfig
+    from skeleton.train import resolve_precision
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert resolve_precision("auto") == expected
+        assert SweepConfig().resolved().precision == expected  # what the sweep's runs and stage caches record
+        assert resolve_precision("bf16") == "bf16" and resolve_precision("fp32") == "fp32"  # asked for: kept
