@@ -1,13 +1,13 @@
 """The `skeleton` command (installed by `pip install -e .`): one entry point for everything a user runs.
 
     skeleton sweep [--task T] [--backbone B] ...   the sweep flow; its options are flows.config.SweepConfig's fields
-    skeleton benchmark [--demo | --skeletons DIR ...]   latency of skeletons vs the full model (scripts/benchmark.py)
+    skeleton benchmark [--demo | --skeletons DIR ...]   latency of skeletons vs the full model (flows/commands/benchmark.py)
     skeleton list | classify --task NAME TEXT ...  the exported task experts, and classifying with one
-    skeleton serve build | promote                 the REST server: the multi-task MLflow model (scripts/mlflow_serve.py)
+    skeleton serve build | promote                 the REST server: the multi-task MLflow model (flows/commands/mlflow_serve.py)
     skeleton serve-bench | load-bench              serving's memory and latency; REST throughput under load
-    skeleton stack up | down | status              the local Prefect + MLflow stack (scripts/stack.py)
+    skeleton stack up | down | status              the local Prefect + MLflow stack (flows/commands/stack.py)
     skeleton nightly run | promote                 the nightly benchmark regression and its baseline (flows/nightly.py)
-    skeleton verify RESULTS.parquet                every exported model reloads with its logits (scripts/verify_exports.py)
+    skeleton verify RESULTS.parquet                every exported model reloads with its logits (flows/commands/verify_exports.py)
     skeleton gc [--delete]                         artifacts nothing refers to, listed or removed (tasks/gc.py)
 
 An error prints as one line and exits 2; `skeleton --debug ...` shows the traceback. torch and Prefect are
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -29,28 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
                "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_HOME": str(ROOT / ".prefect")}
-# Commands whose code is a script in scripts/ (each has main(argv, prog) -> exit code): their options stay there.
-SCRIPTS = {
-    "benchmark": ("benchmark", None, "latency of the full model against its skeletons, beside the arithmetic bound"),
-    "list": ("serve", "list", "list the task experts available (exported folders or MLflow)"),
-    "classify": ("serve", "classify", "classify texts with one task expert on its backbone"),
-    "serve-bench": ("serve_bench", None, "memory and latency of one backbone + N experts vs N separate skeletons"),
-    "serve": ("mlflow_serve", None, "REST serving: build the multi-task MLflow model for `mlflow models serve`, or "
+# Commands that parse their own options: a module with main(argv, prog) -> exit code (flows/commands/, tasks/gc.py).
+COMMANDS = {
+    "benchmark": ("flows.commands.benchmark", None, "latency of the full model against its skeletons, beside the arithmetic bound"),
+    "list": ("flows.commands.serve", "list", "list the task experts available (exported folders or MLflow)"),
+    "classify": ("flows.commands.serve", "classify", "classify texts with one task expert on its backbone"),
+    "serve-bench": ("flows.commands.serve_bench", None, "memory and latency of one backbone + N experts vs N separate skeletons"),
+    "serve": ("flows.commands.mlflow_serve", None, "REST serving: build the multi-task MLflow model for `mlflow models serve`, or "
               "promote a skeleton to @production"),
-    "load-bench": ("load_bench", None, "REST load test: the multi-task server against per-task servers and the full model"),
-    "stack": ("stack", None, "start, stop or inspect the local Prefect + MLflow stack (up | down | status)"),
-    "verify": ("verify_exports", None, "check that a sweep's exported models reload with their test logits"),
-    "gc": ("gc", None, "list (--delete: remove) the artifacts no MLflow run, logged model or baseline refers to"),
+    "load-bench": ("flows.commands.load_bench", None, "REST load test: the multi-task server against per-task servers and the full model"),
+    "stack": ("flows.commands.stack", None, "start, stop or inspect the local Prefect + MLflow stack (up | down | status)"),
+    "verify": ("flows.commands.verify_exports", None, "check that a sweep's exported models reload with their test logits"),
+    "gc": ("tasks.gc", None, "list (--delete: remove) the artifacts no MLflow run, logged model or baseline refers to"),
 }
-
-
-def script(name: str):
-    """A module of scripts/ (not a package), imported from its file in this checkout."""
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,8 +69,8 @@ def parser() -> argparse.ArgumentParser:
     promote.add_argument("--method", default="grad_x_act", help="selection method of the reference skeletons")
     promote.add_argument("--experiment", default="skeleton", help="MLflow experiment of the sweeps")
 
-    for name, (_, _, help_text) in SCRIPTS.items():
-        # The script parses its own options (and answers --help with them).
+    for name, (_, _, help_text) in COMMANDS.items():
+        # The module parses its own options (and answers --help with them).
         command = sub.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
         command.add_argument("args", nargs=argparse.REMAINDER)
     return top
@@ -110,11 +101,11 @@ def nightly(args) -> int:
 
 
 def dispatch(args) -> int:
-    if args.command in SCRIPTS:
-        module, first, _ = SCRIPTS[args.command]
-        # A script with subcommands of its own (serve.py: list, classify) names them itself.
+    if args.command in COMMANDS:
+        module, first, _ = COMMANDS[args.command]
+        # A module with subcommands of its own (serve: list, classify) names them itself.
         argv, prog = ([first, *args.args], "skeleton") if first else (args.args, f"skeleton {args.command}")
-        return script(module).main(argv, prog=prog) or 0
+        return importlib.import_module(module).main(argv, prog=prog) or 0
     return {"sweep": sweep, "nightly": nightly}[args.command](args)
 
 
@@ -126,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         code = dispatch(args)
     except KeyboardInterrupt:
         code = 130
-    except SystemExit as e:  # the scripts' own errors: SystemExit("message") or an exit code
+    except SystemExit as e:  # the commands' own errors: SystemExit("message") or an exit code
         if args.debug or e.code is None or isinstance(e.code, int):
             raise
         print(f"skeleton {args.command}: error: {e.code}", file=sys.stderr)

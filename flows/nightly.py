@@ -30,7 +30,7 @@ class BenchmarkRegression(RuntimeError):
 
 
 # Named like the sweep so its deployment reads `skeleton/nightly-benchmark` beside `skeleton/full-sweep`.
-@flow(name="skeleton", log_prints=True)
+@flow(name="skeleton", log_prints=True, result_serializer="json")
 @flow_parameters(NightlyConfig)
 def nightly_benchmark(**parameters) -> list[dict]:
     from skeleton.regression import Thresholds, regressions

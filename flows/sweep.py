@@ -40,7 +40,7 @@ def _file_hash(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-@flow(name="skeleton", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="skeleton", log_prints=True, result_serializer="json", task_runner=ThreadPoolTaskRunner(max_workers=1))
 @flow_parameters(SweepConfig)
 def full_sweep(**parameters) -> list[dict]:
     """Run the sweep and return the results table as records: per seed, the full model, the linear probe and a

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.pipeline import artifacts_dir, stage_folders
+from tasks.paths import artifacts_dir, stage_folders
 
 KEEP_STAGES = {"nightly"}  # the nightly baseline and history: never collected
 

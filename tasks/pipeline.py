@@ -28,14 +28,11 @@ from prefect import task  # noqa: E402
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy  # noqa: E402
 from prefect.serializers import JSONSerializer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from tasks.paths import ROOT, artifacts_dir, stage_folders  # noqa: E402,F401  (re-exported)
+
 BENCHMARK_BATCH_SIZE = 32  # the sweep's headline speed-up (at max_length text tokens), and the nightly baseline's
-# The sweep's in-flow latency grid, at max_length text tokens: cheap. The full grid: scripts/benchmark.py.
+# The sweep's in-flow latency grid, at max_length text tokens: cheap. The full grid: `skeleton benchmark`.
 BENCHMARK_BATCH_SIZES = [1, BENCHMARK_BATCH_SIZE]
-
-
-def artifacts_dir() -> Path:
-    return Path(os.environ.get("SKELETON_ARTIFACTS", ROOT / "artifacts")).resolve()
 
 
 def _library_source_hash() -> str:
@@ -73,24 +70,6 @@ def refusal(record_file: Path) -> str | None:
         except ArtifactError as e:
             return str(e)
     return None
-
-
-def stage_folders(record, root: Path | None = None) -> set[Path]:
-    """The stage folders (<root>/<stage>/<hash>, root the artifacts folder) that paths anywhere in a record point
-    into."""
-    root, found = root or artifacts_dir(), set()
-    stack = [record]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            stack += value.values()
-        elif isinstance(value, list):
-            stack += value
-        elif isinstance(value, str) and value.startswith(str(root) + os.sep):
-            parts = Path(value).relative_to(root).parts
-            if len(parts) >= 2 and not parts[0].startswith("."):
-                found.add(root / parts[0] / parts[1])
-    return found
 
 
 @dataclass

@@ -23,6 +23,10 @@ import random  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+# Prefect, first imported here, the way the flows import it: its console log handler binds to the session's stderr,
+# not one test's capture (closed when that test ends, after which every log line fails), and the settings the test
+# harness snapshots hold the JSON result serializer that tasks.pipeline sets.
+import tasks.pipeline  # noqa: E402,F401
 
 from helpers import classifier_on, encode, tiny_bert_config, tiny_llama_config, word_tokenizer  # noqa: E402
 

@@ -126,13 +126,6 @@ def sweep_args(backbone, data_file, /, **overrides) -> dict:
     return args
 
 
-def load_script(name: str):
-    """A module of scripts/ (not a package), imported from its file: what the `skeleton` command runs."""
-    from flows.cli import script
-
-    return script(name)
-
-
 def run_fresh(code: str) -> dict:
     """Run `code` in a fresh Python process (nothing imported, nothing registered); it prints a JSON object last,
     which is returned. A failing process fails the test with its stderr."""

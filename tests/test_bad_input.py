@@ -7,13 +7,16 @@ import json
 import os
 import re
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-import flows.sweep  # noqa: F401  (Prefect sets up its log handlers on import: on the session's stderr, not a test's)
 from helpers import tiny_bert_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROGRESS = re.compile(r"\d+/\d+ \[")  # a progress bar on stderr (loading weights) is not a message
 
@@ -130,13 +133,23 @@ def test_user_file(cli, tiny_backbone_dir, tmp_path, name, content, words):
     assert all(w in line for w in words), line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file: permissions cannot make it unreadable")
-def test_unreadable_file(cli, tmp_path, reviews_csv):
+def test_unreadable_file(tmp_path, reviews_csv):
+    """In a process of its own: as root (CI containers) it runs without the capabilities that bypass file
+    permissions (setpriv), so a mode-000 file is unreadable there too."""
     path = tmp_path / "secret.csv"
     path.write_bytes(reviews_csv.read_bytes())
     path.chmod(0)
-    assert "permission denied" in cli("sweep", "--data-file", str(path), "--text-column", "review",
-                                      "--label-column", "sentiment")
+    work = tmp_path / "work"
+    work.mkdir()
+    before = state()
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    out = subprocess.run([*drop, sys.executable, "-m", "flows.cli", "sweep", "--data-file", str(path), "--text-column",
+                          "review", "--label-column", "sentiment"], cwd=work, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = [line for line in out.stderr.splitlines() if line.strip() and not PROGRESS.search(line)]
+    assert out.returncode == 2 and "Traceback" not in out.stderr and len(lines) == 1, out.stderr
+    assert "permission denied" in lines[0] and "chmod a+r" in lines[0], lines
+    assert state() == before and not list(work.iterdir())
 
 
 def test_a_file_that_changes_between_two_runs_is_read_again(prefect_server, tiny_backbone_dir, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import load_script, tiny_bert_config
+from helpers import tiny_bert_config
 from skeleton.benchmark import BenchmarkConfig, _peak_bytes, benchmark, count_macs, write_report
 from skeleton.model import AdapterConfig, PromptClassifier
 
@@ -206,7 +206,9 @@ def test_speedup_plot(tmp_path):
 
 @pytest.fixture(scope="module")
 def script():
-    return load_script("benchmark")
+    from flows.commands import benchmark
+
+    return benchmark
 
 
 TINY_GRID = ["--batch-sizes", "2", "--lengths", "8", "--repeats", "2", "--warmup", "1", "--budget", "0"]

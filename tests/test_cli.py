@@ -59,7 +59,8 @@ def test_help_imports_neither_torch_nor_prefect():
     loaded = run_fresh("""
         import contextlib, io, json, sys
         from flows.cli import main
-        for argv in (["--help"], ["sweep", "--help"], ["nightly", "run", "--help"], ["stack", "--help"]):
+        for argv in (["--help"], ["sweep", "--help"], ["nightly", "run", "--help"], ["stack", "--help"],
+                     ["list", "--help"], ["classify", "--help"], ["gc", "--help"]):
             with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
                 main(argv)
         print(json.dumps(sorted(m for m in ("torch", "prefect", "mlflow", "transformers") if m in sys.modules)))

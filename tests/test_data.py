@@ -1,5 +1,5 @@
 """Data loading: real built-in tasks (shape, stratification, no leaks, determinism) and every bad user file."""
-import gzip
+
 import importlib.util
 from pathlib import Path
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import load_script, run_fresh, sweep_args
+from helpers import run_fresh, sweep_args
 from skeleton.data import DataError
 
 
@@ -96,8 +96,8 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.params["method"] for c in children) == ["grad_x_act", "random"]
 
-    # scripts/benchmark.py --from-sweep finds this sweep's models through its results table.
-    script = load_script("benchmark")
+    # skeleton benchmark --from-sweep finds this sweep's models through its results table.
+    from flows.commands import benchmark as script
     found = script.from_mlflow("tracked", "random", [0.5])
     assert list(found) == ["full", "random p=0.5"] and all((p / "neurons.json").is_file() for p in found.values())
     # the full model's normalisation layers were tuned, so the skeleton's are its own too (not the backbone's)

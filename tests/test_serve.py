@@ -236,7 +236,7 @@ def test_duplicate_name_is_refused(server, expert_dirs):
 
 
 def run_cli(*args, stdin=None):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), *map(str, args)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "flows.commands.serve", *map(str, args)], cwd=ROOT,
                          input=stdin, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from experts import folder_probabilities, stage_expert
-from helpers import load_script
+from flows.commands import mlflow_serve
 
 TASKS = {"alpha": (2, 0.5), "beta": (3, 0.75), "gamma": (4, 0.5), "delta": (2, 0.0)}  # labels, rate (0: full model)
 
@@ -49,9 +49,9 @@ def experts(tiny_backbone_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(experts, tmp_path_factory):
-    """The multi-task model built by scripts/mlflow_serve.py from the folders, served by `mlflow models serve`."""
+    """The multi-task model built by `skeleton serve build` (flows/commands/mlflow_serve.py) from the folders, served by `mlflow models serve`."""
     model = tmp_path_factory.mktemp("multitask") / "model"
-    assert load_script("mlflow_serve").main(["build", "--out", str(model), *(f"{t}={f}" for t, f in experts.items())]) == 0
+    assert mlflow_serve.main(["build", "--out", str(model), *(f"{t}={f}" for t, f in experts.items())]) == 0
     port = free_port()
     log = open(model.parent / "serve.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager",
@@ -115,7 +115,7 @@ def test_built_from_registry_aliases(experts, tmp_path):
     from skeleton.prune import verify
     from tasks import nightly, tracking
 
-    client = tracking._client()
+    tracking._client()  # the test store
     parent = tracking.start_sweep_run.fn("serving", {"task": "many", "backbone": "tiny"})
     for i, (task, folder) in enumerate(experts.items()):
         record = {"seed": 0, "method": "grad_x_act", "rate": TASKS[task][1], "head_rate": 0.0, "accuracy": 0.5,
@@ -124,7 +124,7 @@ def test_built_from_registry_aliases(experts, tmp_path):
         assert nightly.promote_for_serving([{**record, "method": "full (prompt tuning)", "rate": 0.0}, record],
                                            record["rate"]) == 1
     model = tmp_path / "model"
-    assert load_script("mlflow_serve").main(["build", "--out", str(model), *(f"{t}=@production" for t in TASKS)]) == 0
+    assert mlflow_serve.main(["build", "--out", str(model), *(f"{t}=@production" for t in TASKS)]) == 0
     artifacts = Model.load(str(model)).flavors["python_function"]["artifacts"]
     for task, folder in experts.items():
         assert verify(model / artifacts[f"expert-{task}"]["path"]) == verify(folder)

@@ -1,4 +1,4 @@
-"""The local stack end to end: `scripts/stack.py up` (twice, after a crash, on a taken port), the nightly cron
+"""The local stack end to end: `skeleton stack up` (twice, after a crash, on a taken port), the nightly cron
 schedule, `prefect deployment run skeleton/full-sweep -p ...` run by the worker, its runs in the MLflow server,
 and `down` leaving no process behind. Free loopback ports, a temporary state folder; a few minutes."""
 import json
@@ -56,7 +56,7 @@ class Stack:
                     "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
 
     def run(self, command: str, state: Path | None = None) -> subprocess.CompletedProcess:
-        argv = [sys.executable, "scripts/stack.py", command, "--state", str(state or self.state),
+        argv = [sys.executable, "-m", "flows.commands.stack", command, "--state", str(state or self.state),
                 "--prefect-port", str(self.prefect_port), "--mlflow-port", str(self.mlflow_port)]
         return subprocess.run(argv, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=600)
 
@@ -122,6 +122,26 @@ def test_nightly_benchmark_is_scheduled_nightly_utc(stack):
     assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "UTC"
 
 
+def test_a_bad_parameter_fails_the_deployment_run_before_any_work(stack, tiny_backbone_dir, reviews_csv):
+    """`prefect deployment run -p` with a rate outside [0, 1): the flow run fails with the one-line message, before
+    any MLflow run or stage folder exists."""
+    env = {**stack.env, "PREFECT_API_URL": stack.api, "PREFECT_HOME": str(stack.state / "prefect")}
+    before = sorted(Path(stack.env["SKELETON_ARTIFACTS"]).rglob("*"))
+    run = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "skeleton/full-sweep", "-p",
+                          f"backbone={tiny_backbone_dir}", "-p", f"data_file={reviews_csv}", "-p", "rates=[0.5, 1.5]",
+                          "--watch", "--watch-timeout", "300"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=360)
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+    state = http(f"{stack.api}/flow_runs/{flow_run_id}")["state"]
+    assert run.returncode != 0 and state["type"] == "FAILED", run.stdout + run.stderr + stack.logs()
+    assert "pruning rate must be in [0, 1), got 1.5" in state["message"], state["message"]
+    experiments = http(f"{stack.mlflow}/api/2.0/mlflow/experiments/search", {"max_results": 100})
+    for experiment in experiments.get("experiments", []):
+        assert not http(f"{stack.mlflow}/api/2.0/mlflow/runs/search",
+                        {"experiment_ids": [experiment["experiment_id"]]}).get("runs"), experiment["name"]
+    assert sorted(Path(stack.env["SKELETON_ARTIFACTS"]).rglob("*")) == before
+
+
 def test_full_sweep_deployment_runs_and_is_tracked_in_mlflow(stack, tiny_backbone_dir, reviews_csv):
     params = {"backbone": str(tiny_backbone_dir), "data_file": str(reviews_csv), "text_column": "review",
               "label_column": "sentiment", "rates": "[0.5]", "methods": '["grad_x_act", "random"]',
@@ -164,8 +184,7 @@ def test_full_sweep_deployment_runs_and_is_tracked_in_mlflow(stack, tiny_backbon
 def test_promotion_by_alias_and_the_nightly_deployment_reading_it(stack):
     """`skeleton nightly promote --latest` registers the sweep's models with baseline aliases on the server; the
     nightly deployment reads them by alias, passes, and leaves its verdict in MLflow and as Prefect artifacts."""
-    if not hasattr(stack, "sweep_run"):
-        pytest.skip("needs the full-sweep deployment's run (test above)")
+    assert hasattr(stack, "sweep_run"), "needs the full-sweep deployment's run (the test above)"
     env = {**stack.env, "PREFECT_API_URL": stack.api, "PREFECT_HOME": str(stack.state / "prefect"),
            "MLFLOW_TRACKING_URI": stack.mlflow}
     promote = subprocess.run([sys.executable, "-m", "flows.cli", "nightly", "promote", "--latest"], cwd=ROOT, env=env,

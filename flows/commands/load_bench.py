@@ -29,8 +29,6 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 WORDS = "the film was a gripping and beautifully made story though its second half drags on without charm".split()
 
 
@@ -143,7 +141,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     import mlflow
 
-    from serve_bench import synthetic_experts
+    from flows.commands.serve_bench import synthetic_experts
     from tasks.mlflow_model import multitask_model, skeleton_model
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,10 +18,7 @@ import json
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
-from skeleton.record import read_meta, skeleton_name
-from skeleton.serve import find_skeletons
 
 
 @dataclass
@@ -33,6 +30,9 @@ class Entry:
 
 
 def folder_entries(paths: list[str]) -> list[Entry]:
+    from skeleton.record import read_meta, skeleton_name  # torch: only once the options are parsed
+    from skeleton.serve import find_skeletons
+
     found = []
     for folder in find_skeletons(paths):
         meta = read_meta(folder)
@@ -43,6 +43,8 @@ def folder_entries(paths: list[str]) -> list[Entry]:
 def mlflow_entries(tracking_uri: str, run_id: str | None, experiment: str | None) -> list[Entry]:
     """Child runs of sweeps (tag skeleton.kind=point), each with its skeleton logged as a model (skeleton.model_id)."""
     import mlflow
+
+    from skeleton.record import skeleton_name
 
     client = mlflow.MlflowClient(tracking_uri)
     if run_id:
@@ -81,7 +83,7 @@ def entries(args) -> list[Entry]:
     use_mlflow = args.mlflow or args.run
     paths = args.skeletons
     if paths is None and not use_mlflow:
-        from tasks.pipeline import artifacts_dir
+        from tasks.paths import artifacts_dir
 
         paths = [str(artifacts_dir() / "skeletons")]
     found = folder_entries(paths or [])

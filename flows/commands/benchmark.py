@@ -1,5 +1,5 @@
 """Latency of the full model against its skeletons, beside the arithmetic bound: no Prefect, no MLflow needed.
-`skeleton benchmark` runs it (flows/cli.py); `python scripts/benchmark.py` too.
+`skeleton benchmark` runs it (flows/cli.py); `python -m flows.commands.benchmark` too.
 
     skeleton benchmark                           # the latest sweep's skeletons, else demo skeletons
     skeleton benchmark --from-sweep --method grad_x_act --rates 0.5 0.65 0.8
@@ -21,21 +21,12 @@ import argparse
 import copy
 import datetime as dt
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # runnable from a plain checkout, without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-
-from tasks.report import main_full  # noqa: E402  (plain Python: no Prefect, no MLflow)
-
-
-def artifacts_dir() -> Path:
-    # The rule of tasks.pipeline.artifacts_dir, without importing Prefect.
-    return Path(os.environ.get("SKELETON_ARTIFACTS", ROOT / "artifacts")).resolve()
+from tasks.paths import artifacts_dir
+from tasks.report import main_full  # plain Python: no Prefect, no MLflow
 
 
 def from_mlflow(experiment: str, method: str, rates: list[float]) -> dict[str, Path] | None:
