@@ -126,7 +126,9 @@ def run_stage(name: str, stage: str, inputs: dict, compute: Callable[[Path], dic
     return record
 
 
-@task(name="prepare-data", **CACHED)
+# log_prints off: datasets fingerprints the tokenizing function with dill, which disassembles it into a captured
+# stdout; the flow's log_prints would send those bytecode listings to the sweep's logs instead.
+@task(name="prepare-data", log_prints=False, **CACHED)
 def prepare_data(task_name: str, backbone: str, max_length: int, seed: int, data_file: str | None = None,
                  text_column: str = "text", label_column: str = "label", data_file_hash: str | None = None) -> dict:
     from skeleton import stages

@@ -110,6 +110,7 @@ def test_sweep_command_runs_the_flow_with_the_options_given(tiny_backbone_dir, r
         argv += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "LOAD_FAST" not in out.stdout + out.stderr  # no bytecode listings (datasets' dill) in the sweep's logs
     client = mlflow.MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id], "tags.`skeleton.kind` = 'sweep'")
     assert run.info.status == "FINISHED"
