@@ -20,11 +20,10 @@ import dataclasses
 import importlib
 import os
 import sys
-from pathlib import Path
 
 from flows.config import NightlyConfig, SweepConfig, add_options, from_options
+from tasks.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 # What `make` exports, so `skeleton ...` behaves as `make sweep` does (an environment that sets them wins).
 ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
                "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.pipeline import BENCHMARK_BATCH_SIZE, artifacts_dir
+from tasks.paths import artifacts_dir
+from tasks.pipeline import BENCHMARK_BATCH_SIZE
 
 BASELINE_TAG = "skeleton.baseline"
 

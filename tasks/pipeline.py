@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-# Whatever else Prefect persists (a failed run's exception) is JSON too, not its default pickle.
+# Whatever Prefect persists without a serializer of its own is JSON too, not its default pickle.
 os.environ.setdefault("PREFECT_RESULTS_DEFAULT_SERIALIZER", "json")
 
 from prefect import task  # noqa: E402
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy  # noqa: E402
 from prefect.serializers import JSONSerializer  # noqa: E402
 
-from tasks.paths import ROOT, artifacts_dir, stage_folders  # noqa: E402,F401  (re-exported)
+from tasks.paths import artifacts_dir, stage_folders  # noqa: E402
 
 BENCHMARK_BATCH_SIZE = 32  # the sweep's headline speed-up (at max_length text tokens), and the nightly baseline's
 # The sweep's in-flow latency grid, at max_length text tokens: cheap. The full grid: `skeleton benchmark`.

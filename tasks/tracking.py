@@ -25,7 +25,7 @@ import mlflow
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 from prefect import task
 
-from tasks.pipeline import ROOT
+from tasks.paths import ROOT
 
 
 def tracking_uri() -> str:

@@ -83,7 +83,7 @@ def mlflow_runs() -> int:
 
 def state() -> tuple:
     """What work would leave behind: stage folders, and MLflow runs."""
-    from tasks.pipeline import artifacts_dir
+    from tasks.paths import artifacts_dir
 
     root = artifacts_dir()
     return sorted(str(p) for p in root.rglob("*")) if root.exists() else [], mlflow_runs()

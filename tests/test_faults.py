@@ -197,7 +197,7 @@ def test_result_records_are_json_and_a_tampered_one_is_refused(reference, tiny_b
     from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
     from prefect.serializers import PickleSerializer
 
-    from tasks.pipeline import stage_folders
+    from tasks.paths import stage_folders
 
     ours = stage_folders(reference.to_dict("records"))
     records = []

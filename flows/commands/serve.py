@@ -20,7 +20,6 @@ import tempfile
 from dataclasses import dataclass
 
 
-
 @dataclass
 class Entry:
     name: str

@@ -90,7 +90,8 @@ def rss_child(mode: str, backbone: str, folders: list[str]) -> None:
 
 
 def measure_rss(mode: str, backbone: str, folders: list[Path]) -> dict[str, int] | None:
-    argv = [sys.executable, "-m", "flows.commands.serve_bench", "--rss-child", mode, "--backbone", backbone, "--skeletons", *map(str, folders)]
+    argv = [sys.executable, "-m", "flows.commands.serve_bench", "--rss-child", mode, "--backbone", backbone,
+            "--skeletons", *map(str, folders)]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         print(f"RSS measurement ({mode}) failed:\n{out.stderr[-2000:]}", file=sys.stderr)

@@ -24,7 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tasks.paths import ROOT
+
 POOL = "skeleton-pool"
 SERVICES = ("prefect-server", "mlflow", "worker")  # stopped in reverse order: the worker first
 TOKEN = {"prefect-server": "prefect", "worker": "prefect", "mlflow": "mlflow"}  # expected in the command line
