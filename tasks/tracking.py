@@ -149,9 +149,9 @@ def stored_model(client: mlflow.MlflowClient, experiment_id: str, folder: str | 
     return ready[0].model_id if ready else None
 
 
-def log_model(run_id: str, folder: str | Path, name: str, metrics: dict[str, float], tags: dict[str, str]) -> str:
-    """The folder as a LoggedModel produced by run `run_id`, with `metrics` linked to it (and to the run). A folder
-    whose content is already stored is not uploaded again: the run refers to that model (a run output)."""
+def store_model(run_id: str, folder: str | Path, name: str, tags: dict[str, str]) -> str:
+    """The folder as a LoggedModel produced by run `run_id`. A folder whose content is already stored is not
+    uploaded again: the run refers to that model (a run output)."""
     from skeleton.io import file_sha256
     from skeleton.prune import MANIFEST
     from tasks.mlflow_model import skeleton_model
@@ -167,11 +167,15 @@ def log_model(run_id: str, folder: str | Path, name: str, metrics: dict[str, flo
         model_id = info.model_id
     else:
         client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0, model_id=model_id)
-                                      for key, value in metrics.items()])
-    client.set_tag(run_id, "skeleton.model_id", model_id)
     return model_id
+
+
+def link_metrics(run_id: str, model_id: str, metrics: dict[str, float]) -> None:
+    """`metrics` on run `run_id`, linked to model `model_id`. Log them after every model of the run is stored:
+    MLflow's log_model links the run's step-0 metrics logged so far to the model it creates."""
+    now = int(time.time() * 1000)
+    _client().log_batch(run_id, metrics=[Metric(key, float(value), now, 0, model_id=model_id)
+                                         for key, value in metrics.items()])
 
 
 @task(name="log-sweep-point", retries=2, retry_delay_seconds=2)
@@ -209,7 +213,9 @@ def log_point(parent_run_id: str, row: dict, benchmark_rows: list[dict] = ()) ->
     # LoggedModel names allow no dots: rates in percent, e.g. grad_x_act-p65-h25 (a joint budget's 87.5: p87_5)
     model_name = (("prefix-" if row.get("prompt") == "prefix" else "") + f"{row['method']}-p{row['rate'] * 100:.4g}"
                   + (f"-h{row['head_rate'] * 100:.4g}" if row["head_rate"] else "")).replace(".", "_")
-    log_model(run_id, row["path"], model_name, metrics, tags)
+    model_id = store_model(run_id, row["path"], model_name, tags)
+    link_metrics(run_id, model_id, metrics)
+    client.set_tag(run_id, "skeleton.model_id", model_id)
     client.set_terminated(run_id)
     return run_id
 
@@ -284,6 +290,7 @@ def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict
         for method, path in by_method.items():
             client.log_artifact(parent_run_id, path, f"attribution/seed{seed}/{method}")
     task_name = client.get_run(parent_run_id).data.params.get("task", "")
+    linked = []  # (model id, metrics): linked once all models are stored, so each model gets only its own
     for method, model_name in ((FULL, "full"), (FULL_PREFIX, "prefix-full"), (FINETUNED, "finetuned")):
         model = next((r for r in records if r["method"] == method), None)  # the first seed's
         if model is None:
@@ -292,8 +299,13 @@ def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict
                                                  "bound_vs_input", "val_accuracy")
                    if model.get(k) is not None and model[k] == model[k]}
         metrics.update(rate=0.0, head_rate=0.0, size_mb=folder_bytes(model["path"]) / 2**20)
-        log_model(parent_run_id, model["path"], model_name, metrics,
-                  {"skeleton.kind": "full", "skeleton.method": method, "skeleton.rate": "0.0",
-                   "skeleton.prompt": str(model.get("prompt") or "none"), "skeleton.task": task_name})
+        model_id = store_model(parent_run_id, model["path"], model_name,
+                               {"skeleton.kind": "full", "skeleton.method": method, "skeleton.rate": "0.0",
+                                "skeleton.prompt": str(model.get("prompt") or "none"), "skeleton.task": task_name})
+        linked.append((model_id, metrics))
+        if method == FULL:
+            client.set_tag(parent_run_id, "skeleton.model_id", model_id)  # the sweep's model: the full one
+    for model_id, metrics in linked:
+        link_metrics(parent_run_id, model_id, metrics)
     close_killed_attempts(client, parent_run_id)
     client.set_terminated(parent_run_id)

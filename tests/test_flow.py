@@ -299,3 +299,8 @@ def test_sweep_compares_prompt_methods_beside_a_finetuned_reference(prefect_serv
     models = {m.name: m for m in client.search_logged_models([experiment.experiment_id])}
     assert set(models) == {"full", "prefix-full", "finetuned", "prefix-grad_x_act-p50"}
     assert models["prefix-full"].metrics and models["prefix-full"].tags["skeleton.prompt"] == "prefix"
+    # Each reference model carries its own row's figures, not another model's logged from the same run.
+    for name, row in (("full", full), ("prefix-full", prefix), ("finetuned", tuned)):
+        for key in ("speedup_vs_input", "parameters"):
+            linked = [m.value for m in models[name].metrics if m.key == key]
+            assert linked == pytest.approx([row[key]]), (name, key)
