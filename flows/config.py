@@ -64,6 +64,7 @@ class SweepConfig:
                             "hardware, e.g. AVX512-BF16: ~1.7x faster steps; fp32 elsewhere, where bf16 is emulated "
                             "and 30x slower); evaluation and exports are always float32")
     attribution_examples: int | None = option(None, "training examples to score neurons on", family=True)
+    benchmark_repeats: int = option(20, "timed rounds per model in the latency benchmark (more: steadier speed-ups)")
     seeds: list[int] = option([0], "training seeds; with several the table shows mean and spread")
     data_file: str | None = option(None, "your own CSV / JSONL / Parquet file instead of --task")
     text_column: str = option("text", "text column of --data-file")
@@ -88,7 +89,7 @@ class SweepConfig:
             check_prompt_method(name)
         if not self.seeds:
             raise ValueError("seeds must name at least one seed, e.g. [0] or [0, 1, 2]")
-        for name in ("train_evals", "retune_evals", "prompt_length", "max_length"):
+        for name in ("train_evals", "retune_evals", "prompt_length", "max_length", "benchmark_repeats"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 

@@ -107,7 +107,7 @@ def full_sweep(**parameters) -> list[dict]:
                           f"(p={b['rate']:.3f} h={b['head_rate']:.3f}) accuracy {result['accuracy']:.4f}")
                     prefect_ui.point_finished(progress, len(rows), total)
 
-        bench, measured_as = _benchmark(rows, fulls, finetuned, config.max_length)
+        bench, measured_as = _benchmark(rows, fulls, finetuned, config.max_length, config.benchmark_repeats)
         table = results_table(rows, fulls, probes, finetuned)
         records = [{**record, "data": data["path"]} for record in table.to_dict("records")]
         logged = [tracking.log_point.submit(run_id, row, [b for b in bench["rows"]
@@ -127,7 +127,8 @@ def full_sweep(**parameters) -> list[dict]:
     return records
 
 
-def _benchmark(rows: list[dict], fulls: dict, finetuned: dict, max_length: int) -> tuple[dict, dict[str, str]]:
+def _benchmark(rows: list[dict], fulls: dict, finetuned: dict, max_length: int,
+               repeats: int) -> tuple[dict, dict[str, str]]:
     """Latency of each distinct model shape against the input-prompt full model (the paper's baseline) and against
     each prompt method's full model, in a fresh process; seeds and methods that cut the same widths and heads share
     one measurement. Sets on every row `speedup` / `speedup_bound` / `bound_ratio`
@@ -146,7 +147,7 @@ def _benchmark(rows: list[dict], fulls: dict, finetuned: dict, max_length: int) 
     for row, shape in shaped:
         measured_as[row["path"]] = first.setdefault(shape, row["path"])
     measured = [path for path in first.values() if path != reference]
-    bench = pipeline.benchmark(reference, measured, pipeline.BENCHMARK_BATCH_SIZES, [max_length], repeats=20,
+    bench = pipeline.benchmark(reference, measured, pipeline.BENCHMARK_BATCH_SIZES, [max_length], repeats,
                                baselines=[path for path in own.values() if path != reference])
     headline = at(bench, pipeline.BENCHMARK_BATCH_SIZE, max_length)
     for row, _ in shaped:

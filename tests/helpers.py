@@ -110,7 +110,7 @@ def tiny_llama_config(**overrides):
 TINY_SWEEP = {"text_column": "review", "label_column": "sentiment", "rates": [0.5], "methods": ["grad_x_act", "random"],
               "prompt_methods": ["input"],
               "prompt_length": 4, "max_length": 24, "train_steps": 6, "retune_steps": 4, "attribution_examples": 16,
-              "distill": 0.5, "experiment": "test-sweep"}
+              "distill": 0.5, "benchmark_repeats": 5, "experiment": "test-sweep"}
 
 
 def sweep_args(backbone, data_file, /, **overrides) -> dict:
@@ -126,8 +126,8 @@ def sweep_args(backbone, data_file, /, **overrides) -> dict:
     return args
 
 
-def run_fresh(code: str) -> dict:
-    """Run `code` in a fresh Python process (nothing imported, nothing registered); it prints a JSON object last,
+def run_fresh(code: str):
+    """Run `code` in a fresh Python process (nothing imported, nothing registered); it prints a JSON value last,
     which is returned. A failing process fails the test with its stderr."""
     import json
     import subprocess

@@ -74,6 +74,7 @@ def test_help_imports_neither_torch_nor_prefect():
     (["sweep", "--backbone", "/no/such/folder"], "unknown backbone '/no/such/folder'"),
     (["sweep", "--precision", "fp16"], "precision must be one of fp32, bf16, auto, got 'fp16'"),
     (["sweep", "--seeds", "0", "--train-evals", "0"], "train_evals must be at least 1, got 0"),
+    (["sweep", "--benchmark-repeats", "0"], "benchmark_repeats must be at least 1, got 0"),
     (["nightly", "run", "--speedup-drop", "1.5"], "thresholds must be in [0, 1)"),
     (["nightly", "promote", "--latest", "--experiment", "no-such-experiment"], "no finished sweep in MLflow"),
     (["verify", "/no/such/results.parquet"], "/no/such/results.parquet: no such file"),
@@ -97,10 +98,11 @@ def test_usage_errors_stay_argparse_errors(capsys):
     assert code == 2 and "argument --rates: invalid float value: 'half'" in err and "Traceback" not in err
 
 
-def test_sweep_command_runs_the_flow_with_the_options_given(tiny_backbone_dir, reviews_csv):
-    """The installed `skeleton sweep` with the tests' tiny sweep as options (its own ephemeral Prefect server): the
-    flow runs, MLflow records what was given and the family defaults of what was not."""
+def test_sweep_command_runs_the_flow_with_the_options_given(prefect_server, tiny_backbone_dir, reviews_csv):
+    """The installed `skeleton sweep` with the tests' tiny sweep as options (on the session's Prefect server, as
+    with PREFECT_API_URL set): the flow runs, MLflow records what was given and the family defaults of what was not."""
     import mlflow
+    from prefect.settings import PREFECT_API_URL
 
     from helpers import sweep_args
     from skeleton.backbones import FAMILIES
@@ -108,7 +110,8 @@ def test_sweep_command_runs_the_flow_with_the_options_given(tiny_backbone_dir, r
     argv = [str(Path(sys.executable).with_name("skeleton")), "sweep"]
     for name, value in sweep_args(tiny_backbone_dir, reviews_csv, methods=["random"], experiment="cli").items():
         argv += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LOAD_FAST" not in out.stdout + out.stderr  # no bytecode listings (datasets' dill) in the sweep's logs
     client = mlflow.MlflowClient()
@@ -116,3 +119,7 @@ def test_sweep_command_runs_the_flow_with_the_options_given(tiny_backbone_dir, r
     assert run.info.status == "FINISHED"
     assert (run.data.params["train_steps"], run.data.params["methods"]) == ("6", "['random']")
     assert run.data.params["retune_evals"] == str(FAMILIES["bert"].sweep_defaults["retune_evals"])
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:  # the flow run is on the server the command was pointed at
+        assert any(r.parameters.get("experiment") == "cli" and r.state.is_completed() for r in prefect.read_flow_runs())

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import run_fresh, sweep_args
+from helpers import TINY_SWEEP, run_fresh, sweep_args
 from skeleton.data import DataError
 
 
@@ -39,21 +39,23 @@ def test_sweep_end_to_end_then_cached(prefect_server, tiny_backbone_dir, reviews
     assert (points["parameters"] < table.iloc[0]["parameters"]).all()
 
     # Every exported skeleton reloads in a fresh process with the logits it was evaluated with.
-    for row in table.iloc[[0, 2, 3]].itertuples():
-        result = run_fresh(f"""
-            import json
-            from safetensors.torch import load_file
-            from skeleton.prune import load_skeleton
-            from skeleton.stages import load_data
-            from skeleton.train import predict
-            model, _, _ = load_skeleton({row.path!r})
-            dsd, info = load_data({row.data!r})
-            logits = predict(model, dsd["test"], info["pad_id"])
-            diff = (logits - load_file({row.logits!r})["logits"]).abs().max().item()
-            print(json.dumps({{"diff": diff, "params": model.num_parameters()}}))
-        """)
-        assert result["diff"] <= 1e-5
-        assert result["params"] == row.parameters
+    exported = [(row.path, row.data, row.logits) for row in table.iloc[[0, 2, 3]].itertuples()]
+    result = run_fresh(f"""
+        import json
+        from safetensors.torch import load_file
+        from skeleton.prune import load_skeleton
+        from skeleton.stages import load_data
+        from skeleton.train import predict
+        found = []
+        for path, data, logits in {exported!r}:
+            model, _, _ = load_skeleton(path)
+            dsd, info = load_data(data)
+            diff = (predict(model, dsd["test"], info["pad_id"]) - load_file(logits)["logits"]).abs().max().item()
+            found.append({{"diff": diff, "params": model.num_parameters()}})
+        print(json.dumps(found))
+    """)
+    assert [r["diff"] <= 1e-5 for r in result] == [True] * 3
+    assert [r["params"] for r in result] == list(table.iloc[[0, 2, 3]]["parameters"])
 
     again = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, retune_norms=True), return_state=True)
     states = dict(task_states(again.state_details.flow_run_id))
@@ -92,6 +94,8 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
             "speedup_vs_rate.png"} <= parent_files
     report = {f.path for f in client.list_artifacts(parent.info.run_id, "benchmark")}
     assert report == {"benchmark/benchmark.md", "benchmark/benchmark.csv", "benchmark/benchmark.json"}
+    measured = json.loads(Path(client.download_artifacts(parent.info.run_id, "benchmark/benchmark.json")).read_text())
+    assert {r["repeats"] for r in measured["rows"]} == {TINY_SWEEP["benchmark_repeats"]}  # the sweep's parameter
     assert parent.data.params["benchmark_threads"].isdigit() and "full_latency_ms_b32_t24" in parent.data.metrics
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.params["method"] for c in children) == ["grad_x_act", "random"]
@@ -144,19 +148,17 @@ def test_bad_input_fails_before_training(prefect_server, tiny_backbone_dir, revi
 def test_sweep_on_local_dask_cluster_matches_default_runner(prefect_server, tiny_backbone_dir, reviews_csv, tmp_path):
     from flows.sweep import dask_runner, full_sweep
 
-    # A copy of the data file under another path: same data, fresh cache keys, so both runs really compute.
-    copies = []
-    for name in ("threads", "dask"):
-        (tmp_path / name).mkdir()
-        copies.append(tmp_path / name / reviews_csv.name)
-        copies[-1].write_bytes(reviews_csv.read_bytes())
-    args = dict(rates=[0.5, 0.75], experiment="dask")
-    default = pd.DataFrame(full_sweep(**sweep_args(tiny_backbone_dir, copies[0], **args)))
+    # The default runner's sweep of the end-to-end test (cached when it ran first); the Dask one on a copy of the
+    # data file under another path: same data, fresh cache keys, so it really computes.
+    copy = tmp_path / reviews_csv.name
+    copy.write_bytes(reviews_csv.read_bytes())
+    args = dict(rates=[0.5, 0.75], retune_norms=True, experiment="dask")
+    default = pd.DataFrame(full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, **args)))
     on_dask = pd.DataFrame(full_sweep.with_options(task_runner=dask_runner("local:2"))(
-        **sweep_args(tiny_backbone_dir, copies[1], **args)))
+        **sweep_args(tiny_backbone_dir, copy, **args)))
     same = ["method", "rate", "kept_width", "accuracy", "macro_f1", "parameters", "val_accuracy"]
     pd.testing.assert_frame_equal(default[same], on_dask[same])
-    assert set(default["path"].dropna()).isdisjoint(on_dask["path"].dropna())  # computed twice, not cached
+    assert set(default["path"].dropna()).isdisjoint(on_dask["path"].dropna())  # the Dask sweep computed its own
 
     # Child runs logged from the Dask workers nest under their sweep's parent run.
     import mlflow

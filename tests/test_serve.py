@@ -2,7 +2,6 @@
 import copy
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from skeleton.model import AdapterConfig, PromptClassifier
 from skeleton.prune import ArtifactError, export_skeleton, load_skeleton, mask_ffn, select, slice_ffn
 from skeleton.serve import ExpertMismatchError, SkeletonServer
 
-ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 12  # short enough that the long text below is truncated
 TEXTS = ["a gripping, beautifully made film", "dull", "it was fine, I suppose, though the second half drags on "
          "and on and on without any of the charm of the first", "the worst plot ever", "moving", "sharp and funny"]
@@ -235,11 +233,18 @@ def test_duplicate_name_is_refused(server, expert_dirs):
         server.add(expert_dirs["sst-random-p0.0"])
 
 
-def run_cli(*args, stdin=None):
-    out = subprocess.run([sys.executable, "-m", "flows.commands.serve", *map(str, args)], cwd=ROOT,
-                         input=stdin, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+def run_cli(*args, stdin=None) -> str:
+    """The stdout of `skeleton list|classify ARGS`, in this process (the console script calls the same main)."""
+    import contextlib
+    import io
+
+    from flows.commands.serve import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "stdin", io.StringIO(stdin or ""))
+        assert main([str(arg) for arg in args]) == 0
+    return out.getvalue()
 
 
 def test_cli_list_and_classify(server, expert_dirs, backbone_dir):
