@@ -12,7 +12,7 @@ from flows.cli import main
 from helpers import run_fresh
 
 HELP = [["sweep"], ["nightly"], ["nightly", "run"], ["nightly", "promote"], ["benchmark"], ["list"], ["classify"],
-        ["serve"], ["serve", "build"], ["serve", "promote"], ["serve-bench"], ["load-bench"], ["stack"], ["verify"]]
+        ["serve"], ["serve", "build"], ["serve", "promote"], ["serve-bench"], ["load-bench"], ["stack"], ["verify"], ["gc"]]
 
 
 def skeleton(capsys, *argv: str) -> tuple[int, str, str]:
