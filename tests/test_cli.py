@@ -102,6 +102,7 @@ def test_sweep_command_runs_the_flow_with_the_options_given(prefect_server, tiny
     """The installed `skeleton sweep` with the tests' tiny sweep as options (on the session's Prefect server, as
     with PREFECT_API_URL set): the flow runs, MLflow records what was given and the family defaults of what was not."""
     import mlflow
+    from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
     from helpers import sweep_args
@@ -119,7 +120,5 @@ def test_sweep_command_runs_the_flow_with_the_options_given(prefect_server, tiny
     assert run.info.status == "FINISHED"
     assert (run.data.params["train_steps"], run.data.params["methods"]) == ("6", "['random']")
     assert run.data.params["retune_evals"] == str(FAMILIES["bert"].sweep_defaults["retune_evals"])
-    from prefect.client.orchestration import get_client
-
     with get_client(sync_client=True) as prefect:  # the flow run is on the server the command was pointed at
         assert any(r.parameters.get("experiment") == "cli" and r.state.is_completed() for r in prefect.read_flow_runs())
