@@ -137,3 +137,26 @@ def run_fresh(code: str):
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
     assert out.returncode == 0, f"the fresh process failed:\n{out.stderr[-3000:]}"
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_skeleton(capsys, *argv, stdin: str = "") -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `skeleton ARGV` in this process (flows.cli.main, what the console script
+    calls), reading `stdin`; the environment defaults it sets are undone after."""
+    import io
+    import os
+    import sys
+
+    import pytest
+
+    from flows.cli import main
+
+    saved = dict(os.environ)
+    try:
+        with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit:
+            patch.setattr(sys, "stdin", io.StringIO(stdin))
+            main([str(arg) for arg in argv])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    out = capsys.readouterr()
+    return exit.value.code, out.out, out.err

@@ -10,22 +10,11 @@ import pytest
 
 from flows.cli import main
 from helpers import run_fresh
+from helpers import run_skeleton as skeleton
 
 HELP = [["sweep"], ["nightly"], ["nightly", "run"], ["nightly", "promote"], ["benchmark"], ["list"], ["classify"],
-        ["serve"], ["serve", "build"], ["serve", "promote"], ["serve-bench"], ["load-bench"], ["stack"], ["verify"], ["gc"]]
-
-
-def skeleton(capsys, *argv: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `skeleton ARGV`; the environment defaults it sets are undone after."""
-    saved = dict(os.environ)
-    try:
-        with pytest.raises(SystemExit) as exit:
-            main(list(argv))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    out = capsys.readouterr()
-    return exit.value.code, out.out, out.err
+        ["serve"], ["serve", "build"], ["serve", "promote"], ["serve-bench"], ["load-bench"], ["stack"], ["verify"],
+        ["gc"]]
 
 
 def test_the_command_is_installed_and_lists_every_subcommand():

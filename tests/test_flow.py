@@ -39,7 +39,8 @@ def test_sweep_end_to_end_then_cached(prefect_server, tiny_backbone_dir, reviews
     assert (points["parameters"] < table.iloc[0]["parameters"]).all()
 
     # Every exported skeleton reloads in a fresh process with the logits it was evaluated with.
-    exported = [(row.path, row.data, row.logits) for row in table.iloc[[0, 2, 3]].itertuples()]
+    exports = table.iloc[[0, 2, 3]]  # the full model and the two skeletons (the linear probe exports none)
+    files = list(zip(exports["path"], exports["data"], exports["logits"]))
     result = run_fresh(f"""
         import json
         from safetensors.torch import load_file
@@ -47,7 +48,7 @@ def test_sweep_end_to_end_then_cached(prefect_server, tiny_backbone_dir, reviews
         from skeleton.stages import load_data
         from skeleton.train import predict
         found = []
-        for path, data, logits in {exported!r}:
+        for path, data, logits in {files!r}:
             model, _, _ = load_skeleton(path)
             dsd, info = load_data(data)
             diff = (predict(model, dsd["test"], info["pad_id"]) - load_file(logits)["logits"]).abs().max().item()
@@ -55,7 +56,7 @@ def test_sweep_end_to_end_then_cached(prefect_server, tiny_backbone_dir, reviews
         print(json.dumps(found))
     """)
     assert [r["diff"] <= 1e-5 for r in result] == [True] * 3
-    assert [r["params"] for r in result] == list(table.iloc[[0, 2, 3]]["parameters"])
+    assert [r["params"] for r in result] == list(exports["parameters"])
 
     again = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, retune_norms=True), return_state=True)
     states = dict(task_states(again.state_details.flow_run_id))

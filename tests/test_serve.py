@@ -2,7 +2,6 @@
 import copy
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import helpers
@@ -233,38 +232,33 @@ def test_duplicate_name_is_refused(server, expert_dirs):
         server.add(expert_dirs["sst-random-p0.0"])
 
 
-def run_cli(*args, stdin=None) -> str:
-    """The stdout of `skeleton list|classify ARGS`, in this process (the console script calls the same main)."""
-    import contextlib
-    import io
-
-    from flows.commands.serve import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "stdin", io.StringIO(stdin or ""))
-        assert main([str(arg) for arg in args]) == 0
-    return out.getvalue()
+def run_cli(capsys, *args, stdin: str = "") -> str:
+    """The stdout of `skeleton list|classify ARGS`, which must succeed."""
+    code, out, err = helpers.run_skeleton(capsys, *args, stdin=stdin)
+    assert code == 0, err[-3000:]
+    return out
 
 
-def test_cli_list_and_classify(server, expert_dirs, backbone_dir):
+def test_cli_list_and_classify(capsys, server, expert_dirs, backbone_dir):
     root = expert_dirs["sst-random-p0.0"].parent
-    listing = run_cli("list", "--skeletons", root)
+    listing = run_cli(capsys, "list", "--skeletons", root)
     for name, folder in expert_dirs.items():
         assert any(line.startswith(name) and line.endswith(str(folder)) for line in listing.splitlines()), listing
-    out = run_cli("classify", "--skeletons", root, "--backbone", backbone_dir, "--task", "news", "--json", *TEXTS[:2])
+    out = run_cli(capsys, "classify", "--skeletons", root, "--backbone", backbone_dir, "--task", "news", "--json",
+                  *TEXTS[:2])
     expected = server.classify("news-random-p0.5", TEXTS[:2])
     got = [json.loads(line) for line in out.splitlines()]
     assert [g["label"] for g in got] == [p.label for p in expected]
     for g, p in zip(got, expected):
         assert g["probabilities"] == pytest.approx(p.probabilities, abs=1e-6)
-    plain = run_cli("classify", "--skeletons", root, "--backbone", backbone_dir, "--task", "topic-random-p0.8",
+    plain = run_cli(capsys, "classify", "--skeletons", root, "--backbone", backbone_dir, "--task", "topic-random-p0.8",
                     stdin="\n".join(TEXTS) + "\n")
     expected = [p.label for p in server.classify("topic-random-p0.8", TEXTS)]
     assert [line.split("\t")[0] for line in plain.splitlines()] == expected
 
 
-def test_cli_lists_and_serves_experts_logged_to_mlflow(server, expert_dirs, backbone_dir):
+def test_cli_lists_and_serves_experts_logged_to_mlflow(capsys, server, expert_dirs,
+                                                       backbone_dir):
     import mlflow
 
     from tasks import tracking
@@ -272,11 +266,11 @@ def test_cli_lists_and_serves_experts_logged_to_mlflow(server, expert_dirs, back
     parent = tracking.start_sweep_run.fn("test-serve", {"task": "news", "backbone": str(backbone_dir)})
     point = tracking.log_point.fn(parent, {"seed": 0, "method": "random", "rate": 0.5, "head_rate": 0.0, "kept_width": 32,
                                            "path": str(expert_dirs["news-random-p0.5"]), "val_accuracy": 0.5})
-    listing = run_cli("list", "--run", parent)
+    listing = run_cli(capsys, "list", "--run", parent)
     model_id = mlflow.MlflowClient().get_run(point).data.tags["skeleton.model_id"]
     assert "news-random-p0.5" in listing and f"models:/{model_id}" in listing, listing
-    assert "news-random-p0.5" in run_cli("list", "--mlflow", "--experiment", "test-serve")
-    out = run_cli("classify", "--run", point, "--task", "news-random-p0.5", "--json", TEXTS[0])
+    assert "news-random-p0.5" in run_cli(capsys, "list", "--mlflow", "--experiment", "test-serve")
+    out = run_cli(capsys, "classify", "--run", point, "--task", "news-random-p0.5", "--json", TEXTS[0])
     assert json.loads(out)["label"] == server.classify("news-random-p0.5", TEXTS[:1])[0].label
 
 
