@@ -3,8 +3,9 @@
     skeleton sweep [--task T] [--backbone B] ...   the sweep flow; its options are flows.config.SweepConfig's fields
     skeleton benchmark [--demo | --skeletons DIR ...]   latency of skeletons vs the full model (flows/commands/benchmark.py)
     skeleton list | classify --task NAME TEXT ...  the exported task experts, and classifying with one
-    skeleton serve build | promote                 the REST server: the multi-task MLflow model (flows/commands/mlflow_serve.py)
-    skeleton serve-bench | load-bench              serving's memory and latency; REST throughput under load
+    skeleton serve TASK=SOURCE ...                 the REST server: task experts on one backbone (flows/commands/serve.py)
+    skeleton promote --latest --rate R             a sweep's skeleton -> its task's registered model @production
+    skeleton serve-bench | load-bench              serving's memory; REST throughput under load, skeleton vs full
     skeleton stack up | down | status              the local Prefect + MLflow stack (flows/commands/stack.py)
     skeleton nightly run | promote                 the nightly benchmark regression and its baseline (flows/nightly.py)
     skeleton verify RESULTS.parquet                every exported model reloads with its logits (flows/commands/verify_exports.py)
@@ -31,12 +32,12 @@ ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", 
 # Commands that parse their own options: a module with main(argv, prog) -> exit code (flows/commands/, tasks/gc.py).
 COMMANDS = {
     "benchmark": ("flows.commands.benchmark", None, "latency of the full model against its skeletons, beside the arithmetic bound"),
-    "list": ("flows.commands.serve", "list", "list the task experts available (exported folders or MLflow)"),
-    "classify": ("flows.commands.serve", "classify", "classify texts with one task expert on its backbone"),
-    "serve-bench": ("flows.commands.serve_bench", None, "memory and latency of one backbone + N experts vs N separate skeletons"),
-    "serve": ("flows.commands.mlflow_serve", None, "REST serving: build the multi-task MLflow model for `mlflow models serve`, or "
-              "promote a skeleton to @production"),
-    "load-bench": ("flows.commands.load_bench", None, "REST load test: the multi-task server against per-task servers and the full model"),
+    "list": ("flows.commands.experts", "list", "list the task experts available (exported folders or MLflow)"),
+    "classify": ("flows.commands.experts", "classify", "classify texts with one task expert on its backbone"),
+    "serve-bench": ("flows.commands.serve_bench", None, "memory of one backbone + N experts vs N separate skeletons"),
+    "serve": ("flows.commands.serve", None, "REST serving of task experts on one backbone, with dynamic batching"),
+    "promote": ("flows.commands.promote", None, "register a sweep's skeleton under an alias (@production) for serving"),
+    "load-bench": ("flows.commands.load_bench", None, "REST load test: the skeleton server against the full model's, same code"),
     "stack": ("flows.commands.stack", None, "start, stop or inspect the local Prefect + MLflow stack (up | down | status)"),
     "verify": ("flows.commands.verify_exports", None, "check that a sweep's exported models reload with their test logits"),
     "gc": ("tasks.gc", None, "list (--delete: remove) the artifacts no MLflow run, logged model or baseline refers to"),
@@ -102,7 +103,7 @@ def nightly(args) -> int:
 def dispatch(args) -> int:
     if args.command in COMMANDS:
         module, first, _ = COMMANDS[args.command]
-        # A module with subcommands of its own (serve: list, classify) names them itself.
+        # A module with subcommands of its own (experts: list, classify) names them itself.
         argv, prog = ([first, *args.args], "skeleton") if first else (args.args, f"skeleton {args.command}")
         return importlib.import_module(module).main(argv, prog=prog) or 0
     return {"sweep": sweep, "nightly": nightly}[args.command](args)

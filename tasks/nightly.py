@@ -6,7 +6,7 @@ already a LoggedModel) as versions of the task's registered model (skeleton-<tas
 and speed-up per rate, batch size, length) and the test data (logged once, to a promotion run) are recorded on the
 registered model (tag skeleton.baseline). The nightly run reads its models by alias, so a new sweep changes
 nothing it measures; only an explicit promotion (or moving an alias) does. `production` is the alias serving
-reads (tasks.mlflow_model.expert_folder, flows/commands/mlflow_serve.py).
+reads (`skeleton serve TASK=@production`: flows/commands/serve.py).
 
     <artifacts>/nightly/cache/        models and data downloaded from MLflow (by model id / run id)
     <artifacts>/nightly/history.parquet   one row per (night, rate)

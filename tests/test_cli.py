@@ -13,8 +13,7 @@ from helpers import run_fresh
 from helpers import run_skeleton as skeleton
 
 HELP = [["sweep"], ["nightly"], ["nightly", "run"], ["nightly", "promote"], ["benchmark"], ["list"], ["classify"],
-        ["serve"], ["serve", "build"], ["serve", "promote"], ["serve-bench"], ["load-bench"], ["stack"], ["verify"],
-        ["gc"]]
+        ["serve"], ["promote"], ["serve-bench"], ["load-bench"], ["stack"], ["verify"], ["gc"]]
 
 
 def test_the_command_is_installed_and_lists_every_subcommand():
@@ -29,7 +28,7 @@ def test_the_command_is_installed_and_lists_every_subcommand():
 def test_every_subcommand_answers_help(capsys, argv):
     code, out, err = skeleton(capsys, *argv, "--help")
     assert code == 0, err
-    # serve.py names its own subcommands (list, classify) after the prog "skeleton"
+    # experts.py names its own subcommands (list, classify) after the prog "skeleton"
     assert out.startswith(f"usage: skeleton {' '.join(argv)}"), out[:200]
 
 

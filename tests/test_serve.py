@@ -12,7 +12,7 @@ from skeleton import prune
 from skeleton.backbones import family_of, load_backbone
 from skeleton.model import AdapterConfig, PromptClassifier
 from skeleton.prune import ArtifactError, export_skeleton, load_skeleton, mask_ffn, select, slice_ffn
-from skeleton.serve import ExpertMismatchError, SkeletonServer
+from skeleton.serve import ExpertMismatchError, SkeletonServer, held_bytes
 
 MAX_LENGTH = 12  # short enough that the long text below is truncated
 TEXTS = ["a gripping, beautifully made film", "dull", "it was fine, I suppose, though the second half drags on "
@@ -89,15 +89,37 @@ def test_outputs_equal_exported_skeletons(server, expert_dirs):
         assert got.shape == expected.shape
         assert (got - expected).abs().max().item() <= 1e-5, name
         if server.experts[name].meta["rate"] > 0:  # and the expert's network is not the full one
+            full = PromptClassifier.from_adapter(server.backbone, Path(folder) / "adapter").eval()
             with torch.no_grad():
-                unplugged = server.experts[name].model(*server.encode(name, TEXTS)).cpu()
-            assert (unplugged - expected).abs().max().item() > 1e-3, name
+                on_full = full(*server.encode(name, TEXTS))
+            assert (on_full - expected).abs().max().item() > 1e-3, name
         predictions = server.classify(name, TEXTS)
         labels = server.experts[name].labels
         assert [p.label for p in predictions] == [labels[i] for i in expected.argmax(-1).tolist()]
         probs = torch.tensor([list(p.probabilities.values()) for p in predictions])
         torch.testing.assert_close(probs, torch.softmax(expected, -1), rtol=0, atol=1e-5)
-    assert server.active is None
+
+
+def test_batched_answers_equal_one_by_one(server):
+    """Texts of different lengths padded into one batch answer as each text alone (no padding) does."""
+    for name in server.names:
+        alone = torch.cat([server.logits(name, [text]) for text in TEXTS])
+        for batch_size in (2, len(TEXTS)):
+            torch.testing.assert_close(server.logits(name, TEXTS, batch_size), alone, rtol=0, atol=1e-5)
+
+
+def test_concurrent_requests_for_different_tasks_get_their_own_experts(server):
+    """Threads asking different experts at once each get their own expert's answers: experts share the backbone's
+    tensors but nothing they change per request (a server that swapped weights in and out per request without a
+    lock fails this)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = {name: server.logits(name, TEXTS) for name in server.names}
+    jobs = [server.names[i % len(server.names)] for i in range(8 * len(server.names))]
+    with ThreadPoolExecutor(max_workers=len(server.names)) as pool:
+        answers = list(pool.map(lambda name: server.logits(name, TEXTS), jobs))
+    for name, got in zip(jobs, answers):
+        torch.testing.assert_close(got, expected[name], rtol=0, atol=1e-6)
 
 
 def test_switching_back_and_forth_gives_identical_answers(server, backbone_dir):
@@ -112,25 +134,35 @@ def test_switching_back_and_forth_gives_identical_answers(server, backbone_dir):
         assert torch.equal(server.backbone.state_dict()[key], value), key
 
 
-def test_cached_slices_answer_the_same(backbone_dir, expert_dirs, server):
-    cached = SkeletonServer.load(str(backbone_dir), cache_slices=True)
-    for folder in expert_dirs.values():
-        cached.add(folder)
+def test_experts_share_every_tensor_they_did_not_change(server):
+    """An expert's network holds the backbone's own tensors (the same storage) except its FFN slices; it owns only
+    those, its prompt and head: a full-model expert (rate 0) owns no backbone weight at all."""
+    backbone = {id(t): n for n, t in server.backbone.named_parameters()}
+    memory = server.memory()
     for name in server.names:
-        assert torch.equal(cached.logits(name, TEXTS), server.logits(name, TEXTS))
-    memory, lean = cached.memory(), server.memory()
-    assert memory["backbone"] == lean["backbone"]
-    assert all(memory[n] > lean[n] for n in server.names)  # the sliced weights are held
+        expert = server.experts[name]
+        network = dict(expert.model.backbone.named_parameters())
+        shared = {n for n, t in network.items() if id(t) in backbone}
+        mine = set(network) - shared
+        ffn = {n for n in network if any(part in n for part in ("intermediate", "output.dense", "mlp"))
+               and "attention" not in n}
+        assert mine <= ffn, (name, sorted(mine - ffn))  # embeddings, attention and norms are the backbone's
+        query = [expert.model.query] if expert.model.query is not None else []
+        adapter = held_bytes(expert.model.prompt, expert.model.head, *query, *expert.keep)
+        assert bool(mine) == (expert.meta["rate"] > 0), name
+        assert memory[name] == held_bytes(*(network[n] for n in mine)) + adapter, name
+    assert memory["backbone"] == held_bytes(server.backbone)
 
 
 def test_mixed_requests_are_grouped_by_task_in_request_order(server, monkeypatch):
     names = server.names
     requests = [(names[i % len(names)], text) for i, text in enumerate(TEXTS * 2)]
-    plugs = []
-    plug = server._plug
-    monkeypatch.setattr(server, "_plug", lambda expert: (plugs.append(expert.name), plug(expert)))
+    calls = []
+    classify = server.classify
+    monkeypatch.setattr(server, "classify", lambda name, texts, *a: (calls.append(name), classify(name, texts, *a))[1])
     answers = server.serve(requests)
-    assert sorted(plugs) == names  # one plug per task, not per request
+    monkeypatch.undo()
+    assert sorted(calls) == names  # one batch per task, not one per request
     assert server.serve([]) == [] and server.classify(names[0], []) == []
     assert [a.task for a in answers] == [task for task, _ in requests]
     for name in names:
@@ -144,7 +176,6 @@ def test_unknown_task_lists_loaded_experts(server):
         server.classify("nope", TEXTS)
     with pytest.raises(KeyError, match="unknown task expert 'nope'"):
         server.serve([(server.names[0], "fine"), ("nope", "fine")])
-    assert server.active is None
 
 
 def test_corrupt_expert_is_refused(backbone_dir, expert_dirs, tmp_path):
@@ -198,7 +229,7 @@ def test_per_layer_widths(backbone_dir, tmp_path):
     name = server.add(folder)
     torch.testing.assert_close(server.logits(name, TEXTS), standalone_logits(folder, TEXTS), rtol=0, atol=1e-5)
     # and against the oracle: the full model with the dropped neurons' down-projection columns zeroed
-    oracle = copy.deepcopy(server.experts[name].model)
+    oracle = PromptClassifier.from_adapter(copy.deepcopy(server.backbone), folder / "adapter").eval()
     mask_ffn(oracle.backbone, keep)
     with torch.no_grad():
         expected = oracle(*server.encode(name, TEXTS))
@@ -221,7 +252,7 @@ def test_pruned_heads(tmp_path, minilm_tokenizer):
     plain = make_expert(backbone_dir, tmp_path / "plain", "plain", 0.5, 2, 2, seed=7)
     server = SkeletonServer.load(str(backbone_dir))
     name, other = server.add(folder), server.add(plain)
-    for _ in range(2):  # back and forth: the head counts are restored too
+    for _ in range(2):  # back and forth: the backbone keeps its head counts
         torch.testing.assert_close(server.logits(name, TEXTS), standalone_logits(folder, TEXTS), rtol=0, atol=1e-5)
         torch.testing.assert_close(server.logits(other, TEXTS), standalone_logits(plain, TEXTS), rtol=0, atol=1e-5)
     assert [block.num_heads for block in family_of(server.backbone).attention_blocks(server.backbone)] == [4, 4]

@@ -1,22 +1,25 @@
-"""The multi-task MLflow model over real HTTP: `mlflow models serve` on loopback answers 4 task experts on one
-backbone as each exported skeleton does (a mixed batch, grouped by task), and a bad request gets a 400 whose
-message names the problem while the server keeps serving."""
+"""Serving over real HTTP on loopback: `skeleton serve` answers 4 task experts on one backbone as each exported
+skeleton does, batches concurrent requests, refuses each bad request with a 400 naming the problem (alone: the
+requests batched with it are answered) and keeps serving; a single exported skeleton still serves with
+`mlflow models serve`."""
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from experts import folder_probabilities, stage_expert
-from flows.commands import mlflow_serve
 
 TASKS = {"alpha": (2, 0.5), "beta": (3, 0.75), "gamma": (4, 0.5), "delta": (2, 0.0)}  # labels, rate (0: full model)
+TEXTS = ["alpha 3: a great dull story", "a moving story", "gamma 9: an awful sharp flat story " * 3, "bold"]
 
 
 def free_port() -> int:
@@ -27,8 +30,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+def post(url: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -36,8 +40,26 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def frame(pairs: list[tuple[str, str]], columns=("task", "text")) -> dict:
+def frame(pairs: list[tuple[str, ...]], columns=("task", "text")) -> dict:
     return {"dataframe_split": {"columns": list(columns), "data": [list(p) for p in pairs]}}
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)  # the server's whole session: API server and workers too
+    process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -49,82 +71,181 @@ def experts(tiny_backbone_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(experts, tmp_path_factory):
-    """The multi-task model built by `skeleton serve build` (flows/commands/mlflow_serve.py) from the folders, served by `mlflow models serve`."""
-    model = tmp_path_factory.mktemp("multitask") / "model"
-    assert mlflow_serve.main(["build", "--out", str(model), *(f"{t}={f}" for t, f in experts.items())]) == 0
-    port = free_port()
-    log = open(model.parent / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager",
-                               "local", "-h", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
-                              start_new_session=True)
+    """`skeleton serve` of the four experts; a long batch window so that concurrent requests share batches."""
+    folder = tmp_path_factory.mktemp("serve")
+    port, stats, log = free_port(), folder / "batches.json", folder / "serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", *(f"{t}={f}" for t, f in experts.items()),
+                                   "--port", str(port), "--max-batch-size", "8", "--batch-timeout-ms", "50",
+                                   "--stats", str(stats)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.time() < deadline, (model.parent / "serve.log").read_text()[-3000:]
-            time.sleep(1)
-        yield url + "/invocations"
+        wait_until_up(f"{url}/health", server, log)
+        yield {"url": url + "/invocations", "stats": stats, "process": server}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the uvicorn workers too
-        server.wait(timeout=60)
-        log.close()
+        stop(server)
 
 
-def test_answers_equal_each_exported_skeleton_in_a_mixed_batch(served, experts):
-    texts = ["alpha 3: a great dull story", "a moving story", "gamma 9: an awful sharp flat story " * 3, "bold"]
-    pairs = [(task, text) for text in texts for task in TASKS]  # tasks interleaved: the server groups them
-    status, body = post(served, frame(pairs))
-    assert status == 200, body
-    answers = body["predictions"]
+def check_answers(answers: list[dict], pairs: list[tuple[str, str]], experts: dict) -> None:
+    """Each answer is its task's, with the labels and probabilities (1e-5) of the exported skeleton."""
     assert [a["task"] for a in answers] == [task for task, _ in pairs]
     for task, folder in experts.items():
-        expected, labels = folder_probabilities(folder, texts)
-        got = [a for a in answers if a["task"] == task]
-        for g, p in zip(got, expected):
-            assert g["label"] == labels[max(range(len(p)), key=p.__getitem__)]
-            assert list(g["probabilities"]) == labels
-            assert max(abs(a - b) for a, b in zip(g["probabilities"].values(), p)) <= 1e-5
+        mine = [(a, text) for a, (t, text) in zip(answers, pairs) if t == task]
+        if not mine:
+            continue
+        expected, labels = folder_probabilities(folder, [text for _, text in mine])
+        for (got, _), p in zip(mine, expected):
+            assert got["label"] == labels[max(range(len(p)), key=p.__getitem__)]
+            assert list(got["probabilities"]) == labels
+            assert max(abs(a - b) for a, b in zip(got["probabilities"].values(), p)) <= 1e-5
 
 
-@pytest.mark.parametrize("body, message", [
+def test_answers_equal_each_exported_skeleton_in_a_mixed_request(served, experts):
+    pairs = [(task, text) for text in TEXTS for task in TASKS]  # tasks interleaved: the server groups them
+    status, body = post(served["url"], frame(pairs))
+    assert status == 200, body
+    check_answers(body["predictions"], pairs, experts)
+    status, body = post(served["url"], {"dataframe_records": [{"task": "beta", "text": TEXTS[1]}]})
+    assert status == 200 and body["predictions"][0]["task"] == "beta", body
+    status, body = post(served["url"], {"inputs": {"task": ["gamma", "alpha"], "text": TEXTS[:2]}})
+    assert status == 200, body
+    check_answers(body["predictions"], [("gamma", TEXTS[0]), ("alpha", TEXTS[1])], experts)
+
+
+def concurrently(url: str, bodies: list) -> list[tuple[int, dict]]:
+    answers: list = [None] * len(bodies)
+    barrier = threading.Barrier(len(bodies))
+
+    def send(i: int) -> None:
+        barrier.wait()
+        answers[i] = post(url, bodies[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answers
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served, experts):
+    before = json.loads(served["stats"].read_text()) if served["stats"].is_file() else {}
+    pairs = [(task, f"{text} {i}") for i, (task, text) in enumerate((t, x) for x in TEXTS for t in TASKS)]
+    answers = concurrently(served["url"], [frame([pair]) for pair in pairs])
+    assert all(status == 200 for status, _ in answers), answers
+    check_answers([body["predictions"][0] for _, body in answers], pairs, experts)
+    after = json.loads(served["stats"].read_text())
+    batched = {int(k): n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+    assert sum(k * n for k, n in batched.items()) == len(pairs)
+    assert max(batched) > 1, batched  # requests shared forward passes
+
+
+BAD = [
     (frame([("omega", "a great story")]), "unknown task(s) 'omega'; served tasks: alpha, beta, delta, gamma"),
-    (frame([("a great story",)], columns=("text",)), "Model is missing inputs ['task']"),
+    (frame([("a great story",)], columns=("text",)), "missing field(s) 'task'"),
     (frame([("alpha", "a story"), ("beta", "   ")]), "row 1: field 'text' is empty"),
     (frame([("alpha", "story")] * 257), "request too large: 257 rows, at most 256"),
     (frame([("alpha", "word " * 5000)]), "row 0: text of 25000 characters, at most 20000"),
-], ids=["unknown-task", "missing-field", "empty-text", "too-many-rows", "too-long-text"])
+    (b'{"dataframe_split": ', "the body is not valid JSON"),
+    ({"texts": ["a story"]}, "texts: Extra inputs are not permitted"),
+    (frame([("alpha",)]), "dataframe_split row 0 has 1 values for 2 columns"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD, ids=["unknown-task", "missing-field", "empty-text", "too-many-rows",
+                                                    "too-long-text", "not-json", "unknown-format", "short-row"])
 def test_bad_requests_get_400_naming_the_problem_and_the_server_keeps_serving(served, body, message):
-    status, answer = post(served, body)
+    status, answer = post(served["url"], body)
     assert status == 400 and message in answer["message"], answer
-    status, answer = post(served, frame([("alpha", "a great story")]))
+    status, answer = post(served["url"], frame([("alpha", "a great story")]))
     assert status == 200 and answer["predictions"][0]["task"] == "alpha"
 
 
-def test_built_from_registry_aliases(experts, tmp_path):
-    """`promote` points @production at each task's skeleton; the multi-task model built from the aliases holds
-    exactly those skeletons."""
-    from mlflow.models import Model
+def test_a_bad_request_fails_alone_not_the_batch_it_arrives_with(served, experts):
+    good = [("alpha", TEXTS[0]), ("beta", TEXTS[1]), ("gamma", TEXTS[2])]
+    answers = concurrently(served["url"], [frame([good[0]]), BAD[0][0], frame([good[1]]), BAD[2][0], frame([good[2]])])
+    assert [status for status, _ in answers] == [200, 400, 200, 400, 200]
+    check_answers([answers[i][1]["predictions"][0] for i in (0, 2, 4)], good, experts)
 
+
+def test_one_expert_needs_no_task_field_and_sigterm_stops_every_process(experts, tmp_path):
+    port, log = free_port(), tmp_path / "serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", experts["beta"], "--port", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", server, log)
+        status, body = post(f"http://127.0.0.1:{port}/invocations", {"inputs": [{"text": TEXTS[0]}]})
+        assert status == 200, body
+        name = body["predictions"][0]["task"]  # a folder without TASK= is named by its neurons.json
+        assert name.startswith("beta-grad_x_act-p0.75")
+        check_answers(body["predictions"], [(name, TEXTS[0])], {name: experts["beta"]})
+        family = [server.pid, *(p.pid for p in psutil.Process(server.pid).children(recursive=True))]
+        assert len(family) >= 3  # the command, its API server and its worker
+    finally:
+        stop(server)
+    deadline = time.time() + 10
+    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in family):
+        assert time.time() < deadline, [pid for pid in family if psutil.pid_exists(pid)]
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["alpha=/nonexistent"], "is not a skeleton folder"),
+    (["@production"], "give it as TASK=@ALIAS"),
+    (["a=/nonexistent", "--workers", "0"], "--workers must be at least 1"),
+], ids=["not-a-folder", "alias-without-task", "no-workers"])
+def test_bad_serve_options_stop_in_one_line(capsys, argv, message):
+    from helpers import run_skeleton
+
+    code, _, err = run_skeleton(capsys, "serve", *argv)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_served_from_registry_aliases(experts, tmp_path):
+    """`promote` points @production at each task's skeleton; `skeleton serve TASK=@production` serves exactly
+    those skeletons (downloaded from the registry)."""
+    from flows.commands.serve import resolve_experts
     from skeleton.prune import verify
     from tasks import nightly, tracking
 
     tracking._client()  # the test store
     parent = tracking.start_sweep_run.fn("serving", {"task": "many", "backbone": "tiny"})
-    for i, (task, folder) in enumerate(experts.items()):
+    for task, folder in experts.items():
         record = {"seed": 0, "method": "grad_x_act", "rate": TASKS[task][1], "head_rate": 0.0, "accuracy": 0.5,
                   "path": folder, "data": str(Path(folder).parent / "data")}
         tracking.log_point.fn(parent, {**record, "point": task})
         assert nightly.promote_for_serving([{**record, "method": "full (prompt tuning)", "rate": 0.0}, record],
                                            record["rate"]) == 1
-    model = tmp_path / "model"
-    assert mlflow_serve.main(["build", "--out", str(model), *(f"{t}=@production" for t in TASKS)]) == 0
-    artifacts = Model.load(str(model)).flavors["python_function"]["artifacts"]
+    resolved = resolve_experts([f"{task}=@production" for task in TASKS], tmp_path)
+    assert sorted(resolved) == sorted(TASKS)
     for task, folder in experts.items():
-        assert verify(model / artifacts[f"expert-{task}"]["path"]) == verify(folder)
+        assert Path(resolved[task]) != Path(folder) and verify(resolved[task]) == verify(folder)
+
+
+def test_a_single_skeleton_still_serves_with_mlflow_models_serve(experts, tmp_path):
+    import mlflow
+
+    from tasks.mlflow_model import skeleton_model
+
+    model = tmp_path / "model"
+    mlflow.pyfunc.save_model(str(model), **skeleton_model(experts["gamma"]))
+    port, log = free_port(), tmp_path / "mlflow.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager",
+                                   "local", "-h", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
+                                  start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{url}/ping", server, log)
+        status, body = post(f"{url}/invocations", frame([(t,) for t in TEXTS], columns=("text",)))
+        assert status == 200, body
+        expected, labels = folder_probabilities(experts["gamma"], TEXTS)
+        for got, p in zip(body["predictions"], expected):
+            assert got["label"] == labels[max(range(len(p)), key=p.__getitem__)]
+            assert max(abs(a - b) for a, b in zip(got["probabilities"].values(), p)) <= 1e-5
+        status, body = post(f"{url}/invocations", frame([("  ",)], columns=("text",)))
+        assert status == 400 and "row 0: field 'text' is empty" in body["message"], body
+    finally:
+        stop(server)

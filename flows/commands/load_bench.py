@@ -1,197 +1,259 @@
-"""Load test of REST serving on loopback: `mlflow models serve` of the multi-task model (one backbone, 4 task
-experts) against 4 separate skeleton servers (one process per task) and against one server of the full model.
+"""The served speed-up: `skeleton serve` under load on loopback, the skeleton server against the full model's (the
+same serving code, the full model as its one expert), in one run.
 
-    skeleton load-bench                                   # 4 synthetic MiniLM experts (as serve_bench.py)
-    skeleton load-bench --experts a=DIR b=DIR c=DIR d=DIR --full DIR   # real skeletons and full model
-    skeleton load-bench --clients 1 4 16 --seconds 10 --max-requests 2000 --out bench.json
+    skeleton load-bench --experts a=DIR b=DIR c=DIR d=DIR --alone DIR --full DIR --task rotten_tomatoes
+    skeleton load-bench                       # synthetic MiniLM experts (random neurons) at p=0.5 0.65 0.8 0.9
+    skeleton load-bench ... --clients 1 4 16 64 --seconds 12 --max-requests 5000 --out bench.json
 
-For each setup and each number of concurrent clients, every client sends one text per request (tasks round-robin)
-until --seconds pass or --max-requests are answered; reported: answered requests per second, p50 / p99 latency,
-and the resident memory of the setup's server processes (all of their processes, after the load). Everything
-listens on 127.0.0.1 only; servers are started and stopped by the script (one uvicorn worker each, and the
-multi-task server once more with two).
+Setups, each a `skeleton serve` process of its own, measured one after the other: every expert in one server
+(requests round-robin over the tasks), the --alone expert by itself, and the --full model by itself. For each
+number of concurrent clients, every client sends one text per request (texts of the task's test split, in turn)
+until --seconds pass or --max-requests are answered. Reported per setup and client count: answered requests per
+second, p50 / p99 latency, the requests per batch the server ran, and the resident memory of the server's
+processes; then the served speed-up (alone over full, same client count) beside the harness speed-up
+(skeleton.benchmark, one process, no HTTP) at the batch sizes the server ran. Everything listens on 127.0.0.1.
+Clients are asyncio tasks on aiohttp keep-alive connections, in this process.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-import psutil
-
-WORDS = "the film was a gripping and beautifully made story though its second half drags on without charm".split()
+SYNTHETIC_RATES = (0.5, 0.65, 0.8, 0.9)
 
 
 def free_port() -> int:
+    import socket
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 class Server:
-    """`mlflow models serve` of a saved model folder, on a free loopback port, in its own session."""
+    """`skeleton serve` of some experts on a free loopback port, in a session of its own (stopped as a group)."""
 
-    def __init__(self, model: Path, log: Path, workers: int = 1):
-        self.port = free_port()
-        self.log = open(log, "w")
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(self.port), "-w", str(workers)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    def __init__(self, experts: list[str], folder: Path, options: list[str] = ()):
+        self.port, self.stats = free_port(), folder / f"stats-{time.monotonic_ns()}.json"
+        self.log = open(folder / f"serve-{self.port}.log", "w")
+        argv = [sys.executable, "-m", "flows.cli", "serve", *experts, "--port", str(self.port),
+                "--stats", str(self.stats), *options]
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}/invocations"
 
     def wait(self, timeout: float = 300) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server on port {self.port} exited; see {self.log.name}")
+                raise RuntimeError(f"`skeleton serve` exited ({self.process.returncode}); see {self.log.name}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=5):
-                    return
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        return
             except OSError:
-                time.sleep(1)
-        raise TimeoutError(f"server on port {self.port} not up after {timeout} s")
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"`skeleton serve` not healthy after {timeout} s; see {self.log.name}")
+
+    def batches(self) -> dict[int, int]:
+        """Requests per batch -> batches run so far."""
+        try:
+            return {int(k): v for k, v in json.loads(self.stats.read_text()).items()}
+        except (OSError, ValueError):
+            return {}
 
     def rss_mib(self) -> float:
-        """Resident memory of the server and every process it started (uvicorn worker)."""
+        """Resident memory of the server and every process it started (API server, workers, logger)."""
+        import psutil
+
         root = psutil.Process(self.process.pid)
         return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
     def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
         self.log.close()
 
 
-def post(url: str, body: dict) -> None:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        response.read()
+async def _load(bodies: list[bytes], url: str, clients: int, seconds: float, max_requests: int) -> dict:
+    """`clients` concurrent clients, each posting the next body in turn until time or count runs out."""
+    import aiohttp
 
-
-def load(targets: list[tuple[str, dict]], clients: int, seconds: float, max_requests: int) -> dict:
-    """`clients` threads, each sending the next target's request in turn until time or count runs out."""
     latencies: list[float] = []
-    lock = threading.Lock()
+    errors = 0
     deadline = time.perf_counter() + seconds
 
-    def client(offset: int) -> None:
-        i = offset
-        while time.perf_counter() < deadline:
-            with lock:
-                if len(latencies) >= max_requests:
-                    return
-            url, body = targets[i % len(targets)]
+    async def client(session, k: int) -> None:
+        nonlocal errors
+        i = k
+        while time.perf_counter() < deadline and len(latencies) + errors < max_requests:
             start = time.perf_counter()
-            post(url, body)
-            with lock:
-                latencies.append(time.perf_counter() - start)
+            async with session.post(url, data=bodies[i % len(bodies)],
+                                    headers={"Content-Type": "application/json"}) as answer:
+                await answer.read()
+                if answer.status == 200:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors += 1
             i += clients
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    ordered = sorted(latencies)
-    return {"clients": clients, "requests": len(ordered), "throughput": len(ordered) / wall,
-            "p50_ms": 1000 * statistics.median(ordered), "p99_ms": 1000 * ordered[min(len(ordered) - 1,
-                                                                                        int(0.99 * len(ordered)))]}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(session, k) for k in range(clients)))
+        wall = time.perf_counter() - start
+    ordered = sorted(latencies) or [float("nan")]
+    return {"clients": clients, "requests": len(latencies), "errors": errors, "throughput": len(latencies) / wall,
+            "p50_ms": 1000 * statistics.median(ordered),
+            "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
 
 
-def requests_for(tasks: list[str], per_task_url: dict[str, str] | None, url: str | None) -> list[tuple[str, dict]]:
-    """One text per request, tasks round-robin: with the task field (multi-task) or to the task's own server."""
-    out = []
-    for i in range(32):
-        task = tasks[i % len(tasks)]
-        text = " ".join(WORDS[(i * 7) % len(WORDS):] + WORDS[: (i * 3) % len(WORDS)])
-        if per_task_url is None:
-            out.append((url, {"dataframe_split": {"columns": ["task", "text"], "data": [[task, text]]}}))
-        else:
-            out.append((per_task_url[task], {"dataframe_split": {"columns": ["text"], "data": [[text]]}}))
-    return out
+def load(bodies: list[bytes], url: str, clients: int, seconds: float, max_requests: int) -> dict:
+    return asyncio.run(_load(bodies, url, clients, seconds, max_requests))
+
+
+def bodies_for(tasks: list[str], texts: list[str]) -> list[bytes]:
+    """One text per request, the tasks in turn."""
+    return [json.dumps({"dataframe_split": {"columns": ["task", "text"], "data": [[tasks[i % len(tasks)], text]]}})
+            .encode() for i, text in enumerate(texts)]
+
+
+def measure(name: str, experts: list[str], tasks: list[str], texts: list[str], args, folder: Path) -> list[dict]:
+    server = Server(experts, folder, args.serve_options)
+    rows = []
+    try:
+        server.wait()
+        bodies = bodies_for(tasks, texts)
+        load(bodies, server.url, 4, 2.0, 64)  # warm-up: first batches of each size allocate
+        for clients in args.clients:
+            before = server.batches()
+            row = {"setup": name, **load(bodies, server.url, clients, args.seconds, args.max_requests)}
+            time.sleep(0.2)  # the logger process writes the last batches
+            after = server.batches()
+            ran = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) > before.get(k, 0)}
+            served = sum(k * n for k, n in ran.items())
+            row["mean_batch"] = served / max(1, sum(ran.values()))
+            row["rss_mib"] = server.rss_mib()
+            rows.append(row)
+            print(f"{name:34s} {clients:3d} clients: {row['throughput']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
+                  f"p99 {row['p99_ms']:7.1f} ms  batch {row['mean_batch']:5.1f}  RSS {row['rss_mib']:6.0f} MiB  "
+                  f"({row['requests']} answered, {row['errors']} errors)", flush=True)
+    finally:
+        server.stop()
+    return rows
+
+
+def task_texts(task: str, limit: int = 2000) -> list[str]:
+    """The test split of a registered task (the sweep's split, seed 0)."""
+    from skeleton.data import load_task
+
+    return list(load_task(task, seed=0)["test"]["text"])[:limit]
+
+
+def token_length(texts: list[str], folder: str, max_length: int) -> int:
+    """Mean tokens per text as the served expert sees them (truncated to its max_length)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "backbone")
+    lengths = [min(len(ids), max_length) for ids in tokenizer(texts)["input_ids"]]
+    return round(sum(lengths) / len(lengths))
+
+
+def harness(full: str, alone: str, batch_sizes: list[int], length: int, repeats: int) -> dict[int, float]:
+    """Batch size -> the harness speed-up of `alone` over `full` (fresh process, no HTTP)."""
+    code = ("import json, sys\nfrom skeleton.benchmark import BenchmarkConfig, benchmark_folders\n"
+            "a = json.loads(sys.argv[1])\n"
+            "r = benchmark_folders({'full': a['full'], 'alone': a['alone']}, BenchmarkConfig(batch_sizes=a['b'], "
+            "lengths=(a['n'],), repeats=a['r'], memory=False), reference='full')\n"
+            "print(json.dumps({row['batch_size']: row['speedup'] for row in r['rows'] if row['model'] == 'alone'}))\n")
+    args = json.dumps({"full": full, "alone": alone, "b": batch_sizes, "n": length, "r": repeats})
+    done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"harness benchmark failed: {done.stderr[-2000:]}")
+    return {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+def synthetic(folder: Path) -> tuple[dict[str, str], str, str]:
+    """4 MiniLM experts with random neurons at SYNTHETIC_RATES and a full model, random prompts and heads."""
+    from flows.commands.serve_bench import synthetic_experts
+
+    folders = synthetic_experts("minilm", [*SYNTHETIC_RATES, 0.0], len(SYNTHETIC_RATES) + 1, 64, folder)
+    experts = {f"p{rate}": str(f) for rate, f in zip(SYNTHETIC_RATES, folders)}
+    return experts, experts["p0.8"], str(folders[-1])
+
+
+def report(rows: list[dict], speedups: list[dict]) -> str:
+    lines = ["| setup | clients | req/s | p50 ms | p99 ms | requests per batch | RSS MiB |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['setup']} | {r['clients']} | {r['throughput']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+              f"{r['mean_batch']:.1f} | {r['rss_mib']:.0f} |" for r in rows]
+    lines += ["", "| clients | served speed-up (alone / full req/s) | requests per batch (alone, full) | "
+                  "harness speed-up at that batch |", "|---|---|---|---|"]
+    lines += [f"| {s['clients']} | {s['served_speedup']:.2f}x | {s['batch_alone']:.1f}, {s['batch_full']:.1f} | "
+              f"{s['harness_speedup']:.2f}x (batch {s['harness_batch']}) |" for s in speedups]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("--experts", nargs="+", metavar="TASK=DIR", help="skeleton folders (default: 4 synthetic)")
-    parser.add_argument("--full", help="the full model's folder (a rate-0 skeleton; default: synthetic)")
-    parser.add_argument("--backbone", default="minilm")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--seconds", type=float, default=10.0, help="per setup and client count")
-    parser.add_argument("--max-requests", type=int, default=2000, help="per setup and client count")
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--experts", nargs="+", metavar="TASK=DIR", help="the experts of the multi-task server")
+    parser.add_argument("--alone", metavar="DIR", help="the expert measured by itself against --full")
+    parser.add_argument("--full", metavar="DIR", help="the full model (a rate-0 skeleton folder)")
+    parser.add_argument("--task", default="rotten_tomatoes", help="registered task whose test texts the clients send")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--seconds", type=float, default=12.0, help="per setup and client count")
+    parser.add_argument("--max-requests", type=int, default=5000, help="per setup and client count")
+    parser.add_argument("--harness-repeats", type=int, default=20, help="timed rounds of the harness comparison")
+    parser.add_argument("--serve-options", nargs=argparse.REMAINDER, default=[],
+                        help="the rest is passed to every `skeleton serve` (e.g. --max-batch-size 64 --workers 2)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
+    if bool(args.experts) != bool(args.alone) or bool(args.alone) != bool(args.full):
+        raise SystemExit("load-bench: give --experts, --alone and --full together, or none for synthetic experts")
+    if min(args.clients) < 1 or args.seconds <= 0 or args.max_requests < 1:
+        raise SystemExit("load-bench: --clients and --max-requests must be positive, --seconds above 0")
 
-    import mlflow
-
-    from flows.commands.serve_bench import synthetic_experts
-    from tasks.mlflow_model import multitask_model, skeleton_model
-
-    with tempfile.TemporaryDirectory() as tmp:
+    texts = task_texts(args.task)
+    with tempfile.TemporaryDirectory(prefix="load-bench-") as tmp:
         tmp = Path(tmp)
         if args.experts:
             experts = dict(e.split("=", 1) for e in args.experts)
-        else:  # the same synthetic experts as serve_bench.py: the real backbone, random neurons and adapters
-            folders = synthetic_experts(args.backbone, [0.5, 0.65, 0.8, 0.9], 4, 64, tmp / "experts")
-            experts = {f"task{i}": str(f) for i, f in enumerate(folders)}
-        full = args.full or str(synthetic_experts(args.backbone, [0.0], 1, 64, tmp / "full")[0])
-        models = {"multi": tmp / "multi", "full": tmp / "full-model"}
-        mlflow.pyfunc.save_model(str(models["multi"]), **multitask_model(experts, args.backbone))
-        mlflow.pyfunc.save_model(str(models["full"]), **skeleton_model(full))
-        for task, folder in experts.items():
-            models[task] = tmp / f"single-{task}"
-            mlflow.pyfunc.save_model(str(models[task]), **skeleton_model(folder))
-
-        tasks = list(experts)
-        # (model names, uvicorn workers): a second worker process holds a second backbone, and works in parallel
-        setups = {"multi-task server (1 backbone + 4 experts)": (["multi"], 1),
-                  "multi-task server, 2 workers": (["multi"], 2),
-                  "4 separate skeleton servers": (tasks, 1), "full model server": (["full"], 1)}
-        results = []
-        for setup, (names, workers) in setups.items():
-            servers = {name: Server(models[name], tmp / f"{name}.log", workers) for name in names}
-            try:
-                for server in servers.values():
-                    server.wait()
-                if names == ["multi"]:
-                    targets = requests_for(tasks, None, servers["multi"].url)
-                elif names == ["full"]:  # the full model answers every task's texts alike
-                    targets = requests_for(["full"], {"full": servers["full"].url}, None)
-                else:
-                    targets = requests_for(tasks, {t: servers[t].url for t in tasks}, None)
-                for url, body in targets[:8]:  # warm-up: first calls load lazily
-                    post(url, body)
-                for clients in args.clients:
-                    row = {"setup": setup, **load(targets, clients, args.seconds, args.max_requests)}
-                    row["rss_mib"] = sum(s.rss_mib() for s in servers.values())
-                    results.append(row)
-                    print(f"{setup:45s} clients {clients:3d}: {row['throughput']:7.1f} req/s  p50 "
-                          f"{row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  ({row['requests']} requests)  "
-                          f"RSS {row['rss_mib']:.0f} MiB", flush=True)
-            finally:
-                for server in servers.values():
-                    server.stop()
-    environment = {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "seconds": args.seconds,
-                   "max_requests": args.max_requests, "backbone": args.backbone}
+            alone, full = args.alone, args.full
+        else:
+            experts, alone, full = synthetic(tmp / "experts")
+        setups = {f"skeleton server, {len(experts)} experts": ([f"{t}={f}" for t, f in experts.items()], list(experts)),
+                  "skeleton alone": ([f"alone={alone}"], ["alone"]), "full model": ([f"full={full}"], ["full"])}
+        rows = [row for name, (specs, tasks) in setups.items() for row in measure(name, specs, tasks, texts, args, tmp)]
+        by = {(r["setup"], r["clients"]): r for r in rows}
+        max_length = json.loads((Path(alone) / "neurons.json").read_text()).get("max_length") or 64
+        length = token_length(texts, alone, max_length)
+        sizes = {c: max(1, round(by["skeleton alone", c]["mean_batch"])) for c in args.clients}
+        measured = harness(full, alone, sorted(set(sizes.values())), length, args.harness_repeats)
+    speedups = [{"clients": c, "served_speedup": by["skeleton alone", c]["throughput"] / by["full model", c]["throughput"],
+                 "batch_alone": by["skeleton alone", c]["mean_batch"], "batch_full": by["full model", c]["mean_batch"],
+                 "harness_batch": sizes[c], "harness_speedup": measured[sizes[c]]} for c in args.clients]
+    print(f"\ntexts: {args.task} test split, {length} tokens on average; {os.cpu_count()} CPUs\n")
+    print(report(rows, speedups))
     if args.out:
-        args.out.write_text(json.dumps({"environment": environment, "rows": results}, indent=1))
+        environment = {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "seconds": args.seconds,
+                       "max_requests": args.max_requests, "task": args.task, "text_tokens": length,
+                       "serve_options": args.serve_options}
+        args.out.write_text(json.dumps({"environment": environment, "rows": rows, "speedups": speedups}, indent=1))
     return 0
 
 

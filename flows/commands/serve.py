@@ -1,186 +1,264 @@
-"""Serve task experts of one backbone: list the experts available, classify texts with one of them.
+"""`skeleton serve`: task experts over HTTP, one backbone per worker, concurrent requests batched (LitServe).
 
-    skeleton list                                   # skeletons of the sweep (artifacts/skeletons)
-    skeleton list --skeletons DIR [DIR ...]         # folders of skeletons, or skeleton folders
-    skeleton list --mlflow [--experiment skeleton]  # skeletons logged by sweeps to MLflow
-    skeleton list --run RUN_ID                      # one sweep's (parent run) or one point's
-    skeleton classify --task NAME "a gripping film" "dull and far too long"
-    echo "a gripping film" | skeleton classify --task NAME [--json]
+    skeleton serve rotten_tomatoes=@production                      # the task's registered model at that alias
+    skeleton serve sst=artifacts/skeletons/<hash> news=models:/<id>  # TASK=SOURCE: a folder, a model URI, @ALIAS
+    skeleton serve artifacts/skeletons/<hash> ...                   # folders: each named by its neurons.json
+    skeleton serve --workers 2 --max-batch-size 32 --batch-timeout-ms 2 ...
 
-An expert is named <task>-<method>-p<rate> (the folder name for skeletons exported before the task was
-recorded); --task also accepts a bare task name when only one expert has it. The backbone is the one the
-skeleton records, or --backbone. MLflow: --tracking-uri, default $MLFLOW_TRACKING_URI or the sweep's mlflow.db.
+    curl -s 127.0.0.1:8000/invocations -H 'Content-Type: application/json' \\
+        -d '{"dataframe_split": {"columns": ["task", "text"], "data": [["rotten_tomatoes", "a gripping film"]]}}'
+    -> {"predictions": [{"task": "rotten_tomatoes", "label": "fresh", "probabilities": {"fresh": 0.91, ...}}]}
+
+Requests take MLflow's scoring formats (`dataframe_split`, `dataframe_records`, `inputs`) with fields task and text
+(task may be left out when one expert is served). Concurrent requests are gathered for up to --batch-timeout-ms or
+--max-batch-size requests; each task's texts then run as one padded batch on that task's expert (skeleton.serve:
+experts share the backbone's tensors, so nothing is swapped between tasks). A bad request gets a 400 whose message
+names the problem, checked before it joins a batch; the server keeps serving. GET /health answers "ok" once every
+worker has loaded its experts. Listens on 127.0.0.1 unless --host says otherwise. Each --workers process holds its
+own backbone and experts (more throughput on more cores, more memory). The MLflow tracking store for @ALIAS and
+models:/ sources is $MLFLOW_TRACKING_URI, else the sweep's mlflow.db.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: LitServe hands decode_request's annotation to FastAPI as the type
+# of the request body, which must be the class itself.
 import argparse
 import json
+import os
+import signal
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, ClassVar
+
+import litserve as ls
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
+
+from skeleton.inputs import check_texts
+
+FIELDS = ("task", "text")
+# Measured on 2 cores (docs/results.md, "Served speed-up"): 32 requests fill a batch at 64 clients; 2 ms of waiting
+# for company costs a lone caller little.
+MAX_BATCH_SIZE, BATCH_TIMEOUT_MS = 32, 2.0
 
 
-@dataclass
-class Entry:
-    name: str
-    source: str  # a skeleton folder, or models:/<model id> (the point's LoggedModel)
-    meta: dict
-    run_id: str | None = None
+class Split(BaseModel):
+    columns: list[str]
+    data: list[list[Any]]
 
 
-def folder_entries(paths: list[str]) -> list[Entry]:
-    from skeleton.record import read_meta, skeleton_name  # torch: only once the options are parsed
-    from skeleton.serve import find_skeletons
+class Invocation(BaseModel):
+    """A request body in one of MLflow's scoring formats, checked whole before it reaches a worker (a bad request
+    must fail alone, not the batch it would have joined)."""
 
-    found = []
-    for folder in find_skeletons(paths):
-        meta = read_meta(folder)
-        found.append(Entry(skeleton_name(meta, folder), str(folder), meta))
-    return found
+    model_config = ConfigDict(extra="forbid")
+    dataframe_split: Split | None = None
+    dataframe_records: list[dict[str, Any]] | None = None
+    inputs: list[dict[str, Any]] | dict[str, list[Any]] | None = None
+    tasks: ClassVar[tuple[str, ...]] = ()  # the served experts' names: set once at start-up, before the API forks
+    _rows: list[tuple[str, str]] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def rows_of_known_tasks(self) -> "Invocation":
+        given = [name for name in ("dataframe_split", "dataframe_records", "inputs") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("the body needs exactly one of 'dataframe_split', 'dataframe_records' or 'inputs', got "
+                             f"{', '.join(map(repr, given)) or 'none'}")
+        columns = _columns(self)
+        if "task" not in columns and len(self.tasks) == 1:  # one expert: the task may go without saying
+            columns["task"] = [self.tasks[0]] * len(columns.get("text", []))
+        missing = [c for c in FIELDS if c not in columns]
+        if missing:
+            raise ValueError(f"missing field(s) {', '.join(map(repr, missing))}; each row needs task and text")
+        tasks, texts = columns["task"], columns["text"]
+        check_texts(texts)
+        unknown = sorted({str(t) for t in tasks} - set(self.tasks))
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; served tasks: {', '.join(self.tasks)}")
+        self._rows = [(str(task), text) for task, text in zip(tasks, texts)]
+        return self
 
 
-def mlflow_entries(tracking_uri: str, run_id: str | None, experiment: str | None) -> list[Entry]:
-    """Child runs of sweeps (tag skeleton.kind=point), each with its skeleton logged as a model (skeleton.model_id)."""
-    import mlflow
+def _columns(body: Invocation) -> dict[str, list]:
+    """The body's fields as columns of equal length."""
+    if body.dataframe_split is not None:
+        split = body.dataframe_split
+        bad = [i for i, row in enumerate(split.data) if len(row) != len(split.columns)]
+        if bad:
+            raise ValueError(f"dataframe_split row {bad[0]} has {len(split.data[bad[0]])} values for "
+                             f"{len(split.columns)} columns")
+        return {c: [row[j] for row in split.data] for j, c in enumerate(split.columns)}
+    records = body.dataframe_records if body.dataframe_records is not None else body.inputs
+    if isinstance(records, dict):
+        lengths = {len(v) for v in records.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"'inputs' columns have different lengths: {sorted(lengths)}")
+        return dict(records)
+    keys = [key for key in FIELDS if all(key in record for record in records)]
+    return {key: [record[key] for record in records] for key in keys}
 
-    from skeleton.record import skeleton_name
 
-    client = mlflow.MlflowClient(tracking_uri)
-    if run_id:
-        run = client.get_run(run_id)
-        if run.data.tags.get("skeleton.kind") == "point":
-            runs = [run]
-        else:
-            runs = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """400 with the first problem in words (FastAPI's default is a 422 listing pydantic's error records)."""
+    first = error.errors()[0]
+    cause = first.get("ctx", {}).get("error")
+    if first["type"] == "json_invalid":
+        message = f"the body is not valid JSON ({cause or first['msg']})"
+    elif cause is not None:
+        message = str(cause)
     else:
-        if experiment:
-            found = client.get_experiment_by_name(experiment)
-            if found is None:
-                raise SystemExit(f"serve: no MLflow experiment {experiment!r} at {tracking_uri}")
-            ids = [found.experiment_id]
-        else:
-            ids = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(ids, "tags.`skeleton.kind` = 'point'") if ids else []
-    parents: dict[str, dict] = {}
-    entries = []
-    for run in runs:
-        if run.info.status != "FINISHED" or "skeleton.model_id" not in run.data.tags:
-            continue
-        parent_id = run.data.tags.get("mlflow.parentRunId")
-        if parent_id and parent_id not in parents:
-            parents[parent_id] = client.get_run(parent_id).data.params
-        params = {**parents.get(parent_id, {}), **run.data.params}
-        meta = {"task": params.get("task"), "method": params.get("method"), "rate": float(params.get("rate", 0.0)),
-                "backbone": params.get("backbone"), "kept_width": params.get("kept_width"),
-                "val_accuracy": run.data.metrics.get("val_accuracy")}
-        entries.append(Entry(skeleton_name(meta, run.info.run_id), f"models:/{run.data.tags['skeleton.model_id']}",
-                             meta, run.info.run_id))
-    return entries
+        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        message = f"{where or 'body'}: {first['msg']}"
+    return JSONResponse({"error_code": "INVALID_PARAMETER_VALUE", "message": message}, status_code=400)
 
 
-def entries(args) -> list[Entry]:
-    use_mlflow = args.mlflow or args.run
-    paths = args.skeletons
-    if paths is None and not use_mlflow:
-        from tasks.paths import artifacts_dir
+class ExpertsAPI(ls.LitAPI):
+    """One worker: a SkeletonServer with every expert; a batch of requests is answered one padded batch per task."""
 
-        paths = [str(artifacts_dir() / "skeletons")]
-    found = folder_entries(paths or [])
-    if use_mlflow:
-        from tasks.tracking import tracking_uri
+    def __init__(self, experts: dict[str, str], backbone: str, threads: int | None, stats: bool,
+                 max_batch_size: int, batch_timeout: float):
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/invocations")
+        self.expert_folders, self.backbone_source, self.threads, self.stats = experts, backbone, threads, stats
 
-        for run_id in args.run or [None]:
-            found += mlflow_entries(args.tracking_uri or tracking_uri(), run_id, args.experiment)
-    return found
+    def setup(self, device):
+        import torch
 
+        from skeleton.serve import SkeletonServer
 
-def widths(meta: dict) -> str:
-    w = meta.get("kept_widths") or ([int(meta["kept_width"])] if meta.get("kept_width") else [])
-    return "" if not w else str(w[0]) if len(set(w)) == 1 else f"{min(w)}-{max(w)}"
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.server = SkeletonServer.load(self.backbone_source, device=device)
+        for task, folder in self.expert_folders.items():
+            self.server.add(folder, name=task)
 
+    def decode_request(self, request: Invocation) -> list[tuple[str, str]]:
+        return request._rows
 
-def cmd_list(args) -> int:
-    found = entries(args)
-    if not found:
-        print("no experts found", file=sys.stderr)
-        return 1
-    names = [e.name for e in found]
-    rows = [(e.name + (" (duplicate name)" if names.count(e.name) > 1 else ""), f"{e.meta.get('rate', 0.0):g}",
-             widths(e.meta), f"{e.meta['val_accuracy']:.4f}" if e.meta.get("val_accuracy") is not None else "",
-             str(e.meta.get("backbone") or "?"), e.source) for e in found]
-    header = ("expert", "rate", "width", "val_acc", "backbone", "source")
-    sizes = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(size) for cell, size in zip(row, sizes)).rstrip())
-    return 0
+    def batch(self, inputs: list[list[tuple[str, str]]]) -> list[list[tuple[str, str]]]:
+        return inputs
 
+    def predict(self, requests):
+        if self.max_batch_size == 1:  # LitServe hands over one request's rows, not a batch of requests
+            return self.predict([requests])[0]
+        rows = [row for request in requests for row in request]
+        answers = self.server.serve(rows, batch_size=max(len(rows), 1))
+        if self.stats:
+            self.log("batch", len(requests))
+        out, start = [], 0
+        for request in requests:
+            out.append(answers[start : start + len(request)])
+            start += len(request)
+        return out
 
-def pick(found: list[Entry], task: str) -> Entry:
-    exact = [e for e in found if e.name == task]
-    candidates = exact or [e for e in found if e.meta.get("task") == task]
-    if len(candidates) == 1:
-        return candidates[0]
-    listed = ", ".join(sorted({e.name for e in (candidates or found)})) or "(none)"
-    why = "matches several experts" if candidates else "is not an expert here"
-    raise SystemExit(f"serve: {task!r} {why}; experts: {listed}")
+    def unbatch(self, output):
+        return output
+
+    def encode_response(self, answers) -> dict:
+        return {"predictions": [asdict(a) for a in answers]}
 
 
-def cmd_classify(args) -> int:
-    from skeleton.serve import SkeletonServer
+class BatchStats(ls.Logger):
+    """How many requests each batch held, counted in LitServe's logger process and written to `path` (JSON: size ->
+    batches) after every batch: what the load benchmark reads."""
 
-    entry = pick(entries(args), args.task)
-    backbone = args.backbone or entry.meta.get("backbone")
-    if not backbone:
-        raise SystemExit(f"serve: expert {entry.name!r} does not record its backbone; pass --backbone NAME_OR_PATH")
-    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not texts:
-        raise SystemExit("serve: no texts (give them as arguments or one per line on stdin)")
-    empty = [i + 1 for i, text in enumerate(texts) if not text.strip()]
-    if empty:
-        raise SystemExit(f"serve: text {empty[0]} is empty: give every text some words")
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = entry.source
-        if entry.run_id:
+    def __init__(self, path: str):
+        super().__init__()
+        self.path, self.counts = path, {}
+
+    def process(self, key, value):
+        self.counts[value] = self.counts.get(value, 0) + 1
+        tmp = f"{self.path}.tmp"
+        Path(tmp).write_text(json.dumps(self.counts))
+        os.replace(tmp, self.path)
+
+
+def resolve_experts(specs: list[str], dst: Path) -> dict[str, str]:
+    """Expert name -> skeleton folder for each TASK=SOURCE (SOURCE: a folder, models:/..., @ALIAS) or FOLDER."""
+    from skeleton.record import read_meta, skeleton_name
+
+    experts: dict[str, str] = {}
+    for spec in specs:
+        task, _, source = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+        if "=" in spec and not (task and source):
+            raise SystemExit(f"serve: an expert is TASK=SOURCE or a skeleton folder, got {spec!r}")
+        if source.startswith("@") and not task:
+            raise SystemExit(f"serve: {spec!r}: an alias names the task's registered model, give it as TASK=@ALIAS")
+        if source.startswith(("@", "models:/", "runs:/")):
             import mlflow
 
-            from tasks.mlflow_model import download_skeleton
+            from tasks.mlflow_model import expert_folder
             from tasks.tracking import tracking_uri
 
-            mlflow.set_tracking_uri(args.tracking_uri or tracking_uri())
-            folder = download_skeleton(entry.source, tmp)
-        server = SkeletonServer.load(backbone, device=args.device)
-        name = server.add(folder, name=entry.name)
-        predictions = server.classify(name, texts, batch_size=args.batch_size)
-    for text, p in zip(texts, predictions):
-        if args.json:
-            print(json.dumps({"task": p.task, "label": p.label, "probabilities": p.probabilities, "text": text}))
+            mlflow.set_tracking_uri(tracking_uri())
+            folder = expert_folder(task or "expert", source, dst)
         else:
-            probs = " ".join(f"{label}={prob:.3f}" for label, prob in p.probabilities.items())
-            print(f"{p.label}\t{probs}\t{text}")
-    return 0
+            folder = Path(source)
+            if not (folder / "neurons.json").is_file():
+                raise SystemExit(f"serve: {source} is not a skeleton folder (no neurons.json): give an exported "
+                                 "folder, models:/<id> or @ALIAS")
+        name = task or skeleton_name(read_meta(folder), folder)
+        if name in experts:
+            raise SystemExit(f"serve: two experts are named {name!r}: name them, TASK=SOURCE")
+        experts[name] = str(folder)
+    return experts
+
+
+def recorded_backbone(experts: dict[str, str]) -> str:
+    """The backbone every expert records (one for all), or SystemExit naming the disagreement."""
+    recorded = {name: json.loads((Path(folder) / "neurons.json").read_text()).get("backbone")
+                for name, folder in experts.items()}
+    found = set(recorded.values())
+    if len(found) != 1 or None in found:
+        raise SystemExit("serve: the experts do not record one backbone (" + ", ".join(
+            f"{n}: {b}" for n, b in recorded.items()) + "); pass --backbone NAME_OR_FOLDER")
+    return found.pop()
+
+
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("experts", nargs="+", metavar="TASK=SOURCE|FOLDER", help="the task experts to serve")
+    p.add_argument("--backbone", help="backbone name or folder (default: the one the experts record)")
+    p.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"],
+                   help="interface to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="inference processes, each with its own backbone")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: CPU cores / workers)")
+    p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE, help="requests per batch at most")
+    p.add_argument("--batch-timeout-ms", type=float, default=BATCH_TIMEOUT_MS,
+                   help="how long the first request of a batch waits for others")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for the workers' GPU")
+    p.add_argument("--stats", metavar="FILE", help="write how many requests each batch held to FILE (JSON)")
+    return p
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("list", "list the experts available"), ("classify", "classify texts with one expert")):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--skeletons", nargs="+", metavar="DIR",
-                       help="skeleton folders or folders of them (default: the sweep's artifacts/skeletons, "
-                            "unless MLflow is asked)")
-        p.add_argument("--mlflow", action="store_true", help="also look in the MLflow tracking store")
-        p.add_argument("--run", nargs="+", metavar="RUN_ID", help="MLflow run(s): a sweep (parent) or a point")
-        p.add_argument("--experiment", help="MLflow experiment to search (default: all)")
-        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    classify = sub.choices["classify"]
-    classify.add_argument("--task", required=True, help="expert name (see `list`) or a task with one expert")
-    classify.add_argument("--backbone", help="backbone name or folder (default: the one the skeleton records)")
-    classify.add_argument("--device", default="cpu")
-    classify.add_argument("--batch-size", type=int, default=32)
-    classify.add_argument("--json", action="store_true", help="one JSON object per text")
-    classify.add_argument("texts", nargs="*", help="texts to classify (default: one per line on stdin)")
-    args = parser.parse_args(argv)
-    return cmd_list(args) if args.command == "list" else cmd_classify(args)
+    args = parser(prog).parse_args(argv)
+    for name in ("workers", "max_batch_size", "port"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"serve: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.batch_timeout_ms < 0 or (args.threads is not None and args.threads < 1):
+        raise SystemExit("serve: --batch-timeout-ms must be 0 or more and --threads at least 1")
+    with tempfile.TemporaryDirectory(prefix="skeleton-serve-") as tmp:
+        experts = resolve_experts(args.experts, Path(tmp))
+        backbone = args.backbone or recorded_backbone(experts)
+        Invocation.tasks = tuple(sorted(experts))
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+        api = ExpertsAPI(experts, backbone, threads, bool(args.stats), args.max_batch_size,
+                         args.batch_timeout_ms / 1000)
+        server = ls.LitServer(api, accelerator="cuda" if args.device.startswith("cuda") else "cpu",
+                              workers_per_device=args.workers, loggers=[BatchStats(args.stats)] if args.stats else None,
+                              disable_openapi_url=True, fast_queue=True)
+        server.app.add_exception_handler(RequestValidationError, bad_request)
+        # SIGTERM (a service manager, `timeout`, the load benchmark) stops the workers as Ctrl-C does.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        print(f"serving {', '.join(experts)} on http://{args.host}:{args.port}/invocations "
+              f"({args.workers} worker(s) x {threads} thread(s), batches of up to {args.max_batch_size} requests "
+              f"within {args.batch_timeout_ms:g} ms)", flush=True)
+        server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
+    return 0
 
 
 if __name__ == "__main__":

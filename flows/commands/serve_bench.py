@@ -1,13 +1,13 @@
-"""Measure unplug-and-play serving: one backbone + N task experts in one process versus N separate skeletons.
+"""Memory of unplug-and-play serving: one backbone + N task experts in one process versus N separate skeletons.
 
     skeleton serve-bench                          # 4 synthetic experts of MiniLM (random neurons/adapters)
     skeleton serve-bench --skeletons artifacts/skeletons --backbone minilm   # real exported skeletons
 
 Synthetic experts: the real backbone, seeded random prompts and heads (2, 3, 4, 8 labels), random kept neurons at
---rates, exported with skeleton.prune. Reported: bytes of parameters and buffers held (and the process RSS
-growth, each setup measured in a fresh subprocess), switch time (plug in + restore, median), and per-task latency
-at one batch (interleaved round-robin, medians): the exported skeleton loaded standalone, the server (plug,
-forward, restore), the forward alone while plugged, and the full backbone with the same adapter.
+--rates, exported with skeleton.prune. Reported: bytes of parameters and buffers held, per expert and for all
+(an expert holds its FFN slices, prompt and head; everything else is the backbone's own tensors), the process RSS
+growth of each setup in a fresh subprocess, the time to add an expert, and that every expert answers as its
+exported folder does. Throughput and latency under load: `skeleton load-bench`.
 """
 from __future__ import annotations
 
@@ -74,8 +74,7 @@ def rss_child(mode: str, backbone: str, folders: list[str]) -> None:
     if mode == "server":
         server = SkeletonServer.load(backbone)
         for name in [server.add(folder) for folder in folders]:
-            with server.plugged(name) as model:
-                model(ids, torch.ones_like(ids))
+            server.experts[name].model(ids, torch.ones_like(ids))
         held = [server.backbone, *(e.model for e in map(server.experts.__getitem__, server.names))]
     else:
         held = [load_skeleton(folder)[0] for folder in folders]
@@ -99,23 +98,6 @@ def measure_rss(mode: str, backbone: str, folders: list[Path]) -> dict[str, int]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def median_ms(values: list[float]) -> float:
-    return 1000 * statistics.median(values)
-
-
 @torch.no_grad()
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
@@ -125,7 +107,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 0.65, 0.8, 0.9])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per text (the texts are truncated to it)")
-    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-rss", action="store_true", help="skip the RSS subprocesses")
@@ -157,26 +138,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             start = time.perf_counter()
             names.append(server.add(folder))
             add_s.append(time.perf_counter() - start)
-        # The same backbone object, served a second way: each expert's sliced weights kept, a switch swaps pointers.
-        cached = SkeletonServer(server.backbone, server.tokenizer, backbone, cache_slices=True)
-        for folder, name in zip(folders, names):
-            cached.add(folder, name=name)
         standalone = {name: load_skeleton(folder)[0].to(device).eval() for name, folder in zip(names, folders)}
-        print(f"backbone {backbone}: loaded in {load_s:.2f} s; adding an expert (verify, check, adapter) took "
+        print(f"backbone {backbone}: loaded in {load_s:.2f} s; adding an expert (verify, check, build) took "
               f"{statistics.median(add_s):.2f} s median")
 
         # Memory: bytes of parameters and buffers held.
-        lean, fat = server.memory(), cached.memory()
-        served = lean["backbone"] + sum(lean[n] for n in names)
-        served_cached = fat["backbone"] + sum(fat[n] for n in names)
+        memory = server.memory()
+        served = memory["backbone"] + sum(memory[n] for n in names)
         separate = sum(held_bytes(m) for m in standalone.values())
         mib = 2**20
         print(f"\nmemory, parameters + buffers held, {len(names)} experts:")
-        print(f"  one backbone {lean['backbone'] / mib:.1f} MiB + experts {(served - lean['backbone']) / mib:.3f} MiB "
-              f"= {served / mib:.1f} MiB (slicing on plug)")
-        print(f"  one backbone + experts with cached slices = {served_cached / mib:.1f} MiB")
-        print(f"  {len(names)} separate skeletons = {separate / mib:.1f} MiB  "
-              f"(x{separate / served:.2f} of the server)")
+        for name in names:
+            print(f"  {name}: {memory[name] / mib:.2f} MiB of its own (FFN slices, prompt, head)")
+        print(f"  one backbone {memory['backbone'] / mib:.1f} MiB + experts {(served - memory['backbone']) / mib:.2f} "
+              f"MiB = {served / mib:.1f} MiB")
+        print(f"  {len(names)} separate skeletons = {separate / mib:.1f} MiB  (x{separate / served:.2f} of the server)")
         if not args.no_rss and device.type == "cpu":
             rss = {mode: measure_rss(mode, backbone, folders) for mode in ("server", "standalone")}
             if all(rss.values()):
@@ -184,61 +160,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     f"{k} {v / 1024:.1f} MiB" for k, v in rss["server"].items()) + "; separate " + ", ".join(
                     f"{k} {v / 1024:.1f} MiB" for k, v in rss["standalone"].items()))
 
-        # Inputs: batch_size texts long enough to be truncated to seq_len tokens.
+        # Exactness on one batch: every expert's logits against its exported skeleton's.
         text = " ".join(WORDS * (args.seq_len // len(WORDS) + 2))
         texts = [f"{i} {text}" for i in range(args.batch_size)]
-        inputs = {name: server.encode(name, texts) for name in names}
-
-        def served_call(name):
-            with server.plugged(name) as model:
-                model(*inputs[name])
-
-        def plugged_forward(name):
-            with server.plugged(name) as model:
-                return timed(lambda: model(*inputs[name]), device)
-
-        # Exactness on the benchmark batch: the server's logits against the standalone skeleton's.
-        diffs = {name: (server.logits(name, texts, args.batch_size) - standalone[name](*inputs[name]).cpu())
-                 .abs().max().item() for name in names}
-        times = {key: {n: [] for n in names} for key in ("switch", "switch_cached", "standalone", "server",
-                                                          "plugged", "full")}
-        for name in names:  # warm-up
-            standalone[name](*inputs[name])
-            served_call(name)
-            server.experts[name].model(*inputs[name])
-        for _ in range(args.repeats):
-            for name in names:
-                times["switch"][name].append(timed(lambda: _switch(server, name), device))
-                times["switch_cached"][name].append(timed(lambda: _switch(cached, name), device))
-                times["standalone"][name].append(timed(lambda: standalone[name](*inputs[name]), device))
-                times["server"][name].append(timed(lambda: served_call(name), device))
-                times["plugged"][name].append(plugged_forward(name))
-                times["full"][name].append(timed(lambda: server.experts[name].model(*inputs[name]), device))
-
-    shape = tuple(next(iter(inputs.values()))[0].shape)
-    print(f"\nlatency, batch {shape[0]} x {shape[1]} tokens (+ prompt), medians of {args.repeats} interleaved "
-          f"repeats, {torch.get_num_threads()} threads, device {device}; times in ms")
-    header = ("expert", "rate", "width", "labels", "switch", "switch(cached)", "standalone", "server", "plugged fwd",
-              "full", "server/standalone", "max|logit diff|")
-    rows = []
-    for name in names:
-        e = server.experts[name]
-        widths = sorted({len(k) for k in e.keep})
-        t = {key: median_ms(times[key][name]) for key in times}
-        rows.append((name, f"{e.meta.get('rate', 0.0):g}", "-".join(map(str, widths)), str(len(e.labels)),
-                     f"{t['switch']:.2f}", f"{t['switch_cached']:.3f}", f"{t['standalone']:.1f}", f"{t['server']:.1f}",
-                     f"{t['plugged']:.1f}", f"{t['full']:.1f}", f"{t['server'] / t['standalone']:.3f}",
-                     f"{diffs[name]:.1e}"))
-    sizes = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.rjust(size) if i else cell.ljust(size) for i, (cell, size) in enumerate(zip(row, sizes))))
+        for name in names:
+            with torch.no_grad():
+                alone = standalone[name](*server.encode(name, texts)).cpu()
+            diff = (server.logits(name, texts, args.batch_size) - alone).abs().max().item()
+            print(f"  {name}: max |logit difference| against its exported folder {diff:.1e}")
     return 0
-
-
-def _switch(server: SkeletonServer, name: str) -> None:
-    """One plug in + restore, no forward."""
-    with server.plugged(name):
-        pass
 
 
 if __name__ == "__main__":
