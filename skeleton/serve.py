@@ -42,6 +42,31 @@ CONFIG_IGNORED = {"intermediate_size", "per_layer_config", "model_type", "_name_
                   "architectures", "dtype", "torch_dtype", "id2label", "label2id"}
 
 
+# What one more forward pass costs, in padded token positions: on a CPU time follows the positions a pass runs, plus a
+# fixed cost per pass of about this many (MiniLM, 2 cores: docs/results.md); on a GPU a pass costs its launches
+# whatever the padding, so one pass takes everything (None).
+PASS_COST = {"cpu": 32}
+
+
+def length_batches(lengths: Sequence[int], max_size: int, pass_cost: int | None) -> list[list[int]]:
+    """Indices into `lengths`, grouped into batches of at most `max_size` texts of similar length so that the padded
+    positions plus `pass_cost` per batch are fewest: sorted by length, then cut by dynamic programming."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    if pass_cost is None:
+        return [order[i : i + max_size] for i in range(0, len(order), max_size)]
+    cost, cut = [0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(max(0, end - max_size), end):  # a batch order[start:end], padded to its longest
+            total = cost[start] + pass_cost + (end - start) * lengths[order[end - 1]]
+            if total < cost[end]:
+                cost[end], cut[end] = total, start
+    batches, end = [], len(order)
+    while end:
+        batches.append(order[cut[end] : end])
+        end = cut[end]
+    return batches[::-1]
+
+
 class ExpertMismatchError(ValueError):
     """A skeleton that is not an expert of the loaded backbone: its weights are not a slice of the backbone's."""
 
@@ -288,21 +313,36 @@ class SkeletonServer:
             tokenizer = self._local.tokenizer = copy.deepcopy(self.tokenizer)
         return tokenizer
 
+    def token_ids(self, name: str, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids, truncated to the expert's max_length."""
+        if not texts:
+            return []
+        return self._tokenizer()(list(texts), truncation=True, max_length=self.experts[name].max_length)["input_ids"]
+
+    def pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), (batch, longest row), right-padded as the training collator pads."""
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
     def encode(self, name: str, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask), (batch, seq): truncated to the expert's max_length, right-padded to the
-        longest text, as the training collator pads."""
-        enc = self._tokenizer()(list(texts), truncation=True, max_length=self.experts[name].max_length, padding=True,
-                                return_tensors="pt")
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        """The texts as one padded batch."""
+        return self.pad(self.token_ids(name, texts))
 
     @torch.inference_mode()
     def logits(self, name: str, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-        """(len(texts), num_labels) logits of one task's expert, in batches of up to `batch_size` texts."""
+        """(len(texts), num_labels) logits of one task's expert: texts of similar length share a forward pass of at
+        most `batch_size` (length_batches), so short texts are not padded to the longest one's length."""
         model = self.experts[name].model
-        if not texts:
-            return torch.empty(0, model.config.num_labels)
-        return torch.cat([model(*self.encode(name, texts[i : i + batch_size])).float().cpu()
-                          for i in range(0, len(texts), batch_size)])
+        ids = self.token_ids(name, texts)
+        out = torch.empty(len(ids), model.config.num_labels)
+        for rows in length_batches([len(row) for row in ids], batch_size, PASS_COST.get(self.device.type)):
+            out[rows] = model(*self.pad([ids[i] for i in rows])).float().cpu()
+        return out
 
     def classify(self, name: str, texts: Sequence[str], batch_size: int = 32) -> list[Prediction]:
         labels = self.experts[name].labels

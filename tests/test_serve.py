@@ -368,3 +368,29 @@ def test_default_names():
     assert default_name({"task": "rt", "method": "m", "rate": 0.5, "reconstruct": True}, "x") == "rt-m-p0.5-rec"
     assert default_name({"task": "rt", "method": "m", "rate": 0.5, "tune_norms": True}, "x") == "rt-m-p0.5-norms"
     assert default_name({"rate": 0.5}, "/skeletons/abc123") == "abc123"  # exported before the task was recorded
+
+
+def test_length_batches_cut_padding_at_least_cost():
+    """Every text once, batches of at most max_size, and no grouping costs fewer padded positions plus pass costs
+    (brute force over every way to cut the length-sorted texts)."""
+    import itertools
+    import random
+
+    from skeleton.serve import length_batches
+
+    def cost(batches, lengths, pass_cost):
+        return sum(pass_cost + len(b) * max(lengths[i] for i in b) for b in batches)
+
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.randint(1, 64) for _ in range(rng.randint(1, 9))]
+        max_size, pass_cost = rng.randint(1, 5), rng.choice([0, 8, 32, 200])
+        batches = length_batches(lengths, max_size, pass_cost)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(0 < len(b) <= max_size for b in batches)
+        ordered = sorted(range(len(lengths)), key=lengths.__getitem__)
+        best = min(cost([ordered[a:b] for a, b in zip((0, *cuts), (*cuts, len(ordered)))], lengths, pass_cost)
+                   for k in range(len(ordered)) for cuts in itertools.combinations(range(1, len(ordered)), k)
+                   if all(b - a <= max_size for a, b in zip((0, *cuts), (*cuts, len(ordered)))))
+        assert cost(batches, lengths, pass_cost) == best
+    assert length_batches([3, 1, 2], 2, None) == [[1, 2], [0]]  # no pass cost given: full batches, by length
