@@ -168,20 +168,23 @@ def test_a_bad_request_fails_alone_not_the_batch_it_arrives_with(served, experts
     check_answers([answers[i][1]["predictions"][0] for i in (0, 2, 4)], good, experts)
 
 
-def test_one_expert_needs_no_task_field_and_sigterm_stops_every_process(experts, tmp_path):
+def test_two_workers_one_expert_without_task_field_and_sigterm_stops_every_process(experts, tmp_path):
+    """Scale-out on one machine: two worker processes (each with its own backbone) behind one port."""
     port, log = free_port(), tmp_path / "serve.log"
     with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", experts["beta"], "--port", str(port)],
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", experts["beta"], "--port", str(port),
+                                   "--workers", "2"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until_up(f"http://127.0.0.1:{port}/health", server, log)
-        status, body = post(f"http://127.0.0.1:{port}/invocations", {"inputs": [{"text": TEXTS[0]}]})
-        assert status == 200, body
-        name = body["predictions"][0]["task"]  # a folder without TASK= is named by its neurons.json
+        answers = concurrently(f"http://127.0.0.1:{port}/invocations", [{"inputs": [{"text": t}]} for t in TEXTS * 2])
+        assert all(status == 200 for status, _ in answers), answers
+        name = answers[0][1]["predictions"][0]["task"]  # a folder without TASK= is named by its neurons.json
         assert name.startswith("beta-grad_x_act-p0.75")
-        check_answers(body["predictions"], [(name, TEXTS[0])], {name: experts["beta"]})
+        check_answers([body["predictions"][0] for _, body in answers], [(name, t) for t in TEXTS * 2],
+                      {name: experts["beta"]})
         family = [server.pid, *(p.pid for p in psutil.Process(server.pid).children(recursive=True))]
-        assert len(family) >= 3  # the command, its API server and its worker
+        workers = [p for p in family if "multiprocessing.spawn" in " ".join(psutil.Process(p).cmdline())]
+        assert len(workers) >= 2, [psutil.Process(p).cmdline() for p in family]  # two inference workers
     finally:
         stop(server)
     deadline = time.time() + 10
