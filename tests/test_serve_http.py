@@ -252,3 +252,31 @@ def test_a_single_skeleton_still_serves_with_mlflow_models_serve(experts, tmp_pa
         assert status == 400 and "row 0: field 'text' is empty" in body["message"], body
     finally:
         stop(server)
+
+
+def test_load_bench_measures_the_served_speed_up_and_logs_it(experts, tmp_path):
+    """A short `skeleton load-bench` over the tiny experts: every setup answers without errors at each client count,
+    the served and harness speed-ups are reported, and the figures and files land on the MLflow run."""
+    import mlflow
+
+    from flows.commands import load_bench
+    from tasks import tracking
+
+    run_id = tracking.start_sweep_run.fn("load-bench", {"task": "many", "backbone": "tiny"})
+    out = tmp_path / "load"
+    assert load_bench.main(["--experts", *(f"{t}={f}" for t, f in experts.items() if t != "delta"),
+                            "--alone", experts["alpha"], "--full", experts["delta"], "--clients", "1", "4",
+                            "--seconds", "1", "--max-requests", "40", "--harness-repeats", "2", "--out", str(out),
+                            "--mlflow-run", run_id]) == 0
+    result = json.loads((out / "load.json").read_text())
+    assert {(r["setup"], r["clients"]) for r in result["rows"]} == {
+        (setup, c) for setup in ("skeleton server, 3 experts", "skeleton alone", "full model") for c in (1, 4)}
+    assert all(r["requests"] > 0 and r["errors"] == 0 and r["rss_mib"] > 0 for r in result["rows"])
+    assert [s["clients"] for s in result["speedups"]] == [1, 4]
+    assert all(s["served_speedup"] > 0 and s["harness_speedup"] > 0 for s in result["speedups"])
+    assert (out / "load.png").stat().st_size > 0 and "served speed-up" in (out / "load.md").read_text()
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.data.metrics["served_speedup_c4"] == pytest.approx(result["speedups"][1]["served_speedup"])
+    assert "served_full_model_throughput_c1" in run.data.metrics
+    assert {f.path for f in mlflow.MlflowClient().list_artifacts(run_id, "serving")} >= {
+        "serving/load.json", "serving/load.png", "serving/load.md"}

@@ -3,7 +3,7 @@ same serving code, the full model as its one expert), in one run.
 
     skeleton load-bench --experts a=DIR b=DIR c=DIR d=DIR --alone DIR --full DIR --task rotten_tomatoes
     skeleton load-bench                       # synthetic MiniLM experts (random neurons) at p=0.5 0.65 0.8 0.9
-    skeleton load-bench ... --clients 1 4 16 64 --seconds 12 --max-requests 5000 --out bench.json
+    skeleton load-bench ... --clients 1 4 16 64 --seconds 12 --max-requests 5000 --out DIR --mlflow-run RUN_ID
 
 Setups, each a `skeleton serve` process of its own, measured one after the other: every expert in one server
 (requests round-robin over the tasks), the --alone expert by itself, and the --full model by itself. For each
@@ -12,7 +12,9 @@ until --seconds pass or --max-requests are answered. Reported per setup and clie
 second, p50 / p99 latency, the requests per batch the server ran, and the resident memory of the server's
 processes; then the served speed-up (alone over full, same client count) beside the harness speed-up
 (skeleton.benchmark, one process, no HTTP) at the batch sizes the server ran. Everything listens on 127.0.0.1.
-Clients are asyncio tasks on aiohttp keep-alive connections, in this process.
+Clients are asyncio tasks on aiohttp keep-alive connections, in this process. --out writes load.json, load.md and
+load.png (throughput and served speed-up against clients); --mlflow-run logs the figures and those files to that
+run (a sweep's parent run: the served figures beside the sweep's).
 """
 from __future__ import annotations
 
@@ -208,6 +210,51 @@ def report(rows: list[dict], speedups: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], speedups: list[dict], out: Path) -> Path:
+    """Throughput against clients per setup; the served speed-up against clients beside the harness speed-up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for setup in dict.fromkeys(r["setup"] for r in rows):
+        mine = [r for r in rows if r["setup"] == setup]
+        left.plot([r["clients"] for r in mine], [r["throughput"] for r in mine], marker="o", label=setup)
+    left.set(xscale="log", xlabel="concurrent clients", ylabel="answered requests / s", title="Throughput")
+    left.legend(fontsize=8)
+    clients = [s["clients"] for s in speedups]
+    right.plot(clients, [s["served_speedup"] for s in speedups], marker="o", label="served (alone / full req/s)")
+    right.plot(clients, [s["harness_speedup"] for s in speedups], marker="s", linestyle="--",
+               label="harness, at the batch the server ran")
+    right.axhline(1.0, color="grey", linestyle=":")
+    right.set(xscale="log", xlabel="concurrent clients", ylabel="speed-up over the full model",
+              title="Served speed-up")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def log_to_mlflow(run_id: str, rows: list[dict], speedups: list[dict], folder: Path) -> None:
+    """Metrics served_<setup>_<what>_c<clients> and served_speedup_c<clients> on the run, the files as artifacts."""
+    import re
+
+    import mlflow
+
+    from tasks.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri())
+    metrics = {f"served_{re.sub('[^a-z0-9]+', '_', r['setup'].lower()).strip('_')}_{key}_c{r['clients']}": r[key]
+               for r in rows for key in ("throughput", "p50_ms", "p99_ms", "mean_batch", "rss_mib")}
+    metrics |= {f"served_speedup_c{s['clients']}": s["served_speedup"] for s in speedups}
+    metrics |= {f"harness_speedup_c{s['clients']}": s["harness_speedup"] for s in speedups}
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
+    client.log_artifacts(run_id, str(folder), "serving")
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -221,7 +268,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--harness-repeats", type=int, default=20, help="timed rounds of the harness comparison")
     parser.add_argument("--serve-options", nargs=argparse.REMAINDER, default=[],
                         help="the rest is passed to every `skeleton serve` (e.g. --max-batch-size 64 --workers 2)")
-    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--out", type=Path, help="folder for load.json, load.md and load.png")
+    parser.add_argument("--mlflow-run", metavar="RUN_ID", help="log the figures to this MLflow run")
     args = parser.parse_args(argv)
     if bool(args.experts) != bool(args.alone) or bool(args.alone) != bool(args.full):
         raise SystemExit("load-bench: give --experts, --alone and --full together, or none for synthetic experts")
@@ -247,13 +295,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     speedups = [{"clients": c, "served_speedup": by["skeleton alone", c]["throughput"] / by["full model", c]["throughput"],
                  "batch_alone": by["skeleton alone", c]["mean_batch"], "batch_full": by["full model", c]["mean_batch"],
                  "harness_batch": sizes[c], "harness_speedup": measured[sizes[c]]} for c in args.clients]
-    print(f"\ntexts: {args.task} test split, {length} tokens on average; {os.cpu_count()} CPUs\n")
-    print(report(rows, speedups))
-    if args.out:
+    table = report(rows, speedups)
+    print(f"\ntexts: {args.task} test split, {length} tokens on average; {os.cpu_count()} CPUs\n\n{table}")
+    out = args.out or (Path(tempfile.mkdtemp(prefix="load-bench-")) if args.mlflow_run else None)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
         environment = {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "seconds": args.seconds,
                        "max_requests": args.max_requests, "task": args.task, "text_tokens": length,
                        "serve_options": args.serve_options}
-        args.out.write_text(json.dumps({"environment": environment, "rows": rows, "speedups": speedups}, indent=1))
+        (out / "load.json").write_text(json.dumps({"environment": environment, "rows": rows, "speedups": speedups},
+                                                  indent=1))
+        (out / "load.md").write_text(table + "\n")
+        plot(rows, speedups, out / "load.png")
+        print(f"report: {out}")
+    if args.mlflow_run:
+        log_to_mlflow(args.mlflow_run, rows, speedups, out)
     return 0
 
 
