@@ -20,7 +20,6 @@ With prompt_length=0 the module is the linear probe on frozen features.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 from collections.abc import Sequence
@@ -111,9 +110,10 @@ class PrefixPrompt(nn.Module):
         self.length = length
         embeddings = backbone.get_input_embeddings().weight
         rows = torch.randint(0, embeddings.shape[0], (1, length), generator=generator)  # drawn on the CPU: any device
+        self.cache_kwarg = _cache_kwarg(backbone)
         with torch.no_grad():
             cache = DynamicCache()
-            backbone(input_ids=rows.to(embeddings.device), **{_cache_kwarg(backbone): cache}, use_cache=False)
+            backbone(input_ids=rows.to(embeddings.device), **{self.cache_kwarg: cache}, use_cache=False)
         self.layers = nn.ParameterList(
             [nn.Parameter(torch.stack([layer.keys[0], layer.values[0]]).detach().clone()) for layer in cache.layers])
         self._memo = _Memo()
@@ -126,31 +126,28 @@ class PrefixPrompt(nn.Module):
         return tokens, attention_mask
 
     def backbone_kwargs(self, backbone: nn.Module, attention_mask: torch.Tensor) -> dict:
-        prefix_mask, positions, cache = self._prepared(*attention_mask.shape, attention_mask)
+        batch, text = attention_mask.shape
+        prefix_mask = attention_mask.new_ones(batch, self.length)
+        positions = torch.arange(text, device=attention_mask.device).expand(batch, -1)
         return {"attention_mask": torch.cat([prefix_mask, attention_mask], 1), "position_ids": positions,
-                _cache_kwarg(backbone): cache}
+                self.cache_kwarg: self.cache(batch)}
 
-    def _prepared(self, batch: int, text: int, attention_mask: torch.Tensor):
-        """(prefix mask (B, m), text positions (B, T), PrefixCache) for a batch shape. Without autograd (inference)
-        they are made once per shape and kept: a forward pass then does no per-layer Python work for the prefix, and
-        replays the same tensors (what a CUDA graph captures). The kept ones are views of the prefix parameters, so
-        in-place edits show through; new parameters (loaded, moved, cut to fewer heads) start afresh."""
-        def make():
-            return (attention_mask.new_ones(batch, self.length),
-                    torch.arange(text, device=attention_mask.device).expand(batch, -1), PrefixCache(self.layers, batch))
-
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # autograd / dynamo must see them made
-            return make()
+    def cache(self, batch: int) -> "PrefixCache":
+        """The prefix as a key/value cache for `batch` examples. In inference (no autograd) one is made per batch size
+        and kept, so a forward pass does no per-layer Python work for the prefix. A kept cache holds views of the
+        prefix parameters, nothing of its own: in-place edits show through, and a CUDA graph captured with it reads
+        the parameters themselves; new parameters (loaded, moved, cut to fewer heads) get new caches."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # autograd / dynamo must see it made
+            return PrefixCache(self.layers, batch)
         owner = tuple(kv.data_ptr() for kv in self.layers)
-        if self._memo.owner != owner:
-            self._memo.clear()
-            self._memo.owner = owner
-        key = (batch, text, attention_mask.dtype, attention_mask.device)
-        if key not in self._memo:
-            if len(self._memo) >= _Memo.SHAPES:
-                self._memo.clear()
-            self._memo[key] = make()
-        return self._memo[key]
+        memo = self._memo
+        if memo.owner != owner or len(memo) >= _Memo.SIZES:
+            memo.clear()
+            memo.owner = owner
+        cache = memo.get(batch)
+        if cache is None:
+            cache = memo[batch] = PrefixCache(self.layers, batch)
+        return cache
 
     def state(self) -> dict[str, torch.Tensor]:
         return {f"prefix.{i}": kv for i, kv in enumerate(self.layers)}
@@ -198,10 +195,10 @@ class PrefixCache(DynamicCache):
 
 
 class _Memo(dict):
-    """Tensors a prompt derives per batch shape (PrefixPrompt._prepared), for the parameters `owner` names. Never
-    copied or pickled with its module: a copy makes its own."""
+    """PrefixPrompt's caches by batch size, for the parameters `owner` names. Never copied or pickled with its
+    module: a copy makes its own."""
 
-    SHAPES = 64  # shapes kept at most (a server's padded buckets, a benchmark's grid); past it, start afresh
+    SIZES = 64  # batch sizes kept at most; past it, start afresh
     owner: tuple = ()
 
     def __deepcopy__(self, memo):
@@ -213,12 +210,7 @@ class _Memo(dict):
 
 def _cache_kwarg(backbone: nn.Module) -> str:
     """How the backbone's forward takes a key/value cache: BERT's `cache`, everyone else's `past_key_values`."""
-    return _cache_kwarg_of(type(backbone))
-
-
-@functools.cache
-def _cache_kwarg_of(cls: type) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
 
 PROMPT_METHODS: Registry[type] = Registry("prompt method")
