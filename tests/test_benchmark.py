@@ -348,3 +348,19 @@ def test_script_names_folders_of_every_prompt_method_and_picks_the_input_full_mo
     assert named["full"].name == "full"
     with pytest.raises(SystemExit, match="exactly one input-prompt full model"):
         script.skeleton_folders(folders[:2])
+
+
+def test_gpu_bench_dry_run_on_the_cpu(tmp_path):
+    """The prepared GPU run's plumbing on tiny shapes: steps that need CUDA graphs fail over to eager, and the
+    table, the report and the log are written."""
+    from flows.commands import gpu_bench
+
+    code = gpu_bench.main(["--device", "cpu", "--tiny", "--only", "bert-base", "llama2-7b-compile",
+                           "--out", str(tmp_path)])
+    assert code == 1  # the graph steps failed over (no CUDA here): said in the exit code and the report
+    state = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert [r["step"] for r in state["results"]] == ["bert-base", "llama2-7b-compile"]
+    assert set(state["errors"]) == {"bert-base", "llama2-7b-compile"}
+    text = (tmp_path / "gpu_bench.md").read_text()
+    assert "| bert-base, batch 2 | eager |" in text and "| llama2-7b, batch 2 | eager |" in text
+    assert "prefix p=0.65 / input p=0.65" in text and "step bert-base" in (tmp_path / "gpu_bench.log").read_text()
