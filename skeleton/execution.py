@@ -17,16 +17,24 @@ Modes (MODES):
 Padding: columns past a text are masked (attention mask 0) and rows past the batch attend to their first position
 only and are dropped, so a padded pass computes the same logits; the matrices have other shapes, so the numbers
 differ by rounding: float32 within 1e-5 of eager (tests/test_execution.py), bfloat16 within 2e-2 + 2e-2 * |logit|
-(the GPU script checks it, flows/commands/gpu_table.py). A batch larger than the largest batch bucket is split; a
-sequence longer than the largest length bucket runs eagerly.
+(checked on a GPU by flows/commands/gpu_bench.py). A batch larger than the largest batch bucket is split; a
+sequence longer than the largest length bucket runs eagerly (counted in `eager_fallbacks`).
 
-What a graph reads is fixed at capture: the model's parameters (in-place edits show through; parameters replaced
-after capture, e.g. by loading or `.to()`, do not: make a new runner), the runner's static inputs, and memory of
-its pool. Runners can share one pool (`pool=`) when they never run at the same time.
+What a graph reads is fixed at capture: the tensors the model read then, by address (its parameters: in-place
+edits show through, parameters replaced after capture, by loading or `.to()`, do not: make a new runner), the
+runner's static inputs, and memory of its pool. Runners can share one pool (`pool=`) when they never run at the
+same time.
 
 Threads: calls are served one at a time (one lock per runner: the static tensors are shared), from any thread.
 `context`, when given, is entered around everything that runs the model's Python code (capture, compile, eager
-passes and compiled calls; not graph replays): e.g. the server's plugging of an expert into a shared backbone.
+passes and compiled calls; not graph replays).
+
+Serving many experts on one backbone (skeleton/serve.py): one graph runner per expert, captured while the expert is
+plugged in, `Runner(expert.model, "graph", context=lambda: server.plugged(name))`. A replay then reads the expert's
+own tensors without plugging anything, so the server must keep them alive and unchanged: its sliced weights
+(`cache_slices=True`; per-plug slices are freed on restore and a graph would read freed memory), its own weights
+and its prompt and head. Capture per expert and bucket costs milliseconds and GPU memory for its pool; pass one
+`pool=torch.cuda.graph_pool_handle()` to all runners if replays are serialised (e.g. under the server's lock).
 """
 from __future__ import annotations
 
