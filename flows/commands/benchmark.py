@@ -117,7 +117,7 @@ def from_artifacts(root: Path, method: str, rates: list[float]) -> dict[str, Pat
             **{f"{label} p={rate}": groups[key][rate] for rate in rates}}
 
 
-def build_demo(backbone: str, rates: list[float], prompt_length: int, random_init: bool, seed: int,
+def build_demo(backbone: str, rates: list[float], prompt_length: int, seed: int,
                prompt_methods: tuple[str, ...] = ("input",)) -> dict[str, Path]:
     """A full model and skeletons at `rates` per prompt method, random neurons kept, untrained prompt and head,
     exported; reused when built. (--random-init builds in memory instead: demo_models.)"""
@@ -129,7 +129,7 @@ def build_demo(backbone: str, rates: list[float], prompt_length: int, random_ini
     from skeleton.model import AdapterConfig, PromptClassifier
     from skeleton.prune import MANIFEST, export_skeleton, select, slice_ffn
 
-    spec = dict(backbone=str(backbone), rates=rates, prompt_length=prompt_length, random_init=random_init, seed=seed)
+    spec = dict(backbone=str(backbone), rates=rates, prompt_length=prompt_length, random_init=False, seed=seed)
     if tuple(prompt_methods) != ("input",):
         spec["prompt_methods"] = list(prompt_methods)
     root = artifacts_dir() / "benchmark" / "demo" / stable_hash(spec)
@@ -289,7 +289,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.error("a config.json holds no weights: add --random-init (or pass a checkpoint folder)")
     started = time.perf_counter()
     methods = tuple(dict.fromkeys(args.prompt_methods))
-    if args.demo and args.random_init:
+    folders = None
+    if args.skeletons:
+        folders = skeleton_folders(args.skeletons)
+    elif not args.demo:
+        folders = (from_mlflow(args.experiment, args.method, args.rates)
+                   or from_artifacts(artifacts_dir(), args.method, args.rates))
+        if folders is None and args.from_sweep:
+            raise SystemExit(f"no finished sweep with {args.method} skeletons at rates {args.rates} in MLflow or "
+                             f"{artifacts_dir()}: run `make sweep`, or pass --skeletons / --demo")
+        if folders is None:
+            print(f"no sweep skeletons found: building demo skeletons from {args.backbone}")
+    if folders is None and args.random_init:  # a demo of the shape alone: built in memory, on the device
         try:
             models = demo_models(args.backbone, args.rates, args.prompt_length, args.seed, methods, args.device,
                                  args.dtype)
@@ -300,19 +311,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                            baselines=[demo_name(m) for m in methods[1:]])
         result["environment"]["backbone"] = args.backbone
         return report(result, args.out, started)
-    if args.skeletons:
-        folders = skeleton_folders(args.skeletons)
-    elif args.demo:
-        folders = build_demo(args.backbone, args.rates, args.prompt_length, args.random_init, args.seed, methods)
-    else:
-        folders = (from_mlflow(args.experiment, args.method, args.rates)
-                   or from_artifacts(artifacts_dir(), args.method, args.rates))
-        if folders is None and args.from_sweep:
-            raise SystemExit(f"no finished sweep with {args.method} skeletons at rates {args.rates} in MLflow or "
-                             f"{artifacts_dir()}: run `make sweep`, or pass --skeletons / --demo")
-        if folders is None:
-            print(f"no sweep skeletons found: building demo skeletons from {args.backbone}")
-            folders = build_demo(args.backbone, args.rates, args.prompt_length, args.random_init, args.seed)
+    if folders is None:
+        folders = build_demo(args.backbone, args.rates, args.prompt_length, args.seed, methods)
     for name, folder in folders.items():
         print(f"  {name}: {folder}")
     result = benchmark_folders({name: str(path) for name, path in folders.items()}, config, reference="full",
