@@ -16,7 +16,7 @@ import torch
 from skeleton.backbones import family_of
 from skeleton.model import PromptClassifier
 from skeleton.registry import Registry
-from skeleton.train import batches
+from skeleton.train import batches, model_device, to_device
 
 log = logging.getLogger("skeleton")
 
@@ -55,18 +55,20 @@ def gold_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def _accumulate(model: PromptClassifier, dataset, pad_id: int, batch_size: int, score_batch,
                 sites: list[torch.nn.Module] | None = None) -> Scores:
     """Sum `score_batch(logits, acts, token_mask, batch)` over batches, averaged per example. `acts` are the inputs
-    of `sites` (default: the FFN down projections), one score per input column."""
+    of `sites` (default: the FFN down projections), one score per input column. Runs where the model is; the scores
+    come back on the CPU."""
     modules = down_projections(model) if sites is None else list(sites)
     totals = [torch.zeros(m.in_features, dtype=torch.float64) for m in modules]
-    seen = 0
+    seen, device = 0, model_device(model)
     model.eval()
     for i, batch in enumerate(batches(dataset, pad_id, batch_size)):
+        batch = to_device(batch, device)
         with capture_inputs(modules) as acts:
             embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
             logits = model.head(model.features(embeds, mask))
         token_mask = mask.unsqueeze(-1).to(logits.dtype)  # (B, m+T, 1): padding does not count
         for total, layer_scores in zip(totals, score_batch(logits, acts, token_mask, batch)):
-            total += layer_scores.double()
+            total += layer_scores.double().cpu()
         seen += len(batch["labels"])
         log.info("attribution batch %d  examples %d/%d", i + 1, seen, len(dataset))
     return [(t / seen).float() for t in totals]
@@ -109,7 +111,7 @@ def weight_x_activation_norm(model: PromptClassifier, dataset, pad_id: int, batc
 
     with torch.no_grad():
         squares = _accumulate(model, dataset, pad_id, batch_size, score)
-    return [d.weight.abs().sum(0) * s.sqrt() for d, s in zip(down_projections(model), squares)]
+    return [d.weight.detach().abs().sum(0).cpu() * s.sqrt() for d, s in zip(down_projections(model), squares)]
 
 
 @METHODS.register("skill")
@@ -123,16 +125,17 @@ def skill_neurons(model: PromptClassifier, dataset, pad_id: int, batch_size: int
     balanced accuracy of the better direction, max(b, 1 - b), averaged over the classes."""
     downs = down_projections(model)
     features: list[list[torch.Tensor]] = [[] for _ in downs]
-    labels = []
+    labels, device = [], model_device(model)
     model.eval()
     for batch in batches(dataset, pad_id, batch_size):
+        batch = to_device(batch, device)
         with capture_inputs(downs) as acts:
             embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
             model.features(embeds, mask)
         weights = mask.unsqueeze(-1).float()
         for layer, a in zip(features, acts):
-            layer.append((a * weights).sum(1) / weights.sum(1))
-        labels.append(batch["labels"])
+            layer.append(((a * weights).sum(1) / weights.sum(1)).cpu())
+        labels.append(batch["labels"].cpu())
     labels = torch.cat(labels)
     scores = []
     for layer in features:
@@ -200,16 +203,17 @@ def activation_moments(model: PromptClassifier, dataset, pad_id: int, batch_size
     downs = down_projections(model)
     sums = [torch.zeros(d.in_features, dtype=torch.float64) for d in downs]
     products = [torch.zeros(d.in_features, d.in_features, dtype=torch.float64) for d in downs]
-    positions = 0
+    positions, device = 0, model_device(model)
     model.eval()
     for batch in batches(dataset, pad_id, batch_size):
+        batch = to_device(batch, device)
         with capture_inputs(downs) as acts:
             embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
             model.features(embeds, mask)
         for total, product, a in zip(sums, products, acts):
             a = a[mask.bool()].float()  # (positions, k); the float32 product per batch keeps this fast
-            total += a.sum(0).double()
-            product += (a.T @ a).double()
+            total += a.sum(0).double().cpu()
+            product += (a.T @ a).double().cpu()
         positions += int(mask.sum())
     means = [t / positions for t in sums]
     return [(mean, product / positions - torch.outer(mean, mean)) for mean, product in zip(means, products)]

@@ -270,12 +270,12 @@ def sweep_defaults(name_or_path: str) -> dict:
     return family_for(model_type).sweep_defaults
 
 
-def load_backbone(name_or_path: str):
-    """Load (backbone, tokenizer) in float32 from local files only."""
+def load_backbone(name_or_path: str, device: str = "cpu"):
+    """Load (backbone, tokenizer) in float32 from local files only, the backbone on `device` (cpu, cuda, cuda:N)."""
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_backbone(name_or_path)
-    backbone = AutoModel.from_pretrained(path, dtype="float32", local_files_only=True)
+    backbone = AutoModel.from_pretrained(path, dtype="float32", local_files_only=True).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:  # decoder tokenizers often have none; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token

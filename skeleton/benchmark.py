@@ -2,7 +2,14 @@
 bound on the speed-up.
 
     result = benchmark({"full": full, "p0.5": skeleton}, BenchmarkConfig(batch_sizes=(32,), lengths=(64,)))
-    result["rows"]          one row per (model, batch size, text length); result["environment"]: what it ran on
+    result["rows"]          one row per (model, execution, batch size, text length); result["environment"]: where
+
+Execution (BenchmarkConfig.executions, skeleton/execution.py): "eager", the model called as every stage calls it;
+"graph", CUDA-graph replay of each configuration's shape; "compile", torch.compile. Every model runs in every
+execution in the same rounds; a row's speed-up is against the reference in the same execution, and its
+"execution_speedup" against the same model run eagerly, so eager and graph stand side by side with the bound. A
+non-eager model is captured / compiled before its warm-up (seconds in the row's "prepare_s"), and its passes
+include copying the inputs in and the logits out, as a server's do.
 
 Timing: per configuration every model gets `warmup` + 1 passes that do not count (the last one sizes the
 rounds against `budget_s`), then `repeats` rounds in which every model runs once, the order rotated each round:
@@ -32,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from skeleton.execution import MODES, Runner, check_mode
 from skeleton.model import PromptClassifier
 
 BUSY = 0.85  # below this share of CPU time per thread and wall second, other programs held the cores
@@ -51,8 +59,10 @@ class BenchmarkConfig:
     threads: int | None = None  # torch CPU threads for the run; None keeps torch's default (recorded either way)
     budget_s: float | None = None  # per configuration: fewer rounds (not under min_repeats) if they would take longer
     min_repeats: int = 5
-    memory: bool = True  # also measure each forward's peak memory (one more, untimed pass)
+    memory: bool = True  # also measure each eager forward's peak memory (one more, untimed pass)
     seed: int = 0
+    executions: tuple[str, ...] = ("eager",)  # skeleton.execution.MODES, each model timed in each
+    compile_mode: str | None = None  # torch.compile's mode for "compile" (default: the Runner's)
 
     def __post_init__(self):
         for name in ("batch_sizes", "lengths"):
@@ -71,6 +81,12 @@ class BenchmarkConfig:
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
         if kind == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for, but torch {torch.__version__} sees no CUDA device")
+        executions = tuple(dict.fromkeys(self.executions))
+        if not executions:
+            raise ValueError(f"executions must name at least one of {', '.join(MODES)}")
+        for mode in executions:
+            check_mode(mode, self.device)
+        object.__setattr__(self, "executions", executions)
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -216,8 +232,13 @@ def environment(config: BenchmarkConfig, models: dict[str, PromptClassifier]) ->
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "attention": sorted({str(m.backbone.config._attn_implementation) for m in models.values()}),
         "repeats": config.repeats, "warmup": config.warmup, "budget_s": config.budget_s,
-        "load_before": _load(),
+        "load_before": _load(), "executions": list(config.executions),
     }
+    if "compile" in config.executions:
+        env["compile_mode"] = config.compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["gpu_memory_gb"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
     env["float32_matmul_precision"] = torch.get_float32_matmul_precision()  # "highest": no TF32 on a GPU
     return env
 
@@ -227,47 +248,62 @@ def environment(config: BenchmarkConfig, models: dict[str, PromptClassifier]) ->
 
 @torch.no_grad()
 def _configuration(models: dict[str, PromptClassifier], reference: str, batch_size: int, length: int,
-                   config: BenchmarkConfig, device: torch.device, baselines: Sequence[str] = ()) -> list[dict]:
-    names = list(models)
+                   config: BenchmarkConfig, device: torch.device, baselines: Sequence[str] = (),
+                   runners: dict | None = None) -> list[dict]:
+    """Rows of one (batch size, text length): every model in every execution, timed in the same rounds.
+    runners: (model, execution) -> a callable running the model that way (default: the model itself, eagerly)."""
+    runners = runners or {}
+    entries = [(name, mode) for mode in config.executions for name in models]  # rows: by execution, then model
+    run = {(name, mode): runners.get((name, mode), models[name]) for name, mode in entries}
     vocab = models[reference].backbone.config.vocab_size
     ids, mask = _inputs(vocab, batch_size, length, device, config.seed)
     round_s = 0.0
-    for name in names:
+    for entry in entries:
+        if isinstance(run[entry], Runner):
+            run[entry].prepare([(batch_size, length)])  # capture / compile: not timed
         for _ in range(config.warmup):
-            models[name](ids, mask)
-        round_s += _timed_pass(models[name], ids, mask, device)[0]  # one more warm pass: the round's cost
+            run[entry](ids, mask)
+        round_s += _timed_pass(run[entry], ids, mask, device)[0]  # one more warm pass: the round's cost
     repeats = config.repeats
     if config.budget_s is not None:
         repeats = min(repeats, max(config.min_repeats, int(config.budget_s / max(round_s, 1e-9))))
-    times: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[tuple, list[float]] = {entry: [] for entry in entries}
+    cpu: dict[tuple, list[float]] = {entry: [] for entry in entries}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            wall, used = _timed_pass(models[name], ids, mask, device)
-            times[name].append(wall)
-            cpu[name].append(used)
-    ref_times, ref_macs = times[reference], count_macs(models[reference], batch_size, length).total
+        for entry in entries[r % len(entries):] + entries[: r % len(entries)]:
+            wall, used = _timed_pass(run[entry], ids, mask, device)
+            times[entry].append(wall)
+            cpu[entry].append(used)
+    ref_macs = count_macs(models[reference], batch_size, length).total
     on_cpu, rows = device.type == "cpu", []
-    for name in names:
-        model, seconds = models[name], statistics.median(times[name])
+    for name, mode in entries:
+        model, own = models[name], times[name, mode]
+        ref_times, seconds = times[reference, mode], statistics.median(own)
         # Paired: the reference's time over the model's in the same round; a burst of other work that hits one
         # side of a round moves that round's ratio only, and the median drops it.
-        ratios = [a / b for a, b in zip(ref_times, times[name])]
+        ratios = [a / b for a, b in zip(ref_times, own)]
         speedup, macs = statistics.median(ratios), count_macs(model, batch_size, length).total
+        runner = run[name, mode]
         rows.append({
-            "model": name, "batch_size": batch_size, "text_tokens": length,
+            "model": name, "execution": mode, "batch_size": batch_size, "text_tokens": length,
             "seq_len": length + model.prompt_positions, "repeats": repeats,
-            "latency_ms": 1e3 * seconds, "latency_p10_ms": 1e3 * _percentile(times[name], 0.1),
-            "latency_p90_ms": 1e3 * _percentile(times[name], 0.9),
-            "cpu_ms": 1e3 * statistics.median(cpu[name]) if on_cpu else None, "throughput": batch_size / seconds,
+            "latency_ms": 1e3 * seconds, "latency_p10_ms": 1e3 * _percentile(own, 0.1),
+            "latency_p90_ms": 1e3 * _percentile(own, 0.9),
+            "cpu_ms": 1e3 * statistics.median(cpu[name, mode]) if on_cpu else None,
+            "throughput": batch_size / seconds,
             "speedup": speedup, "speedup_p10": _percentile(ratios, 0.1), "speedup_p90": _percentile(ratios, 0.9),
             # By CPU time: with one thread, what the speed-up would be on an idle machine (others' load drops out)
-            "cpu_speedup": statistics.median(cpu[reference]) / statistics.median(cpu[name]) if on_cpu else None,
+            "cpu_speedup": statistics.median(cpu[reference, mode]) / statistics.median(cpu[name, mode])
+            if on_cpu else None,
             "gmacs": macs / 1e9, "speedup_bound": ref_macs / macs, "bound_ratio": speedup * macs / ref_macs,
             "parameters": model.num_parameters(),
-            # against each baseline (e.g. the full model of each prompt method), paired per round as above
-            "speedups": {b: statistics.median([a / t for a, t in zip(times[b], times[name])]) for b in baselines},
+            # against each baseline (e.g. the full model of each prompt method), in the same execution, paired
+            "speedups": {b: statistics.median([a / t for a, t in zip(times[b, mode], own)]) for b in baselines},
             "bounds": {b: count_macs(models[b], batch_size, length).total / macs for b in baselines},
+            # the same model run eagerly over this execution, paired per round
+            "execution_speedup": statistics.median([a / t for a, t in zip(times[name, "eager"], own)])
+            if mode != "eager" and (name, "eager") in times else None,
+            "prepare_s": runner.prepared.get((batch_size, length)) if isinstance(runner, Runner) else None,
         })
     return rows
 
@@ -292,7 +328,13 @@ def benchmark(models: dict[str, PromptClassifier], config: BenchmarkConfig = Ben
             model.to(device=device, dtype=DTYPES[config.dtype]).eval()
         env = environment(config, models)
         grid = [(b, n) for b in config.batch_sizes for n in config.lengths]
-        rows = [row for b, n in grid for row in _configuration(models, reference, b, n, config, device, baselines)]
+        # One runner per model and execution, its buckets the grid's own shapes (no padding), prepared on first use
+        runners = {(name, mode): Runner(model, mode, config.batch_sizes, config.lengths,
+                                        compile_mode=config.compile_mode)
+                   for mode in config.executions if mode != "eager" for name, model in models.items()}
+        rows = [row for b, n in grid
+                for row in _configuration(models, reference, b, n, config, device, baselines, runners)]
+        del runners  # their graphs' memory, before the memory pass
         if config.memory:
             inputs = {(b, n): _inputs(models[reference].backbone.config.vocab_size, b, n, device, config.seed)
                       for b, n in grid}
@@ -300,8 +342,9 @@ def benchmark(models: dict[str, PromptClassifier], config: BenchmarkConfig = Ben
                       for b, n in grid for name, model in models.items()}
             with torch.no_grad():
                 peaks = _peak_bytes(passes, device)
-            for row in rows:
-                row["peak_mem_mb"] = peaks[row["model"], row["batch_size"], row["text_tokens"]] / 2**20
+            for row in rows:  # eager passes only: a graph's memory is its pool's, held from capture on
+                if row["execution"] == "eager":
+                    row["peak_mem_mb"] = peaks[row["model"], row["batch_size"], row["text_tokens"]] / 2**20
         env["load_after"] = _load()
         if device.type == "cpu":  # torch's threads spin while they wait for work: an idle machine gives them ~100%
             shares = [r["cpu_ms"] / (env["threads"] * r["latency_ms"]) for r in rows]
@@ -335,9 +378,10 @@ def benchmark_folders(folders: dict[str, str | Path], config: BenchmarkConfig = 
     return result
 
 
-def at(result: dict, batch_size: int, text_tokens: int) -> dict[str, dict]:
-    """model -> row of one configuration of a benchmark result."""
-    rows = {r["model"]: r for r in result["rows"] if (r["batch_size"], r["text_tokens"]) == (batch_size, text_tokens)}
+def at(result: dict, batch_size: int, text_tokens: int, execution: str = "eager") -> dict[str, dict]:
+    """model -> row of one configuration (and execution) of a benchmark result."""
+    rows = {r["model"]: r for r in result["rows"] if (r["batch_size"], r["text_tokens"]) == (batch_size, text_tokens)
+            and r.get("execution", "eager") == execution}
     if not rows:
         raise KeyError(f"no rows at batch {batch_size}, {text_tokens} text tokens in this benchmark")
     return rows
@@ -346,24 +390,52 @@ def at(result: dict, batch_size: int, text_tokens: int) -> dict[str, dict]:
 # ---------------------------------------------------------------- reports
 
 # (key, header, format) of the Markdown table; the CSV holds every field of every row.
-TABLE = [("model", "model", "{}"), ("rate", "rate", "{:.2f}"), ("head_rate", "head rate", "{:.2f}"),
+TABLE = [("model", "model", "{}"), ("execution", "execution", "{}"), ("rate", "rate", "{:.2f}"),
+         ("head_rate", "head rate", "{:.2f}"),
          ("latency_ms", "latency ms", "{:.1f}"), ("latency_p10_ms", "p10", "{:.1f}"),
          ("latency_p90_ms", "p90", "{:.1f}"), ("cpu_ms", "CPU ms", "{:.0f}"), ("throughput", "examples/s", "{:.1f}"),
          ("speedup", "speed-up", "{:.3f}"), ("speedup_p10", "p10", "{:.3f}"), ("speedup_p90", "p90", "{:.3f}"),
          ("cpu_speedup", "by CPU", "{:.3f}"), ("speedup_bound", "bound", "{:.3f}"),
-         ("bound_ratio", "of bound", "{:.2f}"), ("gmacs", "GMACs", "{:.2f}"),
+         ("bound_ratio", "of bound", "{:.2f}"), ("execution_speedup", "vs eager", "{:.2f}"),
+         ("prepare_s", "prepare s", "{:.1f}"), ("gmacs", "GMACs", "{:.2f}"),
          ("parameters", "parameters", "{:,}"), ("backbone_mb", "backbone MB", "{:.1f}"),
          ("total_mb", "folder MB", "{:.1f}"), ("peak_mem_mb", "peak MB", "{:.1f}")]
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
-    return "" if value is None else fmt.format(value)
+    if value is None:
+        return ""
+    if key.startswith("latency") and value < 10:  # a GPU's fractions of a millisecond: three significant digits
+        return f"{value:.3g}"
+    return fmt.format(value)
+
+
+def _side_by_side(group: list[dict], executions: list[str]) -> list[str]:
+    """One line per model: the bound, then per execution its latency and speed-up (and, past eager, its gain over
+    the same model run eagerly)."""
+    header = ["model", "bound"]
+    for mode in executions:
+        header += [f"{mode} ms", f"{mode} speed-up"] + ([f"{mode} / eager"] if mode != "eager" else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    by = {(r["model"], r["execution"]): r for r in group}
+    for model in dict.fromkeys(r["model"] for r in group):
+        first = by[model, executions[0]]
+        cells = [model, f"{first['speedup_bound']:.3f}"]
+        for mode in executions:
+            r = by[model, mode]
+            cells += [_cell(r, "latency_ms", "{:.1f}"), f"{r['speedup']:.3f}"]
+            if mode != "eager":
+                cells.append(_cell(r, "execution_speedup", "{:.2f}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(result: dict, title: str = "Latency: full model vs skeletons") -> str:
     env, rows = result["environment"], result["rows"]
-    columns = [c for c in TABLE if any(r.get(c[0]) is not None for r in rows)]
+    executions = list(dict.fromkeys(r.get("execution", "eager") for r in rows))
+    columns = [c for c in TABLE if any(r.get(c[0]) is not None for r in rows)
+               and (c[0] != "execution" or len(executions) > 1)]
     lines = [f"# {title}", "",
              f"{env['device']} ({env['device_name']}), {env['dtype']}, torch {env['torch']} with {env['threads']} "
              f"threads, transformers {env['transformers']}, attention {'/'.join(env['attention'])}; started "
@@ -375,6 +447,11 @@ def markdown(result: dict, title: str = "Latency: full model vs skeletons") -> s
              "= speed-up / bound. CPU ms: this process's CPU time per pass (well under threads x latency: the pass "
              "waited for cores); 'by CPU': the speed-up by CPU time (with 1 thread, robust to other programs). "
              "Peak MB: memory a forward pass allocates above what it starts with."]
+    if len(executions) > 1:
+        lines += ["", f"Executions: {', '.join(executions)} (skeleton/execution.py), every model in each, in the "
+                      "same rounds. A speed-up is against the reference in the same execution; 'vs eager' / "
+                      "'<execution> / eager' is the same model's eager time over its time in that execution. "
+                      "'prepare s': the capture or compilation, before the warm-up. Peak MB: eager passes only."]
     if env.get("cpu_share", 1) < BUSY:
         lines += ["", f"**Busy machine**: the passes got {env['cpu_share']:.0%} of the CPU time their {env['threads']} "
                       "threads could use (other programs held the cores). Latencies are inflated and noisy; speed-ups, "
@@ -386,8 +463,10 @@ def markdown(result: dict, title: str = "Latency: full model vs skeletons") -> s
         share = [r["cpu_ms"] / (env["threads"] * r["latency_ms"]) for r in group if r.get("cpu_ms") is not None]
         busy = f"; busy: {min(share):.0%} CPU time per thread" if share and min(share) < BUSY else ""
         lines += ["", f"## batch {b}, {n} text tokens + {prompt} prompt = {group[0]['seq_len']} positions "
-                      f"({group[0]['repeats']} rounds{busy})", "",
-                  "| " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * len(columns)]
+                      f"({group[0]['repeats']} rounds{busy})", ""]
+        if len(executions) > 1:
+            lines += _side_by_side(group, executions) + [""]
+        lines += ["| " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in columns) + " |" for r in group]
     paths = {r["model"]: r["path"] for r in rows if r.get("path") and r["path"] != r["model"]}
     if paths:

@@ -110,7 +110,8 @@ def cut(model: PromptClassifier, ffn_scores: list[torch.Tensor], head_scores: li
     pruned = copy.deepcopy(model)
     if candidate.head_rate(head_scores) > 0:
         slice_heads(pruned.backbone, keep_top(head_scores, candidate.heads))
-    slice_ffn(pruned.backbone, keep_top(ffn_scores, candidate.ffn))
+    device = next(pruned.parameters()).device  # index_select wants its indices where the weights are
+    slice_ffn(pruned.backbone, [k.to(device) for k in keep_top(ffn_scores, candidate.ffn)])
     return pruned
 
 

@@ -6,7 +6,7 @@ import logging
 import torch
 
 from skeleton.model import AdapterConfig, PromptClassifier
-from skeleton.train import accuracy, autocast, length_sorted
+from skeleton.train import accuracy, autocast, length_sorted, model_device, to_device
 
 log = logging.getLogger("skeleton")
 
@@ -30,9 +30,11 @@ def metrics(logits: torch.Tensor, labels, num_labels: int) -> dict[str, float]:
 def frozen_states(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 64,
                   precision: str = "fp32") -> list[tuple[torch.Tensor, ...]]:
     """(hidden states, attention mask, labels) per batch of length-sorted examples: the backbone's output once, for
-    heads that train on frozen features. The states are float32 whatever the arithmetic that made them."""
-    out = []
+    heads that train on frozen features. The states are float32 whatever the arithmetic that made them, and stay
+    where the model is."""
+    out, device = [], model_device(model)
     for batch in length_sorted(dataset, pad_id, batch_size):
+        batch = to_device(batch, device)
         embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
         with autocast(precision, embeds.device):
             hidden = model.hidden(embeds, mask)
@@ -62,7 +64,8 @@ def linear_probe(backbone, splits: dict, pad_id: int, num_labels: int, seed: int
 
     A pooling query (attention pooling) is fitted once, together with a linear layer; then, on the features it
     pools, the linear layer is refitted for each L2 strength and the strength is picked on validation (refitting the
-    query per strength would cost a pass over every token per step). Returns test metrics and the chosen strength.
+    query per strength would cost a pass over every token per step). Runs where the backbone is. Returns test
+    metrics and the chosen strength.
     """
     probe = PromptClassifier(backbone, AdapterConfig(num_labels=num_labels, prompt_length=0), seed=seed)
     states = {name: frozen_states(probe, ds, pad_id, precision=precision) for name, ds in splits.items()}
@@ -79,7 +82,7 @@ def linear_probe(backbone, splits: dict, pad_id: int, num_labels: int, seed: int
     best = None
     for l2 in L2_STRENGTHS:
         torch.manual_seed(seed)
-        head = torch.nn.Linear(features["train"].shape[1], num_labels)
+        head = torch.nn.Linear(features["train"].shape[1], num_labels).to(features["train"].device)
         _fit(head.parameters(), lambda head=head, l2=l2: cross_entropy(head(features["train"]), labels["train"])
              + l2 * head.weight.pow(2).sum())
         with torch.no_grad():

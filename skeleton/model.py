@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from skeleton.backbones import family_of
 from skeleton.registry import Registry
@@ -51,8 +53,8 @@ class InputPrompt(nn.Module):
         super().__init__()
         self.length = length
         embeddings = backbone.get_input_embeddings().weight
-        rows = torch.randint(0, embeddings.shape[0], (length,), generator=generator)
-        self.prompt = nn.Parameter(embeddings[rows].detach().clone())
+        rows = torch.randint(0, embeddings.shape[0], (length,), generator=generator)  # drawn on the CPU: any device
+        self.prompt = nn.Parameter(embeddings[rows.to(embeddings.device)].detach().clone())
 
     @property
     def positions(self) -> int:
@@ -106,13 +108,15 @@ class PrefixPrompt(nn.Module):
     def __init__(self, backbone: nn.Module, length: int, generator: torch.Generator):
         super().__init__()
         self.length = length
-        vocab = backbone.get_input_embeddings().weight.shape[0]
-        rows = torch.randint(0, vocab, (1, length), generator=generator)
+        embeddings = backbone.get_input_embeddings().weight
+        rows = torch.randint(0, embeddings.shape[0], (1, length), generator=generator)  # drawn on the CPU: any device
+        self.cache_kwarg = _cache_kwarg(backbone)
         with torch.no_grad():
             cache = DynamicCache()
-            backbone(input_ids=rows, **{_cache_kwarg(backbone): cache}, use_cache=False)
+            backbone(input_ids=rows.to(embeddings.device), **{self.cache_kwarg: cache}, use_cache=False)
         self.layers = nn.ParameterList(
             [nn.Parameter(torch.stack([layer.keys[0], layer.values[0]]).detach().clone()) for layer in cache.layers])
+        self._memo = _Memo()
 
     @property
     def positions(self) -> int:
@@ -123,21 +127,35 @@ class PrefixPrompt(nn.Module):
 
     def backbone_kwargs(self, backbone: nn.Module, attention_mask: torch.Tensor) -> dict:
         batch, text = attention_mask.shape
-        cache = DynamicCache()
-        for i, kv in enumerate(self.layers):  # a fresh cache per forward: the backbone appends the text's keys to it
-            cache.update(kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1), i)
         prefix_mask = attention_mask.new_ones(batch, self.length)
         positions = torch.arange(text, device=attention_mask.device).expand(batch, -1)
         return {"attention_mask": torch.cat([prefix_mask, attention_mask], 1), "position_ids": positions,
-                _cache_kwarg(backbone): cache}
+                self.cache_kwarg: self.cache(batch)}
+
+    def cache(self, batch: int) -> "PrefixCache":
+        """The prefix as a key/value cache for `batch` examples. In inference (no autograd) one is made per batch size
+        and kept, so a forward pass does no per-layer Python work for the prefix. A kept cache holds views of the
+        prefix parameters, nothing of its own: in-place edits show through, and a CUDA graph captured with it reads
+        the parameters themselves; new parameters (loaded, moved, cut to fewer heads) get new caches."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # autograd / dynamo must see it made
+            return PrefixCache(self.layers, batch)
+        owner = tuple(kv.data_ptr() for kv in self.layers)
+        memo = self._memo
+        if memo.owner != owner or len(memo) >= _Memo.SIZES:
+            memo.clear()
+            memo.owner = owner
+        cache = memo.get(batch)
+        if cache is None:
+            cache = memo[batch] = PrefixCache(self.layers, batch)
+        return cache
 
     def state(self) -> dict[str, torch.Tensor]:
         return {f"prefix.{i}": kv for i, kv in enumerate(self.layers)}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Takes the saved shapes: a head-pruned skeleton's prefix has fewer heads than the backbone it plugs into."""
-        device = self.layers[0].device
-        self.layers = nn.ParameterList([nn.Parameter(state[f"prefix.{i}"].detach().clone().to(device))
+        like = self.layers[0]
+        self.layers = nn.ParameterList([nn.Parameter(state[f"prefix.{i}"].detach().clone().to(like.device, like.dtype))
                                         for i in range(len(self.layers))])
 
     def keep_heads(self, heads: list[torch.Tensor]) -> None:
@@ -151,6 +169,43 @@ class PrefixPrompt(nn.Module):
     @staticmethod
     def read(folder: Path) -> dict[str, torch.Tensor]:
         return load_file(str(folder / PREFIX_WEIGHTS))
+
+
+class _PrefixLayer(DynamicLayer):
+    """One layer of a PrefixCache: the prefix's keys and values (B, kv_heads, m, head_dim), returned in front of the
+    text's own by `update`, which stores nothing."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+
+
+class PrefixCache(DynamicCache):
+    """A prefix as a key/value cache the backbone reads and never grows: every layer attends to the prefix followed
+    by the text, as with a DynamicCache filled with the prefix (same tensors, same numbers), but one cache serves any
+    number of forward passes, and the prefix is never copied (each layer's (2, kv_heads, m, head_dim) parameter is
+    expanded to the batch as a view)."""
+
+    def __init__(self, prefix: Sequence[torch.Tensor], batch: int):
+        Cache.__init__(self, layers=[_PrefixLayer(kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1))
+                                     for kv in prefix])
+
+
+class _Memo(dict):
+    """PrefixPrompt's caches by batch size, for the parameters `owner` names. Never copied or pickled with its
+    module: a copy makes its own."""
+
+    SIZES = 64  # batch sizes kept at most; past it, start afresh
+    owner: tuple = ()
+
+    def __deepcopy__(self, memo):
+        return _Memo()
+
+    def __reduce__(self):
+        return _Memo, ()
 
 
 def _cache_kwarg(backbone: nn.Module) -> str:
@@ -199,11 +254,14 @@ class PromptClassifier(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         method = PROMPT_METHODS[config.prompt_method] if config.prompt_length else InputPrompt
         self.prompt = method(backbone, config.prompt_length, generator)
+        # The head (and query) where the backbone is, in its dtype: the pooled features come in that dtype
+        like = dict(device=embeddings.device, dtype=embeddings.dtype)
         self.head = nn.Linear(embeddings.shape[1], config.num_labels)
-        self.query = nn.Parameter(torch.zeros(embeddings.shape[1])) if config.pooling == "attention" else None
+        self.query = nn.Parameter(torch.zeros(embeddings.shape[1], **like)) if config.pooling == "attention" else None
         with torch.no_grad():
-            self.head.weight.normal_(0, 0.02, generator=generator)
+            self.head.weight.normal_(0, 0.02, generator=generator)  # on the CPU: the same start on every device
             self.head.bias.zero_()
+        self.head.to(**like)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -239,7 +297,9 @@ class PromptClassifier(nn.Module):
             return mean
         scores = (text @ self.query).float()  # float: under bf16 autocast the -inf fill must not overflow
         weights = scores.masked_fill(mask[..., 0] == 0, torch.finfo(scores.dtype).min).softmax(1)
-        return mean + (weights.unsqueeze(-1) * text).sum(1)
+        # Summed in float too, but the features leave in the hidden states' dtype, as the other poolings' do: a bf16
+        # model's head gets bf16 (under autocast the head casts to bf16 anyway: the same numbers as before)
+        return (mean + (weights.unsqueeze(-1) * text).sum(1)).to(hidden.dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(*self.embed(input_ids, attention_mask)))

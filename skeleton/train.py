@@ -55,6 +55,34 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> the first CUDA GPU if torch sees one, else the CPU; "cpu", "cuda", "cuda:N" as given, checked."""
+    if str(device) == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from e
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} asked for, but torch {torch.__version__} sees no CUDA device")
+        if (resolved.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+    return resolved
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's parameters are (the device its batches must go to)."""
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch with its tensors on `device` (the same tensors where they already are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def native_bf16(device: torch.device = torch.device("cpu")) -> bool:
     """Whether this machine computes bf16 in hardware. A CPU without AVX512-BF16 or AMX emulates it: bf16
     autocast made a MiniLM training step 30x slower on an AVX2-only AMD EPYC (45 s against 1.5 s in fp32)."""
@@ -124,18 +152,21 @@ def length_sorted(dataset, pad_id: int, batch_size: int = 64) -> DataLoader:
 
 @torch.no_grad()
 def map_batches(fn, dataset, pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """fn(batch) over length-sorted batches, concatenated back in dataset order."""
+    """fn(batch) over length-sorted batches, concatenated back in dataset order, on the CPU (fn may compute on any
+    device: its batches come on the CPU)."""
     loader = length_sorted(dataset, pad_id, batch_size)
-    out = torch.cat([fn(b) for b in loader])
+    out = torch.cat([fn(b).cpu() for b in loader])
     result = torch.empty_like(out)
     result[torch.tensor([i for rows in loader.batch_sampler for i in rows])] = out
     return result
 
 
 def predict(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """Logits (N, num_labels) in dataset order."""
+    """Logits (N, num_labels) in dataset order, on the CPU, computed where the model is."""
     model.eval()
-    return map_batches(lambda b: model(b["input_ids"], b["attention_mask"]), dataset, pad_id, batch_size)
+    device = model_device(model)
+    return map_batches(lambda b: model(b["input_ids"].to(device), b["attention_mask"].to(device)), dataset, pad_id,
+                       batch_size)
 
 
 def accuracy(logits: torch.Tensor, labels) -> float:
@@ -169,7 +200,8 @@ def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: Trai
     """Tune the prompt and head (with config.tune_norms also the backbone's normalisation layers, with
     config.finetune every backbone weight; else the backbone stays frozen). With config.distill_hidden, `teacher`
     (the full model a skeleton was cut from) gives the hidden states the student's should match, layer by layer.
-    Returns a small record of the run."""
+    Runs where the model is (batches follow it; a teacher must be on the same device), with config.precision's
+    arithmetic there ("auto": bf16 autocast on a GPU). Returns a small record of the run."""
     torch.manual_seed(config.seed)
     if config.distill_hidden and teacher is None:
         raise ValueError("distill_hidden > 0 needs a teacher model (the full model the skeleton was cut from)")
@@ -197,10 +229,11 @@ def train(model: PromptClassifier, train_set, val_set, pad_id: int, config: Trai
     best = {"val_accuracy": -1.0, "step": 0}
     best_state = None
     step, running, epoch, stale = 0, 0.0, 0, 0
-    device = model.head.weight.device
+    device = model_device(model)
     while step < config.steps and (not config.patience or stale < config.patience):
         epoch += 1
         for batch in batches(train_set, pad_id, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch):
+            batch = to_device(batch, device)
             model.train()
             with autocast(config.precision, device):
                 if config.distill_hidden:

@@ -1,5 +1,6 @@
 """The latency harness: MAC counts against hand computations (BERT, LLaMA with grouped KV heads, pruned shapes),
-the benchmark's rows and reports, the CPU peak-memory measure, the GPU path (skipped without one) and the script."""
+the benchmark's rows and reports, executions side by side, the CPU peak-memory measure, the GPU path (skipped
+without one) and the script (demo models from a shape's config.json alone)."""
 import copy
 import csv
 import json
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from helpers import tiny_bert_config
-from skeleton.benchmark import BenchmarkConfig, _peak_bytes, benchmark, count_macs, write_report
+from skeleton.benchmark import BenchmarkConfig, _peak_bytes, at, benchmark, count_macs, markdown, write_report
 from skeleton.model import AdapterConfig, PromptClassifier
 
 B, T, M = 2, 6, 4  # batch, text tokens, prompt vectors
@@ -140,6 +141,31 @@ def test_benchmark_rows_bound_memory_and_report(tmp_path):
     assert json.loads(paths["json"].read_text())["environment"]["threads"] == 1
 
 
+def test_executions_stand_side_by_side(monkeypatch):
+    """Every model in every execution, in the same rounds: speed-ups within an execution, gains over eager. (torch
+    .compile is the identity here: the plumbing; test_execution compiles for real.)"""
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)
+    full = bert(intermediate_size=512)
+    models = {"full": full, "half": sliced(full, [256, 256])}
+    config = BenchmarkConfig(batch_sizes=[2], lengths=[8], repeats=3, warmup=1, executions=("eager", "compile"))
+    result = benchmark(models, config)
+    rows = result["rows"]
+    assert [(r["model"], r["execution"]) for r in rows] == [("full", "eager"), ("half", "eager"), ("full", "compile"),
+                                                            ("half", "compile")]
+    by = {(r["model"], r["execution"]): r for r in rows}
+    assert by["full", "compile"]["speedup"] == 1.0 and by["half", "compile"]["speedup_bound"] > 1.2
+    assert by["half", "compile"]["execution_speedup"] > 0 and by["half", "compile"]["prepare_s"] > 0
+    assert by["half", "eager"]["execution_speedup"] is None and by["half", "eager"]["prepare_s"] is None
+    assert by["half", "eager"]["peak_mem_mb"] > 0 and "peak_mem_mb" not in by["half", "compile"]
+    assert result["environment"]["executions"] == ["eager", "compile"]
+    assert result["environment"]["compile_mode"] == "default"
+    assert at(result, 2, 8, "compile")["half"] is by["half", "compile"] and at(result, 2, 8)["half"] is by["half", "eager"]
+    text = markdown(result)
+    assert "| model | bound | eager ms | eager speed-up | compile ms | compile speed-up | compile / eager |" in text
+    assert "| half | compile |" in text
+    assert "| execution |" not in markdown(benchmark(models, BenchmarkConfig(batch_sizes=[2], lengths=[8], repeats=2)))
+
+
 def test_time_budget_caps_the_rounds():
     full = bert()
     config = BenchmarkConfig(batch_sizes=[2], lengths=[8], repeats=50, min_repeats=3, budget_s=1e-6, memory=False)
@@ -174,6 +200,12 @@ def test_config_is_validated():
         BenchmarkConfig(dtype="fp8")
     with pytest.raises(ValueError, match="device must be"):
         BenchmarkConfig(device="mps")
+    with pytest.raises(ValueError, match="unknown execution mode 'jit'"):
+        BenchmarkConfig(executions=("eager", "jit"))
+    with pytest.raises(ValueError, match="executions must name at least one"):
+        BenchmarkConfig(executions=())
+    with pytest.raises(ValueError, match="'graph' replays CUDA graphs: it needs a CUDA device"):
+        BenchmarkConfig(executions=("eager", "graph"))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA device"):
             BenchmarkConfig(device="cuda")
@@ -188,8 +220,8 @@ def test_benchmark_on_cuda():
     assert all(r["latency_ms"] > 0 and r["peak_mem_mb"] > 0 for r in result["rows"])
     assert next(iter(full.parameters())).device.type == "cuda"
     bf16 = benchmark({"full": full}, BenchmarkConfig(batch_sizes=[4], lengths=[8], repeats=2, device="cuda",
-                                                     dtype="bfloat16"))
-    assert bf16["rows"][0]["latency_ms"] > 0
+                                                     dtype="bfloat16", executions=("eager", "graph")))
+    assert [r["execution"] for r in bf16["rows"]] == ["eager", "graph"] and bf16["rows"][1]["latency_ms"] > 0
 
 
 def test_speedup_plot(tmp_path):
@@ -239,7 +271,8 @@ def test_script_demo_then_explicit_folders_then_artifact_scan(script, tiny_backb
 
 
 def test_script_random_init_needs_no_weights(script, tiny_backbone_dir, tmp_path):
-    """The fresh-GPU-machine path: the backbone folder holds only config.json and the tokenizer."""
+    """The fresh-GPU-machine path: the backbone folder holds only config.json and the tokenizer, or a config.json
+    alone: demo models are built in memory."""
     bare = tmp_path / "bare"
     shutil.copytree(tiny_backbone_dir, bare, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     with pytest.raises(OSError):  # no weights: the ordinary loader refuses
@@ -248,6 +281,28 @@ def test_script_random_init_needs_no_weights(script, tiny_backbone_dir, tmp_path
                         "--out", str(tmp_path / "out"), *TINY_GRID]) == 0
     rows = json.loads((tmp_path / "out" / "benchmark.json").read_text())["rows"]
     assert len(rows) == 2 and rows[1]["speedup_bound"] > 1 and "peak_mem_mb" not in rows[0]
+    config = tmp_path / "shape.json"  # a hand-written config.json: no tokenizer, no weights
+    config.write_text((tiny_backbone_dir / "config.json").read_text())
+    assert script.main(["--demo", "--backbone", str(config), "--random-init", "--rates", "0.5", "--no-memory",
+                        "--prompt-methods", "input", "prefix", "--out", str(tmp_path / "json"), *TINY_GRID]) == 0
+    rows = json.loads((tmp_path / "json" / "benchmark.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["full", "full (prefix)", "random p=0.5", "prefix random p=0.5"]
+    with pytest.raises(SystemExit):  # a config.json holds no weights
+        script.main(["--demo", "--backbone", str(config), "--out", str(tmp_path / "y"), *TINY_GRID])
+
+
+def test_shipped_shapes_build_the_architectures_they_name(script):
+    """The hand-written configs (flows/commands/shapes/): their parameter counts, on the meta device."""
+    from transformers import AutoConfig, AutoModel
+
+    expected = {"minilm-l6": 22_713_216, "bert-base": 109_482_240, "llama2-7b": 6_607_343_616}
+    assert {p.stem for p in script.SHAPES.glob("*.json")} == set(expected)
+    for name, count in expected.items():
+        with torch.device("meta"):
+            model = AutoModel.from_config(AutoConfig.from_pretrained(script.shape_config(name)))
+        assert sum(p.numel() for p in model.parameters()) == count, name
+    with pytest.raises(ValueError, match="or a shape: bert-base, llama2-7b, minilm-l6"):
+        script.shape_config("bert-huge")
 
 
 def test_stage_benchmark_runs_in_a_fresh_process_against_every_baseline(tmp_path, minilm_tokenizer):
@@ -293,3 +348,19 @@ def test_script_names_folders_of_every_prompt_method_and_picks_the_input_full_mo
     assert named["full"].name == "full"
     with pytest.raises(SystemExit, match="exactly one input-prompt full model"):
         script.skeleton_folders(folders[:2])
+
+
+def test_gpu_bench_dry_run_on_the_cpu(tmp_path):
+    """The prepared GPU run's plumbing on tiny shapes: steps that need CUDA graphs fail over to eager, and the
+    table, the report and the log are written."""
+    from flows.commands import gpu_bench
+
+    code = gpu_bench.main(["--device", "cpu", "--tiny", "--only", "bert-base", "llama2-7b-compile",
+                           "--out", str(tmp_path)])
+    assert code == 1  # the graph steps failed over (no CUDA here): said in the exit code and the report
+    state = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert [r["step"] for r in state["results"]] == ["bert-base", "llama2-7b-compile"]
+    assert set(state["errors"]) == {"bert-base", "llama2-7b-compile"}
+    text = (tmp_path / "gpu_bench.md").read_text()
+    assert "| bert-base, batch 2 | eager |" in text and "| llama2-7b, batch 2 | eager |" in text
+    assert "prefix p=0.65 / input p=0.65" in text and "step bert-base" in (tmp_path / "gpu_bench.log").read_text()

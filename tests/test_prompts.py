@@ -2,6 +2,7 @@
 equals masking, an exported prefix skeleton reloads in a fresh process with its logits, the arithmetic bound counts
 what a prefix costs, and the training options (fine-tuning, layer-by-layer distillation, early stopping) do what
 they say."""
+import copy
 import json
 import subprocess
 import sys
@@ -85,6 +86,48 @@ def test_prefix_adds_no_positions_and_text_keeps_its_positions(family, batch, mi
     plain = model.backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     real = mask.bool()
     torch.testing.assert_close(hidden[real], plain[real], rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_cache_gives_what_a_dynamic_cache_filled_per_forward_gave(family, batch, minilm_tokenizer):
+    """The prefix's PrefixCache (kept per batch size in inference: no per-forward rebuild, no copy of the prefix)
+    against what it replaced, a DynamicCache filled with the expanded prefix on every forward: bitwise the same
+    logits and gradients."""
+    from transformers import DynamicCache
+
+    model = classifier(family, len(minilm_tokenizer))
+    prompt = model.prompt
+
+    def per_forward(backbone, attention_mask):
+        b, text = attention_mask.shape
+        cache = DynamicCache()
+        for i, kv in enumerate(prompt.layers):
+            cache.update(kv[0].expand(b, -1, -1, -1), kv[1].expand(b, -1, -1, -1), i)
+        positions = torch.arange(text).expand(b, -1)
+        return {"attention_mask": torch.cat([attention_mask.new_ones(b, M), attention_mask], 1),
+                "position_ids": positions, prompt.cache_kwarg: cache}
+
+    def run(kwargs_of):
+        prompt.backbone_kwargs = kwargs_of
+        try:
+            out = logits(model, batch)
+            model.zero_grad()
+            model(batch["input_ids"], batch["attention_mask"]).sum().backward()
+            return out, [kv.grad.clone() for kv in prompt.layers]
+        finally:
+            del prompt.backbone_kwargs
+
+    (old, old_grads), (new, new_grads) = run(per_forward), run(type(prompt).backbone_kwargs.__get__(prompt))
+    assert torch.equal(old, new) and all(torch.equal(a, b) for a, b in zip(old_grads, new_grads))
+    with torch.no_grad():  # inference: one cache per batch size, kept
+        assert prompt.cache(4) is prompt.cache(4) and prompt.cache(2) is not prompt.cache(4)
+    assert prompt.cache(4) is not prompt.cache(4)  # autograd on: made per forward
+    with torch.no_grad():
+        kept = prompt.cache(4)
+        prompt.load_state({k: v + 1.0 for k, v in prompt.state().items()})  # new parameters: a new cache
+        assert prompt.cache(4) is not kept
+        torch.testing.assert_close(prompt.cache(4).layers[0].keys[0], prompt.layers[0][0])
+    assert not torch.equal(logits(model, batch), new)
+    assert copy.deepcopy(model).prompt._memo == {}  # a copy makes its own
 
 
 def test_padding_does_not_change_a_prefix_models_answer(family, batch, minilm_tokenizer):

@@ -6,14 +6,21 @@
     skeleton benchmark --skeletons artifacts/models/<hash> artifacts/skeletons/<hash> ...
     skeleton benchmark --demo --backbone minilm  # no training: random neurons cut from the packaged model
     skeleton benchmark --device cuda --out /tmp/bench
+    skeleton benchmark --demo --random-init --backbone bert-base --prompt-methods input prefix --rates 0.65 0.9 \
+        --device cuda --dtype bfloat16 --execution eager graph compile --batch-sizes 32 --lengths 64
 
 --skeletons takes exported folders; the one with rate 0 is the reference. --from-sweep (and the default)
 reads the latest finished sweep in MLflow (its results.parquet), else scans the artifacts folder for skeletons
 of --method at --rates and the newest rate-0 model; the default builds demo skeletons if neither has them.
 --demo builds a full model and skeletons at --rates from --backbone with random neuron selection and an
 untrained prompt and head (the speed of a dense forward pass depends neither on which neurons are kept nor on
-weight values); with --random-init the backbone folder needs only config.json and a tokenizer, not weights.
-Prints the report and writes benchmark.md, benchmark.csv and benchmark.json to --out.
+weight values), one set per --prompt-methods. With --random-init the weights are random and only the shape is
+read: --backbone is then also a config.json file, or a shape shipped in flows/commands/shapes/ (SHAPES:
+minilm-l6, bert-base, llama2-7b); the models are built in memory on --device in --dtype (no export, no
+tokenizer: the timing inputs are random token ids), so a 7B shape never passes through the CPU.
+--execution times every model eagerly and/or as CUDA graphs ("graph", CUDA only) and/or torch.compile'd
+("compile"), side by side in one report (skeleton/execution.py). Prints the report and writes benchmark.md,
+benchmark.csv and benchmark.json to --out.
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ from pathlib import Path
 
 from tasks.paths import artifacts_dir
 from tasks.report import main_full  # plain Python: no Prefect, no MLflow
+
+SHAPES = Path(__file__).parent / "shapes"  # backbone shapes for --random-init: <name>.json, hand-written configs
 
 
 def from_mlflow(experiment: str, method: str, rates: list[float]) -> dict[str, Path] | None:
@@ -108,42 +117,99 @@ def from_artifacts(root: Path, method: str, rates: list[float]) -> dict[str, Pat
             **{f"{label} p={rate}": groups[key][rate] for rate in rates}}
 
 
-def build_demo(backbone: str, rates: list[float], prompt_length: int, random_init: bool, seed: int) -> dict[str, Path]:
-    """A full model and skeletons at `rates`, random neurons kept, untrained prompt and head; reused when built."""
+def build_demo(backbone: str, rates: list[float], prompt_length: int, seed: int,
+               prompt_methods: tuple[str, ...] = ("input",)) -> dict[str, Path]:
+    """A full model and skeletons at `rates` per prompt method, random neurons kept, untrained prompt and head,
+    exported; reused when built. (--random-init builds in memory instead: demo_models.)"""
     import torch
 
     from skeleton.attribution import random_scores
-    from skeleton.backbones import family_of, load_backbone, resolve_backbone
+    from skeleton.backbones import family_of, load_backbone
     from skeleton.io import stable_hash
     from skeleton.model import AdapterConfig, PromptClassifier
     from skeleton.prune import MANIFEST, export_skeleton, select, slice_ffn
 
-    spec = dict(backbone=str(backbone), rates=rates, prompt_length=prompt_length, random_init=random_init, seed=seed)
+    spec = dict(backbone=str(backbone), rates=rates, prompt_length=prompt_length, random_init=False, seed=seed)
+    if tuple(prompt_methods) != ("input",):
+        spec["prompt_methods"] = list(prompt_methods)
     root = artifacts_dir() / "benchmark" / "demo" / stable_hash(spec)
-    names = {"full": root / "full", **{f"random p={rate}": root / f"p{rate}" for rate in rates}}
+    names = {}
+    for method in prompt_methods:
+        sub = "" if method == "input" else f"{method}-"
+        names[demo_name(method)] = root / f"{sub}full"
+        names |= {demo_name(method, rate): root / f"{sub}p{rate}" for rate in rates}
     if all((folder / MANIFEST).is_file() for folder in names.values()):
         return names
-    if random_init:  # the architecture alone: the folder needs config.json and a tokenizer, no weights
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-        path = resolve_backbone(backbone)
-        torch.manual_seed(seed)
-        model_backbone = AutoModel.from_config(AutoConfig.from_pretrained(path)).float().eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    else:
-        model_backbone, tokenizer = load_backbone(backbone)
-    model = PromptClassifier(model_backbone, AdapterConfig(num_labels=2, prompt_length=prompt_length), seed=seed)
+    model_backbone, tokenizer = load_backbone(backbone)
     demo = {"demo": "random neurons, untrained prompt and head: for timing only", **spec}
     full_keep = [torch.arange(b.down.in_features) for b in family_of(model_backbone).ffn_blocks(model_backbone)]
-    export_skeleton(model, tokenizer, full_keep, names["full"], {"rate": 0.0, **demo})
-    scores = random_scores(model, seed=seed)
-    for rate in rates:
-        skeleton = copy.deepcopy(model)
-        keep = select(scores, rate)
-        slice_ffn(skeleton.backbone, keep)
-        export_skeleton(skeleton, tokenizer, keep, names[f"random p={rate}"],
-                        {"rate": rate, "kept_width": len(keep[0]), "method": "random", **demo})
+    for method in prompt_methods:
+        model = PromptClassifier(model_backbone, AdapterConfig(num_labels=2, prompt_length=prompt_length,
+                                                              prompt_method=method), seed=seed)
+        meta = {**demo, "prompt_method": method}
+        export_skeleton(model, tokenizer, full_keep, names[demo_name(method)], {"rate": 0.0, **meta})
+        scores = random_scores(model, seed=seed)
+        for rate in rates:
+            skeleton = copy.deepcopy(model)
+            keep = select(scores, rate)
+            slice_ffn(skeleton.backbone, keep)
+            export_skeleton(skeleton, tokenizer, keep, names[demo_name(method, rate)],
+                            {"rate": rate, "kept_width": len(keep[0]), "method": "random", **meta})
     return names
+
+
+def demo_name(prompt_method: str, rate: float | None = None) -> str:
+    """"full", "full (prefix)", "random p=0.65", "prefix random p=0.65": as skeleton_folders names exports."""
+    if rate is None:
+        return "full" if prompt_method == "input" else f"full ({prompt_method})"
+    return ("" if prompt_method == "input" else f"{prompt_method} ") + f"random p={rate:.3g}"
+
+
+def shape_config(backbone: str) -> Path:
+    """The config.json a random-init demo reads: a .json file, a shape in SHAPES, or a registered backbone's or a
+    checkpoint folder's own."""
+    from skeleton.backbones import resolve_backbone
+
+    path = Path(backbone)
+    if path.suffix == ".json" and path.is_file():
+        return path
+    if (SHAPES / f"{backbone}.json").is_file():
+        return SHAPES / f"{backbone}.json"
+    try:
+        return resolve_backbone(backbone) / "config.json"
+    except ValueError as e:
+        shapes = ", ".join(sorted(p.stem for p in SHAPES.glob("*.json")))
+        raise ValueError(f"{e}; with --random-init also a config.json file or a shape: {shapes}") from None
+
+
+def demo_models(backbone: str, rates: list[float], prompt_length: int = 20, seed: int = 0,
+                prompt_methods: tuple[str, ...] = ("input",), device: str = "cpu", dtype: str = "float32") -> dict:
+    """name -> PromptClassifier: a randomly initialised backbone of `backbone`'s shape (shape_config), its
+    skeletons at `rates` (random neurons kept), an untrained prompt and head per prompt method; built on `device`
+    in `dtype`. The models of one width share one backbone."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from skeleton.attribution import random_scores
+    from skeleton.benchmark import DTYPES
+    from skeleton.model import AdapterConfig, PromptClassifier
+    from skeleton.prune import select, slice_ffn
+
+    config = AutoConfig.from_pretrained(shape_config(backbone))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        full = AutoModel.from_config(config, dtype=DTYPES[dtype]).eval()
+
+    def classifier(model_backbone, method):
+        adapter = AdapterConfig(num_labels=2, prompt_length=prompt_length, prompt_method=method)
+        return PromptClassifier(model_backbone, adapter, seed=seed).eval()
+
+    models = {demo_name(method): classifier(full, method) for method in prompt_methods}
+    scores = random_scores(next(iter(models.values())), seed=seed)
+    for rate in rates:
+        cut = slice_ffn(copy.deepcopy(full), [k.to(device) for k in select(scores, rate)])
+        models |= {demo_name(method, rate): classifier(cut, method) for method in prompt_methods}
+    return models
 
 
 def skeleton_folders(paths: list[str]) -> dict[str, Path]:
@@ -182,10 +248,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 0.65, 0.8])
     parser.add_argument("--experiment", default="skeleton", help="MLflow experiment of the sweeps")
     parser.add_argument("--backbone", default="minilm", help="demo: registered backbone or checkpoint folder")
-    parser.add_argument("--random-init", action="store_true", help="demo: random weights from the backbone's config")
+    parser.add_argument("--random-init", action="store_true",
+                        help="demo: random weights of the backbone's shape, built in memory; --backbone may then be "
+                             "a config.json or a shape: " + ", ".join(sorted(p.stem for p in SHAPES.glob("*.json"))))
     parser.add_argument("--prompt-length", type=int, default=20, help="demo: soft prompt vectors")
+    parser.add_argument("--prompt-methods", nargs="+", default=["input"], choices=["input", "prefix"],
+                        help="demo: a full model and skeletons per prompt method")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--execution", nargs="+", default=["eager"], choices=["eager", "graph", "compile"],
+                        help="how each model runs, side by side: eagerly, as CUDA graphs (CUDA only), torch.compile'd")
+    parser.add_argument("--compile-mode", help="torch.compile mode for --execution compile (default: "
+                        "reduce-overhead on CUDA, default on a CPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; always recorded)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128], help="text tokens (+ the prompt)")
@@ -200,7 +274,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from skeleton.benchmark import BenchmarkConfig, benchmark_folders, markdown, write_report
+    from skeleton.benchmark import BenchmarkConfig, benchmark, benchmark_folders
 
     hf_logging.disable_progress_bar()  # loading / writing bars would bury the report
 
@@ -208,15 +282,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         config = BenchmarkConfig(batch_sizes=tuple(args.batch_sizes), lengths=tuple(args.lengths),
                                  repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
                                  threads=args.threads, budget_s=args.budget or None, memory=not args.no_memory,
-                                 seed=args.seed)
+                                 seed=args.seed, executions=tuple(args.execution), compile_mode=args.compile_mode)
     except ValueError as e:  # bad settings, or no GPU for --device cuda: say so before loading anything
         parser.error(str(e))
+    if args.backbone.endswith(".json") and not args.random_init:
+        parser.error("a config.json holds no weights: add --random-init (or pass a checkpoint folder)")
     started = time.perf_counter()
+    methods = tuple(dict.fromkeys(args.prompt_methods))
+    folders = None
     if args.skeletons:
         folders = skeleton_folders(args.skeletons)
-    elif args.demo:
-        folders = build_demo(args.backbone, args.rates, args.prompt_length, args.random_init, args.seed)
-    else:
+    elif not args.demo:
         folders = (from_mlflow(args.experiment, args.method, args.rates)
                    or from_artifacts(artifacts_dir(), args.method, args.rates))
         if folders is None and args.from_sweep:
@@ -224,12 +300,31 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                              f"{artifacts_dir()}: run `make sweep`, or pass --skeletons / --demo")
         if folders is None:
             print(f"no sweep skeletons found: building demo skeletons from {args.backbone}")
-            folders = build_demo(args.backbone, args.rates, args.prompt_length, args.random_init, args.seed)
+    if folders is None and args.random_init:  # a demo of the shape alone: built in memory, on the device
+        try:
+            models = demo_models(args.backbone, args.rates, args.prompt_length, args.seed, methods, args.device,
+                                 args.dtype)
+        except ValueError as e:
+            raise SystemExit(f"--backbone {args.backbone}: {e}") from None
+        print(f"demo models of {args.backbone}'s shape, random weights: {', '.join(models)}")
+        result = benchmark(models, config, reference=demo_name(methods[0]),
+                           baselines=[demo_name(m) for m in methods[1:]])
+        result["environment"]["backbone"] = args.backbone
+        return report(result, args.out, started)
+    if folders is None:
+        folders = build_demo(args.backbone, args.rates, args.prompt_length, args.seed, methods)
     for name, folder in folders.items():
         print(f"  {name}: {folder}")
-    result = benchmark_folders({name: str(path) for name, path in folders.items()}, config, reference="full")
+    result = benchmark_folders({name: str(path) for name, path in folders.items()}, config, reference="full",
+                               baselines=[n for n in folders if n.startswith("full (")])  # the other prompts' fulls
+    return report(result, args.out, started)
+
+
+def report(result: dict, out: Path | None, started: float) -> int:
+    from skeleton.benchmark import markdown, write_report
+
     result["environment"]["seconds"] = round(time.perf_counter() - started, 1)
-    out = args.out or artifacts_dir() / "benchmark" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    out = out or artifacts_dir() / "benchmark" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     paths = write_report(result, out)
     print(markdown(result))
     print(f"report: {', '.join(str(p) for p in paths.values())} ({result['environment']['seconds']} s)")
