@@ -25,23 +25,18 @@ edits show through, parameters replaced after capture, by loading or `.to()`, do
 runner's static inputs, and memory of its pool. Runners can share one pool (`pool=`) when they never run at the
 same time.
 
-Threads: calls are served one at a time (one lock per runner: the static tensors are shared), from any thread.
-`context`, when given, is entered around everything that runs the model's Python code (capture, compile, eager
-passes and compiled calls; not graph replays).
+Threads: padded calls are served one at a time (one lock per runner: the static tensors are shared), from any
+thread; unpadded eager calls run concurrently.
 
-Serving many experts on one backbone (skeleton/serve.py): one graph runner per expert, captured while the expert is
-plugged in, `Runner(expert.model, "graph", context=lambda: server.plugged(name))`. A replay then reads the expert's
-own tensors without plugging anything, so the server must keep them alive and unchanged: its sliced weights
-(`cache_slices=True`; per-plug slices are freed on restore and a graph would read freed memory), its own weights
-and its prompt and head. Capture per expert and bucket costs milliseconds and GPU memory for its pool; pass one
-`pool=torch.cuda.graph_pool_handle()` to all runners if replays are serialised (e.g. under the server's lock).
+Serving many experts on one backbone (skeleton/serve.py): each expert is a network of its own that shares the
+backbone's tensors, so each gets a runner of its own (`SkeletonServer(..., execution="graph")`); a replay reads the
+tensors the expert holds, which never change after `add`.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -75,8 +70,7 @@ class Runner:
 
     def __init__(self, model: nn.Module, mode: str = "eager", batch_buckets: Sequence[int] = BATCH_BUCKETS,
                  length_buckets: Sequence[int] = LENGTH_BUCKETS, *, pad: bool | None = None, pad_id: int = 0,
-                 compile_mode: str | None = None, pool=None,
-                 context: Callable[[], contextlib.AbstractContextManager] | None = None):
+                 compile_mode: str | None = None, pool=None):
         if model.training:
             raise ValueError("a Runner runs a model in eval mode: call model.eval() first")
         self.model = model
@@ -90,7 +84,6 @@ class Runner:
         if mode != "eager" and not self.pad:
             raise ValueError(f"mode {mode!r} runs fixed shapes: it pads every call to a bucket (pad=True)")
         self.pad_id = pad_id
-        self.context = context or contextlib.nullcontext
         self.prepared: dict[tuple[int, int], float] = {}  # bucket -> seconds its capture / compilation took
         self.eager_fallbacks = 0  # calls (or chunks) longer than the largest length bucket, run eagerly
         self._inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # static (ids, mask) per bucket
@@ -127,10 +120,9 @@ class Runner:
         if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
             raise ValueError(f"input_ids and attention_mask must both be (batch, seq), got {tuple(input_ids.shape)} "
                              f"and {tuple(attention_mask.shape)}")
+        if not self.pad:
+            return self.model(input_ids.to(self.device), attention_mask.to(self.device))
         with self._lock:
-            if not self.pad:
-                with self.context():
-                    return self.model(input_ids.to(self.device), attention_mask.to(self.device))
             step = self.max_batch
             return torch.cat([self._padded(input_ids[i : i + step], attention_mask[i : i + step])
                               for i in range(0, max(len(input_ids), 1), step)])
@@ -142,8 +134,7 @@ class Runner:
         b, n = bucket(rows, self.batch_buckets), bucket(length, self.length_buckets)
         if n is None:  # longer than any bucket: not worth a graph of its own
             self.eager_fallbacks += 1
-            with self.context():
-                return self.model(ids.to(self.device), mask.to(self.device))
+            return self.model(ids.to(self.device), mask.to(self.device))
         if (b, n) not in self.prepared:
             self._prepare(b, n)
         static = self._inputs[b, n]
@@ -151,12 +142,11 @@ class Runner:
         if self.mode == "graph":
             self._graphs[b, n].replay()
             return self._outputs[b, n][:rows].clone()
-        with self.context():
-            if self.mode == "eager":  # padded: what the other modes compute, run eagerly
-                return self.model(*static)[:rows]
-            if self.device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs may be overwritten now
-            return self._compiled(*static)[:rows].clone()
+        if self.mode == "eager":  # padded: what the other modes compute, run eagerly
+            return self.model(*static)[:rows]
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs may be overwritten now
+        return self._compiled(*static)[:rows].clone()
 
     def _prepare(self, b: int, n: int) -> None:
         """Capture (graph) or compile (compile) bucket (b, n), over its static inputs; a no-op once done."""
@@ -164,14 +154,13 @@ class Runner:
             return
         start = time.perf_counter()
         static = self._inputs[b, n] = _blank(b, n, self.device, self.pad_id)
-        with self.context():
-            if self.mode == "graph":
-                self._graphs[b, n], self._outputs[b, n] = self._capture(*static)
-            elif self.mode == "compile":
-                for _ in range(3):  # compiles on the first call; reduce-overhead records its CUDA graph by the third
-                    if self.device.type == "cuda":
-                        torch.compiler.cudagraph_mark_step_begin()
-                    self._compiled(*static)
+        if self.mode == "graph":
+            self._graphs[b, n], self._outputs[b, n] = self._capture(*static)
+        elif self.mode == "compile":
+            for _ in range(3):  # compiles on the first call; reduce-overhead records its CUDA graph by the third
+                if self.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
+                self._compiled(*static)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.prepared[b, n] = time.perf_counter() - start

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from skeleton.backbones import attention_blocks, family_of, load_backbone, norm_parameters
+from skeleton.execution import Runner, check_mode
 from skeleton.model import PromptClassifier
 from skeleton.prune import MANIFEST, ArtifactError, verify
 from skeleton.record import read_meta, read_record, skeleton_name as default_name  # noqa: F401 (re-exported)
@@ -118,6 +119,7 @@ class Expert:
     keep: list[torch.Tensor]  # per FFN layer, indices into the backbone's neurons (widths may differ per layer)
     heads: list[torch.Tensor] | None  # per layer, kept attention heads; None: all
     model: PromptClassifier  # its own network: the backbone's tensors, its slices, prompt and head
+    runner: Runner  # how its forward passes run (eager, CUDA-graph replay, compiled)
     # backbone parameters (by state-dict name) the skeleton changed, so its own, not a slice: refit down
     # projections (reconstructed), normalisation layers (tune_norms)
     own: dict[str, nn.Parameter]
@@ -132,12 +134,15 @@ class Expert:
 
 class SkeletonServer:
     """One backbone (the original, full model) and any number of task experts, each a network of its own that
-    shares the backbone's tensors. Thread-safe: experts are never modified after `add`."""
+    shares the backbone's tensors. Thread-safe: experts are never modified after `add`. `execution`
+    (skeleton.execution.MODES): how each expert's passes run; "graph" (CUDA) captures every padded shape bucket
+    of an expert at `add`, so requests only replay."""
 
-    def __init__(self, backbone: nn.Module, tokenizer, source: str = "backbone"):
+    def __init__(self, backbone: nn.Module, tokenizer, source: str = "backbone", execution: str = "eager"):
         self.backbone = backbone.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.source = source
+        self.execution = check_mode(execution, next(backbone.parameters()).device)
         self.experts: Registry[Expert] = Registry("task expert")
         self.family = family_of(backbone)
         names = {id(module): name for name, module in backbone.named_modules()}
@@ -154,9 +159,9 @@ class SkeletonServer:
         self._local = threading.local()  # a tokenizer per thread: a fast tokenizer's truncation state is shared
 
     @classmethod
-    def load(cls, name_or_path: str, device: str | torch.device = "cpu"):
+    def load(cls, name_or_path: str, device: str | torch.device = "cpu", execution: str = "eager"):
         backbone, tokenizer = load_backbone(name_or_path)
-        return cls(backbone.to(device), tokenizer, source=name_or_path)
+        return cls(backbone.to(device), tokenizer, source=name_or_path, execution=execution)
 
     @property
     def device(self) -> torch.device:
@@ -190,11 +195,14 @@ class SkeletonServer:
                     raise ExpertMismatchError(f"expert {name!r} ({folder}) prunes attention heads, which the "
                                               f"{type(self.family).__name__} cannot plug in")
                 heads = self._check_index(name, folder, "head", record["heads"], self._heads)
-            expert = Expert(name, folder, keep, heads, None, {}, int(meta.get("max_length") or DEFAULT_MAX_LENGTH),
-                            meta)
+            expert = Expert(name, folder, keep, heads, None, None, {},
+                            int(meta.get("max_length") or DEFAULT_MAX_LENGTH), meta)
             self._check_backbone(expert)
             network = self._network(expert)
             expert.model = PromptClassifier.from_adapter(network, folder / "adapter").to(self.device).eval()
+            expert.runner = Runner(expert.model, self.execution, pad_id=self._pad_id())
+            if self.execution != "eager":
+                expert.runner.prepare()
             self.experts.register(name)(expert)
         return name
 
@@ -319,10 +327,12 @@ class SkeletonServer:
             return []
         return self._tokenizer()(list(texts), truncation=True, max_length=self.experts[name].max_length)["input_ids"]
 
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
     def pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), (batch, longest row), right-padded as the training collator pads."""
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+        ids = torch.full((len(rows), max(map(len, rows))), self._pad_id(), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row)
@@ -336,12 +346,14 @@ class SkeletonServer:
     @torch.inference_mode()
     def logits(self, name: str, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """(len(texts), num_labels) logits of one task's expert: texts of similar length share a forward pass of at
-        most `batch_size` (length_batches), so short texts are not padded to the longest one's length."""
-        model = self.experts[name].model
+        most `batch_size` (length_batches), so short texts are not padded to the longest one's length (eager passes;
+        graphs pad to their buckets whatever comes)."""
+        expert = self.experts[name]
         ids = self.token_ids(name, texts)
-        out = torch.empty(len(ids), model.config.num_labels)
-        for rows in length_batches([len(row) for row in ids], batch_size, PASS_COST.get(self.device.type)):
-            out[rows] = model(*self.pad([ids[i] for i in rows])).float().cpu()
+        out = torch.empty(len(ids), expert.model.config.num_labels)
+        pass_cost = PASS_COST.get(self.device.type) if self.execution == "eager" else None
+        for rows in length_batches([len(row) for row in ids], batch_size, pass_cost):
+            out[rows] = expert.runner(*self.pad([ids[i] for i in rows])).float().cpu()
         return out
 
     def classify(self, name: str, texts: Sequence[str], batch_size: int = 32) -> list[Prediction]:

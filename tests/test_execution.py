@@ -76,16 +76,7 @@ def test_compile_on_the_cpu_equals_eager(tiny_backbone_dir, minilm_tokenizer):
 
 def test_calls_from_several_threads_get_their_own_answers(tiny_classifier, batch):
     model, _ = tiny_classifier
-    entered = []
-
-    class Plugged:  # what a server would pass: enter = plug the expert in
-        def __enter__(self):
-            entered.append(threading.get_ident())
-
-        def __exit__(self, *exc):
-            return False
-
-    runner = Runner(model, "eager", batch_buckets=(1, 2, 4), length_buckets=(16,), pad=True, context=Plugged)
+    runner = Runner(model, "eager", batch_buckets=(1, 2, 4), length_buckets=(16,), pad=True)  # shared static inputs
     expected = eager(model, batch)
     results, errors = {}, []
 
@@ -105,7 +96,6 @@ def test_calls_from_several_threads_get_their_own_answers(tiny_classifier, batch
     assert not errors
     for i, got in results.items():
         torch.testing.assert_close(got[0], expected[i % 4], rtol=0, atol=1e-5)
-    assert len(entered) >= 8 * 5
 
 
 def test_runner_refuses_what_it_cannot_run(tiny_classifier):
