@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from skeleton.backbones import attention_blocks, family_of, load_backbone, norm_parameters
+from skeleton.folder import MANIFEST, ArtifactError, read_meta, read_record, verify
+from skeleton.folder import skeleton_name as default_name  # noqa: F401 (re-exported)
 from skeleton.model import PromptClassifier
-from skeleton.prune import MANIFEST, ArtifactError, verify
-from skeleton.record import read_meta, read_record, skeleton_name as default_name  # noqa: F401 (re-exported)
 from skeleton.registry import Registry
 
 DEFAULT_MAX_LENGTH = 64  # truncation when the skeleton does not record the max_length it was trained with

@@ -57,7 +57,7 @@ class SkeletonModel(PythonModel):
         if "skeleton" in artifacts:  # a single exported skeleton, loaded as it was saved
             self.server = None
             self.folder = Path(artifacts["skeleton"])
-            from skeleton.prune import load_skeleton
+            from skeleton.folder import load_skeleton
 
             self.model, self.tokenizer, record = load_skeleton(self.folder)
             if self.tokenizer.pad_token is None:  # as load_backbone does for decoder tokenizers

@@ -112,7 +112,7 @@ def test_built_from_registry_aliases(experts, tmp_path):
     exactly those skeletons."""
     from mlflow.models import Model
 
-    from skeleton.prune import verify
+    from skeleton.folder import verify
     from tasks import nightly, tracking
 
     tracking._client()  # the test store

@@ -29,7 +29,7 @@ class Entry:
 
 
 def folder_entries(paths: list[str]) -> list[Entry]:
-    from skeleton.record import read_meta, skeleton_name  # torch: only once the options are parsed
+    from skeleton.folder import read_meta, skeleton_name  # torch: only once the options are parsed
     from skeleton.serve import find_skeletons
 
     found = []
@@ -43,7 +43,7 @@ def mlflow_entries(tracking_uri: str, run_id: str | None, experiment: str | None
     """Child runs of sweeps (tag skeleton.kind=point), each with its skeleton logged as a model (skeleton.model_id)."""
     import mlflow
 
-    from skeleton.record import skeleton_name
+    from skeleton.folder import skeleton_name
 
     client = mlflow.MlflowClient(tracking_uri)
     if run_id:

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from skeleton.backbones import family_of, load_backbone
+from skeleton.folder import export_skeleton, load_skeleton, read_meta
 from skeleton.model import AdapterConfig, PromptClassifier
-from skeleton.prune import export_skeleton, load_skeleton, select, slice_ffn
-from skeleton.record import read_meta
+from skeleton.prune import slice_ffn
+from skeleton.selection import select
 from skeleton.serve import SkeletonServer, find_skeletons, held_bytes
 
 LABELS = (2, 3, 4, 8)
