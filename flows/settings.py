@@ -5,7 +5,8 @@ the start of every flow (a deployment's run too). Importing a module of this pro
                             `skeleton ...` behaves as `make sweep` does; an environment that sets one wins
     Prefect                 results stored as plain JSON wherever a task names no serializer of its own; the
                             library's logger ("skeleton") among Prefect's extra loggers, at INFO: training and
-                            attribution progress in the flow's logs and the Prefect UI
+                            attribution progress in the flow's logs and the Prefect UI (outside a flow run: the
+                            console only)
     MLflow                  telemetry off (the tracking store: tasks.paths.tracking_uri)
 
 Prefect reads its settings when it is first imported: the command configures before it imports Prefect, and a flow
@@ -23,7 +24,9 @@ LOGGER = "skeleton"  # the library's logger (skeleton/*.py log under it)
 ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
                "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_HOME": str(ROOT / ".prefect"),
-               "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json", "PREFECT_LOGGING_EXTRA_LOGGERS": LOGGER}
+               "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json", "PREFECT_LOGGING_EXTRA_LOGGERS": LOGGER,
+               # the library's records outside a flow run (a command, a test) go to the console, without a warning
+               "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}
 
 
 def configure() -> None:

@@ -31,11 +31,18 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
+class ModelStage(StageSpec):
+    """A stage on an exported model (a skeleton folder) and the data it was made with."""
+
+    data: str  # a DataSpec's folder
+    model: str  # a skeleton folder (skeleton.folder.SkeletonFolder): a full model or a skeleton
+
+
+@dataclass(frozen=True)
 class DataSpec(StageSpec):
     """A registered task (or a user's file) split, tokenized for the backbone and saved."""
 
-    name: ClassVar[str] = "prepare-data"
-    folder: ClassVar[str] = "data"
+    name, folder = "prepare-data", "data"
     task_name: str  # a registered task (skeleton.data.TASKS), or what names the user's file
     backbone: str  # registered name or checkpoint folder: its tokenizer
     max_length: int = 64  # text tokens per example (truncation)
@@ -51,9 +58,8 @@ class TuneSpec(StageSpec):
     """The full model: a prompt (and head) tuned on the frozen backbone, exported as a rate-0 skeleton. With
     train.finetune every backbone weight trains: the fine-tuned reference."""
 
-    name: ClassVar[str] = "tune-prompt"
-    folder: ClassVar[str] = "models"
-    data: str  # a DataSpec's folder
+    name, folder = "tune-prompt", "models"
+    data: str
     backbone: str
     prompt_length: int  # prompt vectors (per layer for a prefix); 0: the head alone
     train: TrainConfig
@@ -64,8 +70,7 @@ class TuneSpec(StageSpec):
 class ProbeSpec(StageSpec):
     """The linear probe: the head alone, trained to convergence on frozen, un-prompted features."""
 
-    name: ClassVar[str] = "linear-probe"
-    folder: ClassVar[str] = "probe"
+    name, folder = "linear-probe", "probe"
     data: str
     backbone: str
     seed: int = 0
@@ -73,13 +78,10 @@ class ProbeSpec(StageSpec):
 
 
 @dataclass(frozen=True)
-class AttributeSpec(StageSpec):
+class AttributeSpec(ModelStage):
     """A score per FFN neuron (and per attention head, where the method and family can) of a full model."""
 
-    name: ClassVar[str] = "attribute"
-    folder: ClassVar[str] = "scores"
-    data: str
-    model: str  # the full model's folder
+    name, folder = "attribute", "scores"
     method: str  # skeleton.attribution.METHODS
     examples: int = 1024  # training examples scored
     seed: int = 0  # which examples, and a random method's draw
@@ -87,23 +89,17 @@ class AttributeSpec(StageSpec):
 
 
 @dataclass(frozen=True)
-class TeacherSpec(StageSpec):
+class TeacherSpec(ModelStage):
     """The full model's logits on the training split: soft labels for re-tuning its skeletons."""
 
-    name: ClassVar[str] = "teacher-logits"
-    folder: ClassVar[str] = "teacher"
-    data: str
-    model: str
+    name, folder = "teacher-logits", "teacher"
 
 
 @dataclass(frozen=True)
-class BuildSpec(StageSpec):
-    """A skeleton: the top-scoring units of a full model kept, the rest sliced out, re-tuned, exported."""
+class BuildSpec(ModelStage):
+    """A skeleton: the top-scoring units of a full model (`model`) kept, the rest sliced out, re-tuned, exported."""
 
-    name: ClassVar[str] = "build-skeleton"
-    folder: ClassVar[str] = "skeletons"
-    data: str
-    model: str  # the full model it is cut from
+    name, folder = "build-skeleton", "skeletons"
     scores: str  # an AttributeSpec's scores.parquet
     rate: float  # share of FFN neurons cut
     train: TrainConfig  # the re-tuning
@@ -123,21 +119,10 @@ class BuildSpec(StageSpec):
 
 
 @dataclass(frozen=True)
-class EvalSpec(StageSpec):
-    """Test metrics of an exported model, loaded back from its folder."""
-
-    name: ClassVar[str] = "evaluate"
-    folder: ClassVar[str] = "eval"
-    data: str
-    model: str
-
-
-@dataclass(frozen=True)
 class BenchmarkSpec(StageSpec):
     """Interleaved latency of model folders against a reference and baselines, in a fresh process."""
 
-    name: ClassVar[str] = "benchmark-latency"
-    folder: ClassVar[str] = "benchmark"
+    name, folder = "benchmark-latency", "benchmark"
     full: str  # the reference model folder
     skeletons: tuple[str, ...]
     batch_sizes: tuple[int, ...] = (32,)
@@ -151,5 +136,8 @@ class BenchmarkSpec(StageSpec):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
-SPECS: tuple[type[StageSpec], ...] = (DataSpec, TuneSpec, ProbeSpec, AttributeSpec, TeacherSpec, BuildSpec, EvalSpec,
-                                      BenchmarkSpec)
+@dataclass(frozen=True)
+class EvalSpec(ModelStage):
+    """Test metrics of an exported model, loaded back from its folder."""
+
+    name, folder = "evaluate", "eval"
