@@ -143,8 +143,10 @@ class SweepConfig:
             if unable:
                 raise ValueError(f"head rates > 0 need methods that score attention heads; {', '.join(unable)} "
                                  f"do not (those that do: {', '.join(m for m in METHODS if scores_heads(m))})")
-        for seed in config.seeds:  # each raises on a bad budget
-            config.train_config(seed), config.retune_config(seed), config.finetune_config(seed)
+        for seed in config.seeds:  # the specs check their values when made: every one now, before any work
+            config.tune_spec("", seed, "input"), config.finetune_spec("", seed)
+            for point in config.points():
+                config.build_spec("", "", "", point, seed)
         return config
 
     # ---- the training settings and stage specs of a resolved configuration ----------------------------------

@@ -258,7 +258,7 @@ def family_name(name_or_path: str) -> str:
 
 
 def load_backbone(name_or_path: str):
-    """Load (backbone, tokenizer) in float32 from local files only (a skeleton's own backbone/ too)."""
+    """Load (backbone, tokenizer) in float32 from local files only (a skeleton folder's backbone checkpoint too)."""
     from transformers import AutoModel, AutoTokenizer
 
     from skeleton.skeleton_bert import register

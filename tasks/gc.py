@@ -60,7 +60,7 @@ def mlflow_references(tracking_uri: str | None = None) -> tuple[list[str], set[s
 
 
 def _names(folder: Path) -> list[str]:
-    """What a stage folder's own records hold: its result, its inputs, a skeleton's neurons.json."""
+    """What a stage folder's own records hold: its result, its inputs, a skeleton's record (SkeletonFolder)."""
     found = []
     for name in (RECORD, NEURONS, INPUTS):
         try:

@@ -2,8 +2,8 @@
 
 Every exported model (the full prompt-tuned model, each skeleton) is an MLflow LoggedModel (pyfunc,
 tasks/mlflow_model.py) with its point's metrics linked to it, so the experiment's Models page compares sparsity
-levels. A model is stored once per content (the sha256 of its manifest.json): a cached point's run refers to the
-model already stored for the same folder.
+levels. A model is stored once per content (SkeletonFolder.digest: its manifest's sha256): a cached point's run
+refers to the model already stored for the same folder.
 
 Logging is idempotent: a child run is keyed by its point (tag skeleton.point), so a retried task finds the run it
 started instead of creating a second one; a finished sweep closes the parent runs of earlier attempts at the same
