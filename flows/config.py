@@ -67,6 +67,7 @@ class SweepConfig:
                                      "like-for-like baseline for --retune-norms; its skeletons inherit them)", family=True)
     retune_norms: bool | None = option(None, "let skeleton re-tuning also train the normalisation layers, which "
                                        "then belong to the task's expert", family=True)
+    reconstruct_damping: float = option(0.01, "ridge of --reconstruct's least squares, times the mean kept variance")
     target_speedups: list[float] = option([], "joint-budget points: cut FFN neurons and heads until the "
                                           "multiply-adds fall by this factor (e.g. 2.0); the mix with the lowest "
                                           "validation loss before re-tuning is kept")
@@ -200,7 +201,7 @@ class SweepConfig:
                    teacher: str | None = None) -> BuildSpec:
         """A point's skeleton, cut from `model` by `scores`."""
         return BuildSpec(data, model, scores, point.rate, self.retune_config(seed), teacher, point.head_rate,
-                         self.allocation, self.reconstruct, point.target)
+                         self.allocation, self.reconstruct, point.target, damping=self.reconstruct_damping)
 
     def benchmark_spec(self, measured: Measured) -> BenchmarkSpec:
         """The sweep's latency benchmark (tasks.results.to_measure: what it measures), at max_length text tokens."""

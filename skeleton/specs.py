@@ -109,6 +109,7 @@ class BuildSpec(ModelStage):
     reconstruct: bool = False  # refit the kept neurons' down projections first (prune.reconstruct_ffn)
     target_speedup: float | None = None  # a joint budget (skeleton.budget) decides rate and head_rate instead
     calibration_examples: int = 256  # training examples whose activation statistics `reconstruct` fits
+    damping: float = 0.01  # `reconstruct`'s ridge, times the mean kept variance (prune.reconstruct_ffn)
 
     def __post_init__(self):  # a bad value fails when the spec is made, before any work
         from skeleton.selection import check_allocation, check_head_rate, check_rate
@@ -116,6 +117,8 @@ class BuildSpec(ModelStage):
         object.__setattr__(self, "rate", check_rate(self.rate))
         object.__setattr__(self, "head_rate", check_head_rate(self.head_rate))
         check_allocation(self.allocation)
+        if self.damping < 0:
+            raise ValueError(f"damping must be >= 0 (0: plain least squares), got {self.damping}")
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,7 @@ def build_skeleton(out: Path, spec: BuildSpec) -> dict:
     if spec.reconstruct:  # statistics of the network as it will run: heads already cut, every FFN neuron still there
         sample = dsd["train"].shuffle(seed=config.seed)
         sample = sample.select(range(min(spec.calibration_examples, len(sample))))
-        reconstruct_ffn(classifier.backbone, keep, activation_moments(classifier, sample, info["pad_id"]))
+        reconstruct_ffn(classifier.backbone, keep, activation_moments(classifier, sample, info["pad_id"]), spec.damping)
     slice_ffn(classifier.backbone, keep)
     train_set = dsd["train"]
     if spec.teacher:

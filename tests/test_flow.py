@@ -124,6 +124,7 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     ({"backbone": "bert-huge"}, ValueError, "unknown backbone 'bert-huge'"),
     ({"precision": "fp16"}, ValueError, "precision must be one of fp32, bf16, auto, got 'fp16'"),
     ({"target_speedups": [2.0, 1.0]}, ValueError, "target speed-up must be above 1, got 1.0"),
+    ({"reconstruct_damping": -0.1}, ValueError, "damping must be >= 0"),
     ({"train_evals": 0}, ValueError, "train_evals must be at least 1, got 0"),
     ({"retune_steps": 0}, ValueError, "steps, batch_size and eval_every must be positive"),
     ({"seeds": []}, ValueError, "seeds must name at least one seed"),
