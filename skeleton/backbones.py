@@ -266,9 +266,16 @@ def load_backbone(name_or_path: str):
     path = resolve_backbone(name_or_path)
     register()  # the folder may hold a per-layer "skeleton_bert" checkpoint
     backbone = AutoModel.from_pretrained(path, dtype="float32", local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token is None:  # decoder tokenizers often have none; padded positions are masked anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"  # what the collator does and "last" pooling expects
+    tokenizer = set_padding(AutoTokenizer.from_pretrained(path, local_files_only=True))
     family_of(backbone)  # fail early on an unsupported architecture
     return backbone.eval(), tokenizer
+
+
+def set_padding(tokenizer):
+    """The tokenizer padding as the model expects (in place; returned): a pad token (decoder tokenizers often have
+    none: the eos token, padded positions are masked anyway), on the right (what the collator does and "last" pooling
+    expects)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer

@@ -130,17 +130,19 @@ class SkeletonFolder:
                 "total_mb": sum(p.stat().st_size for p in files) / 2**20}
 
     def load(self):
-        """(PromptClassifier, tokenizer, neurons record), after checking every file against the manifest. Either
-        checkpoint kind loads: the "skeleton_bert" classes are registered with transformers' Auto classes first."""
+        """(PromptClassifier, tokenizer padded as the model expects, neurons record), after checking every file against
+        the manifest. Either checkpoint kind loads: the "skeleton_bert" classes are registered with transformers'
+        Auto classes first."""
         from transformers import AutoModel, AutoTokenizer
 
+        from skeleton.backbones import set_padding
         from skeleton.model import PromptClassifier
         from skeleton.skeleton_bert import register
 
         self.verify()
         register()
         backbone = AutoModel.from_pretrained(self.backbone, dtype="float32", local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(self.backbone, local_files_only=True)
+        tokenizer = set_padding(AutoTokenizer.from_pretrained(self.backbone, local_files_only=True))
         model = PromptClassifier.from_adapter(backbone, self.adapter).eval()
         return model, tokenizer, self.record()
 

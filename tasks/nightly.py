@@ -92,7 +92,7 @@ def _first_seed(records: list[Row | dict], method: str) -> tuple[Row, list[Row]]
     return full, sorted((r for r in points if r.prompt == points[0].prompt), key=lambda r: r.rate)
 
 
-def promote(records: list[dict], method: str = "grad_x_act", source: str = "",
+def promote(records: list[Row | dict], method: str = "grad_x_act", source: str = "",
             experiment: str = "skeleton-nightly") -> dict:
     """Make these sweep results the nightly baseline: the full model and the `method` skeletons registered with
     baseline aliases, the accepted figures and the test data recorded. Returns the baseline (read_baseline)."""
@@ -116,7 +116,7 @@ def promote(records: list[dict], method: str = "grad_x_act", source: str = "",
     return read_baseline()
 
 
-def promote_for_serving(records: list[dict], rate: float, method: str = "grad_x_act",
+def promote_for_serving(records: list[Row | dict], rate: float, method: str = "grad_x_act",
                         alias: str = "production") -> str:
     """Register the first seed's `method` skeleton at `rate` with `alias` (serving reads @production)."""
     from mlflow import MlflowClient

@@ -242,10 +242,10 @@ def latest_sweep(experiment: str = "skeleton", run_id: str | None = None) -> tup
     from tasks.paths import tracking_uri
 
     uri = tracking_uri()
+    if run_id is None and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None  # no local tracking database: nothing to read (and none to create)
     client = mlflow.MlflowClient(uri)
     if run_id is None:
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-            return None  # no local tracking database: nothing to read (and none to create)
         found = client.get_experiment_by_name(experiment)
         runs = found and client.search_runs([found.experiment_id],
                                             "tags.`skeleton.kind` = 'sweep' and attributes.status = 'FINISHED'",
