@@ -32,7 +32,6 @@ def full_sweep(**parameters) -> list[dict]:
     skeleton per (method, FFN rate, head rate) and per (method, target speed-up): the joint budget decides how
     much of the FFN and of the attention heads to cut. Parameters left None take the backbone family's defaults."""
     from skeleton.backbones import resolve_backbone
-    from skeleton.specs import EvalSpec, TeacherSpec
 
     configure()
     config = SweepConfig(**parameters).resolved()  # bad input fails here, before any training starts
@@ -40,49 +39,25 @@ def full_sweep(**parameters) -> list[dict]:
     data = pipeline.prepare_data(config.data_spec())
     print(f"data: {data['split_sizes']} labels {data['label_names']}")
     run_id = tracking.start_sweep_run(config.experiment, {**config.params(), "artifacts": str(artifacts_dir())})
-    points, prompts = config.points(), config.prompt_methods
-    total = len(points) * len(config.seeds) * len(prompts)
+    total = len(config.points()) * len(config.seeds) * len(config.prompt_methods)
     progress = prefect_ui.sweep_progress(config.task_name, total)  # the Prefect UI's progress bar
     try:
-        rows, scores, done = [], {}, 0  # rows: every model of the sweep, references and points
+        rows, scores = [], {}  # rows: every model of the sweep, references and points
         for seed in config.seeds:
             probe = pipeline.linear_probe(config.probe_spec(data["path"], seed))
             rows.append(Row.of_probe(seed, probe, data["path"]))
             if config.finetune:  # the reference a user could pick instead: every weight trained, a model per task
-                tuned = pipeline.tune_prompt(config.finetune_spec(data["path"], seed))
-                evaluated = pipeline.evaluate(EvalSpec(data["path"], tuned["path"]))
-                rows.append(Row.of_reference(seed, "-", FINETUNED, tuned, evaluated, data["path"]))
+                rows.append(_reference(config.finetune_spec(data["path"], seed), seed, "-", FINETUNED))
             # The input-prompt full model (the paper's prompt tuning) is every sweep's reference, skeletons cut from it
             # or not: accuracies and speed-ups are also reported against it.
-            for prompt in dict.fromkeys(["input", *prompts]):
-                full = pipeline.tune_prompt(config.tune_spec(data["path"], seed, prompt))
-                evaluated = pipeline.evaluate(EvalSpec(data["path"], full["path"]))
-                rows.append(Row.of_reference(seed, prompt, FULLS[prompt], full, evaluated, data["path"]))
-                print(f"seed {seed}: full model ({prompt} prompt) accuracy {evaluated['accuracy']:.4f}; "
+            for prompt in dict.fromkeys(["input", *config.prompt_methods]):
+                full = _reference(config.tune_spec(data["path"], seed, prompt), seed, prompt, FULLS[prompt])
+                rows.append(full)
+                print(f"seed {seed}: full model ({prompt} prompt) accuracy {full.accuracy:.4f}; "
                       f"linear probe {probe['accuracy']:.4f}")
-                if prompt not in prompts:
-                    continue
-
-                # Independent sweep points are submitted together: a Dask task runner spreads them over its
-                # workers, the default runner takes them one at a time (parallel threads would only fight over cores).
-                futures = {m: pipeline.attribute.submit(config.attribute_spec(data["path"], full["path"], m, seed))
-                           for m in config.methods}
-                by_method = {m: future.result()["path"] for m, future in futures.items()}
-                scores.setdefault(seed, {}).update({f"{prompt}/{m}": path for m, path in by_method.items()})
-                teacher = (pipeline.teacher_logits(TeacherSpec(data["path"], full["path"]))["path"]
-                           if config.distill else None)
-                built = [pipeline.build_skeleton.submit(config.build_spec(data["path"], full["path"],
-                                                                          by_method[p.method], p, seed, teacher))
-                         for p in points]
-                built = [future.result() for future in built]
-                results = [pipeline.evaluate.submit(EvalSpec(data["path"], b["path"])) for b in built]
-                for p, b, future in zip(points, built, results):
-                    row = Row.of_point(seed, prompt, p.method, p.target, b, future.result(), data["path"])
-                    rows.append(row)
-                    done += 1
-                    print(f"seed {seed} point {done}/{total}: {prompt} {p.method} {row.point} "
-                          f"(p={row.rate:.3f} h={row.head_rate:.3f}) accuracy {row.accuracy:.4f}")
-                    prefect_ui.point_finished(progress, done, total)
+                if prompt in config.prompt_methods:
+                    done = sum(not row.is_reference for row in rows)
+                    rows += _skeletons(config, full, scores.setdefault(seed, {}), progress, done, total)
 
         # Latency of each distinct model shape, in a fresh process, against the input-prompt full model (the paper's
         # baseline) and each prompt method's full model; seeds and methods that cut the same widths and heads
@@ -106,6 +81,42 @@ def full_sweep(**parameters) -> list[dict]:
         tracking.fail_run(run_id)  # a crashed sweep must not look "running" in MLflow forever
         raise
     return records
+
+
+def _reference(spec, seed: int, prompt: str, method: str) -> Row:
+    """A reference model (a full or fine-tuned one) trained by `spec`, then evaluated from its exported folder."""
+    from skeleton.specs import EvalSpec
+
+    trained = pipeline.tune_prompt(spec)
+    return Row.of_reference(seed, prompt, method, trained, pipeline.evaluate(EvalSpec(spec.data, trained["path"])),
+                            spec.data)
+
+
+def _skeletons(config: SweepConfig, full: Row, scores: dict[str, str], progress, done: int, total: int) -> list[Row]:
+    """Every sweep point's skeleton cut from `full`: attribution per method, skeletons, their evaluations. Adds the
+    scores files to `scores` ("<prompt>/<method>" -> path)."""
+    from skeleton.specs import EvalSpec, TeacherSpec
+
+    # Independent sweep points are submitted together: a Dask task runner spreads them over its workers, the
+    # default runner takes them one at a time (parallel threads would only fight over cores).
+    data, points = full.data, config.points()
+    futures = {m: pipeline.attribute.submit(config.attribute_spec(data, full.path, m, full.seed))
+               for m in config.methods}
+    by_method = {m: future.result()["path"] for m, future in futures.items()}
+    scores.update({f"{full.prompt}/{m}": path for m, path in by_method.items()})
+    teacher = pipeline.teacher_logits(TeacherSpec(data, full.path))["path"] if config.distill else None
+    built = [pipeline.build_skeleton.submit(config.build_spec(data, full.path, by_method[p.method], p, full.seed,
+                                                              teacher)) for p in points]
+    built = [future.result() for future in built]
+    results = [pipeline.evaluate.submit(EvalSpec(data, b["path"])) for b in built]
+    rows = []
+    for p, b, future in zip(points, built, results):
+        rows.append(Row.of_point(full.seed, full.prompt, p.method, p.target, b, future.result(), data))
+        done += 1
+        print(f"seed {full.seed} point {done}/{total}: {full.prompt} {p.method} {rows[-1].point} "
+              f"(p={b['rate']:.3f} h={b['head_rate']:.3f}) accuracy {rows[-1].accuracy:.4f}")
+        prefect_ui.point_finished(progress, done, total)
+    return rows
 
 
 def dask_runner(address: str):
