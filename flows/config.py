@@ -121,8 +121,8 @@ class SweepConfig:
 
     def resolved(self) -> SweepConfig:
         """A copy with every family field left None set to the backbone family's value, 'all' methods expanded,
-        names checked against their registries and the training configurations built once: an unknown backbone
-        or method, or a bad budget, fails here, before any work."""
+        names checked against their registries and every stage spec built once (each checks its values): an
+        unknown backbone or method, or a bad budget, fails here, before any work."""
         from skeleton.attribution import METHODS, scores_heads
         from skeleton.backbones import family_name
         from skeleton.train import resolve_precision
@@ -144,8 +144,9 @@ class SweepConfig:
             if unable:
                 raise ValueError(f"head rates > 0 need methods that score attention heads; {', '.join(unable)} "
                                  f"do not (those that do: {', '.join(m for m in METHODS if scores_heads(m))})")
-        for seed in config.seeds:  # the specs check their values when made: every one now, before any work
-            config.tune_spec("", seed, "input"), config.finetune_spec("", seed)
+        for seed in config.seeds:
+            config.tune_spec("", seed, "input")
+            config.finetune_spec("", seed)
             for point in config.points():
                 config.build_spec("", "", "", point, seed)
         return config
