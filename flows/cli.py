@@ -19,16 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import os
 import sys
 
 from flows.config import NightlyConfig, SweepConfig, add_options, from_options
-from tasks.paths import ROOT
-
-# What `make` exports, so `skeleton ...` behaves as `make sweep` does (an environment that sets them wins).
-ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-               "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_HOME": str(ROOT / ".prefect")}
+from flows.settings import configure
 # Commands that parse their own options: a module with main(argv, prog) -> exit code (flows/commands/, tasks/gc.py).
 COMMANDS = {
     "benchmark": ("flows.commands.benchmark", None, "latency of the full model against its skeletons, beside the arithmetic bound"),
@@ -111,8 +105,7 @@ def dispatch(args) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    for key, value in ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
+    configure()  # before anything imports Prefect, which reads its settings once
     try:
         code = dispatch(args)
     except KeyboardInterrupt:

@@ -1,27 +1,52 @@
-"""The sweep's (and the nightly run's) parameters, declared once.
+"""The sweep's (and the nightly run's) parameters, declared once, and the stage specs the sweep runs.
 
 Each field of `SweepConfig` is one parameter: its name, type, default and help text. The Prefect flow's
 parameters (`flow_parameters`), the command-line options (`add_options`), the MLflow params (`params`) and the
-tests' helper all derive from the fields, so adding a parameter is adding one field here.
+tests' helper all derive from the fields, so adding a parameter is adding one field here. The configuration then
+builds every stage's spec (skeleton/specs.py: `data_spec`, `tune_spec`, `build_spec`, ...), training settings as
+skeleton.train.TrainConfig, so the flow passes specs and never retypes a parameter.
 
-A field whose default is None takes the backbone family's value (`skeleton.backbones.Family.sweep_defaults`):
-budgets differ between a small encoder and a decoder whose step costs ~8x more. `resolved()` fills them in.
-Plain Python at import time (the command line's --help must not load torch); checks that need the library
-import it when a configuration is built.
+A field whose default is None takes the backbone family's value (FAMILY_DEFAULTS): budgets differ between a
+small encoder and a decoder whose step costs ~8x more. `resolved()` fills them in. Plain Python at import time
+(the command line's --help must not load torch); checks that need the library import it when a configuration is
+built.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import hashlib
 import inspect
 import os
 import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple
+
+from skeleton.specs import AttributeSpec, BenchmarkSpec, BuildSpec, DataSpec, ProbeSpec, TuneSpec
+from tasks.results import BENCHMARK_BATCH_SIZES, Measured
+
+SPLIT_SEED = 0  # the train/validation/test split stays the same whatever the training seeds
+_BUDGETS = {"methods": ["grad_x_act", "random"], "reconstruct": False, "tune_norms": False, "retune_norms": False,
+            "train_steps": 800, "train_evals": 8, "retune_steps": 300, "retune_evals": 3,
+            "attribution_examples": 1024, "prompt_methods": ["input"]}
+# What a sweep parameter left unset (a field with family=True) means for the backbones of each architecture family
+# (skeleton.backbones.FAMILIES): budgets in optimizer steps and examples, sized so a default sweep of a MiniLM-sized
+# encoder takes about 15 minutes on 2 CPU cores. Every family needs every such field (a test checks).
+FAMILY_DEFAULTS = {
+    # A prefix beat the input prompt on MiniLM's validation, full model and skeletons alike (docs/results.md)
+    "bert": {**_BUDGETS, "prompt_methods": ["prefix"]},
+    # A smollm2 step costs ~8x MiniLM's: smaller budgets; reconstruction and re-tuned norms recover most of what
+    # its cut FFNs lose (docs/results.md).
+    "llama": {**_BUDGETS, "methods": ["grad_x_act"], "reconstruct": True, "retune_norms": True, "train_steps": 120,
+              "train_evals": 1, "retune_steps": 120, "retune_evals": 1, "attribution_examples": 256},
+}
 
 
 def option(default, help: str, family: bool = False):
     """A configuration field with its help text. family=True: None means the backbone family's value
-    (skeleton.backbones.Family.sweep_defaults). Lists get a fresh copy per instance."""
+    (FAMILY_DEFAULTS). Lists get a fresh copy per instance."""
     metadata = {"help": help, "family": family}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
@@ -42,6 +67,7 @@ class SweepConfig:
                                      "like-for-like baseline for --retune-norms; its skeletons inherit them)", family=True)
     retune_norms: bool | None = option(None, "let skeleton re-tuning also train the normalisation layers, which "
                                        "then belong to the task's expert", family=True)
+    reconstruct_damping: float = option(0.01, "ridge of --reconstruct's least squares, times the mean kept variance")
     target_speedups: list[float] = option([], "joint-budget points: cut FFN neurons and heads until the "
                                           "multiply-adds fall by this factor (e.g. 2.0); the mix with the lowest "
                                           "validation loss before re-tuning is kept")
@@ -75,7 +101,7 @@ class SweepConfig:
         # The library's own checks (imported here: they load torch), so a bad value fails before any work.
         from skeleton.budget import check_target_speedup
         from skeleton.model import check_prompt_method
-        from skeleton.prune import check_allocation, check_head_rate, check_rate
+        from skeleton.selection import check_allocation, check_head_rate, check_rate
         from skeleton.train import check_precision
 
         self.rates = [check_rate(r) for r in self.rates]
@@ -95,14 +121,18 @@ class SweepConfig:
 
     def resolved(self) -> SweepConfig:
         """A copy with every family field left None set to the backbone family's value, 'all' methods expanded,
-        names checked against their registries and the training configurations built once: an unknown backbone
-        or method, or a bad budget, fails here, before any work."""
+        names checked against their registries and every stage spec built once (each checks its values): an
+        unknown backbone or method, or a bad budget, fails here, before any work."""
         from skeleton.attribution import METHODS, scores_heads
-        from skeleton.backbones import sweep_defaults
-        from skeleton.train import TrainConfig, resolve_precision
+        from skeleton.backbones import family_name
+        from skeleton.train import resolve_precision
 
-        defaults = sweep_defaults(self.backbone)
-        config = dataclasses.replace(self, **{f.name: defaults[f.name] for f in fields(self)
+        family = family_name(self.backbone)
+        if family not in FAMILY_DEFAULTS:
+            raise ValueError(f"no sweep defaults for the {family!r} backbone family: add them to FAMILY_DEFAULTS in "
+                             "flows/config.py")
+        defaults = FAMILY_DEFAULTS[family]
+        config = dataclasses.replace(self, **{f.name: copy.deepcopy(defaults[f.name]) for f in fields(self)
                                               if f.metadata["family"] and getattr(self, f.name) is None})
         config.precision = resolve_precision(self.precision)  # this machine's: the sweep's runs record what ran
         if config.methods == ["all"]:
@@ -115,25 +145,69 @@ class SweepConfig:
                 raise ValueError(f"head rates > 0 need methods that score attention heads; {', '.join(unable)} "
                                  f"do not (those that do: {', '.join(m for m in METHODS if scores_heads(m))})")
         for seed in config.seeds:
-            TrainConfig(**config.train_config(seed))
-            TrainConfig(**config.retune_config(seed))
-            TrainConfig(**config.finetune_config(seed))
+            config.tune_spec("", seed, "input")
+            config.finetune_spec("", seed)
+            for point in config.points():
+                config.build_spec("", "", "", point, seed)
         return config
 
-    def train_config(self, seed: int) -> dict:
-        """skeleton.train.TrainConfig of the full model's prompt tuning (of a resolved configuration)."""
-        return {"steps": self.train_steps, "eval_every": max(1, self.train_steps // self.train_evals), "seed": seed,
-                "precision": self.precision, "tune_norms": self.tune_norms}
+    # ---- the training settings and stage specs of a resolved configuration ----------------------------------
 
-    def retune_config(self, seed: int) -> dict:
-        """skeleton.train.TrainConfig of each skeleton's re-tuning (of a resolved configuration)."""
-        return {"steps": self.retune_steps, "warmup_steps": 10, "eval_every": max(1, self.retune_steps // self.retune_evals),
-                "distill": self.distill, "precision": self.precision, "tune_norms": self.retune_norms, "seed": seed,
-                "distill_hidden": self.distill_hidden, "patience": self.retune_patience}
+    def train_config(self, seed: int):
+        """skeleton.train.TrainConfig of the full model's prompt tuning."""
+        from skeleton.train import TrainConfig
 
-    def finetune_config(self, seed: int) -> dict:
+        return TrainConfig(steps=self.train_steps, eval_every=max(1, self.train_steps // self.train_evals), seed=seed,
+                           precision=self.precision, tune_norms=self.tune_norms)
+
+    def retune_config(self, seed: int):
+        """skeleton.train.TrainConfig of each skeleton's re-tuning."""
+        from skeleton.train import TrainConfig
+
+        return TrainConfig(steps=self.retune_steps, warmup_steps=10,
+                           eval_every=max(1, self.retune_steps // self.retune_evals), distill=self.distill,
+                           precision=self.precision, tune_norms=self.retune_norms, seed=seed,
+                           distill_hidden=self.distill_hidden, patience=self.retune_patience)
+
+    def finetune_config(self, seed: int):
         """skeleton.train.TrainConfig of the fine-tuned reference: every weight, the full model's budget."""
-        return {**self.train_config(seed), "finetune": True, "tune_norms": False}
+        return dataclasses.replace(self.train_config(seed), finetune=True, tune_norms=False)
+
+    def data_spec(self) -> DataSpec:
+        """The data, split with SPLIT_SEED whatever the training seeds; a user file by its path and its content."""
+        path = self.data_file and str(Path(self.data_file).resolve())
+        return DataSpec(self.task_name, self.backbone, self.max_length, SPLIT_SEED, path, self.text_column,
+                        self.label_column, file_hash(self.data_file))
+
+    def probe_spec(self, data: str, seed: int) -> ProbeSpec:
+        return ProbeSpec(data, self.backbone, seed, self.precision)
+
+    def tune_spec(self, data: str, seed: int, prompt: str) -> TuneSpec:
+        """The full model of a prompt method."""
+        return TuneSpec(data, self.backbone, self.prompt_length, self.train_config(seed), prompt)
+
+    def finetune_spec(self, data: str, seed: int) -> TuneSpec:
+        """The fine-tuned reference: the head alone on top, every backbone weight trained."""
+        return TuneSpec(data, self.backbone, 0, self.finetune_config(seed))
+
+    def attribute_spec(self, data: str, model: str, method: str, seed: int) -> AttributeSpec:
+        return AttributeSpec(data, model, method, self.attribution_examples, seed)
+
+    def points(self) -> list[Point]:
+        """Every sweep point of a full model: per method, each FFN rate x head rate, and each joint-budget target."""
+        points = [Point(m, r, h) for m in self.methods for r in self.rates for h in self.head_rates]
+        return points + [Point(m, 0.0, 0.0, t) for m in self.methods for t in self.target_speedups]
+
+    def build_spec(self, data: str, model: str, scores: str, point: Point, seed: int,
+                   teacher: str | None = None) -> BuildSpec:
+        """A point's skeleton, cut from `model` by `scores`."""
+        return BuildSpec(data, model, scores, point.rate, self.retune_config(seed), teacher, point.head_rate,
+                         self.allocation, self.reconstruct, point.target, damping=self.reconstruct_damping)
+
+    def benchmark_spec(self, measured: Measured) -> BenchmarkSpec:
+        """The sweep's latency benchmark (tasks.results.to_measure: what it measures), at max_length text tokens."""
+        return BenchmarkSpec(measured.reference, tuple(measured.measured), BENCHMARK_BATCH_SIZES, (self.max_length,),
+                             self.benchmark_repeats, tuple(measured.baselines))
 
     @property
     def task_name(self) -> str:
@@ -143,6 +217,21 @@ class SweepConfig:
     def params(self) -> dict:
         """The MLflow params: every field, the task as the data's name."""
         return {**dataclasses.asdict(self), "task": self.task_name}
+
+
+class Point(NamedTuple):
+    """A sweep point: a selection method at an FFN rate and head rate, or at a joint-budget target speed-up."""
+    method: str
+    rate: float
+    head_rate: float
+    target: float | None = None
+
+
+def file_hash(path: str | None) -> str | None:
+    """A user file's content hash, so editing the file invalidates the cached data stage."""
+    if not path or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @dataclass

@@ -13,16 +13,11 @@ Its parameters are the fields of flows.config.NightlyConfig.
 """
 from __future__ import annotations
 
-import logging
-import os
+from prefect import flow
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "skeleton")
-logging.getLogger("skeleton").setLevel(logging.INFO)
-
-from prefect import flow  # noqa: E402
-
-from flows.config import NightlyConfig, flow_parameters  # noqa: E402
-from tasks import nightly, prefect_ui  # noqa: E402
+from flows.config import NightlyConfig, flow_parameters
+from flows.settings import configure
+from tasks import nightly, prefect_ui
 
 
 class BenchmarkRegression(RuntimeError):
@@ -35,6 +30,7 @@ class BenchmarkRegression(RuntimeError):
 def nightly_benchmark(**parameters) -> list[dict]:
     from skeleton.regression import Thresholds, regressions
 
+    configure()
     config = NightlyConfig(**parameters)
     baseline = nightly.read_baseline()
     measured = nightly.measure_reference(baseline, repeats=config.repeats)

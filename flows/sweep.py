@@ -14,30 +14,15 @@ or deployed: `prefect deployment run skeleton/full-sweep -p task=reuters_r8`.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-from pathlib import Path
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
 
-# Library progress (training steps, attribution batches) shows in the flow's logs and the Prefect UI.
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "skeleton")
-logging.getLogger("skeleton").setLevel(logging.INFO)
-
-from prefect import flow  # noqa: E402
-from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
-
-from flows.config import SweepConfig, flow_parameters  # noqa: E402
-from tasks import pipeline, prefect_ui, tracking  # noqa: E402
-from tasks.report import results_table, summary_table  # noqa: E402
-
-SPLIT_SEED = 0  # the train/validation/test split stays the same whatever the training seeds
-
-
-def _file_hash(path: str | None) -> str | None:
-    """The user file's content hash, so editing the file invalidates the cached data step."""
-    if not path or not Path(path).is_file():
-        return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+from flows.config import SweepConfig, flow_parameters
+from flows.settings import configure
+from tasks import pipeline, prefect_ui, tracking
+from tasks.paths import artifacts_dir
+from tasks.results import (BENCHMARK_BATCH_SIZE, FINETUNED, FULLS, Row, results_table, set_speedups, summary_table,
+                           to_measure)
 
 
 @flow(name="skeleton", log_prints=True, result_serializer="json", task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -48,71 +33,42 @@ def full_sweep(**parameters) -> list[dict]:
     much of the FFN and of the attention heads to cut. Parameters left None take the backbone family's defaults."""
     from skeleton.backbones import resolve_backbone
 
+    configure()
     config = SweepConfig(**parameters).resolved()  # bad input fails here, before any training starts
     resolve_backbone(config.backbone)
-    data_file = config.data_file
-    data = pipeline.prepare_data(config.task_name, config.backbone, config.max_length, SPLIT_SEED,
-                                 data_file and str(Path(data_file).resolve()), config.text_column,
-                                 config.label_column, _file_hash(data_file))
+    data = pipeline.prepare_data(config.data_spec())
     print(f"data: {data['split_sizes']} labels {data['label_names']}")
-    run_id = tracking.start_sweep_run(config.experiment, {**config.params(),
-                                                          "artifacts": str(pipeline.artifacts_dir())})
-    methods, seeds, prompts = config.methods, config.seeds, config.prompt_methods
-    points = [(m, r, h, None) for m in methods for r in config.rates for h in config.head_rates]
-    points += [(m, 0.0, 0.0, t) for m in methods for t in config.target_speedups]
-    total = len(points) * len(seeds) * len(prompts)
+    run_id = tracking.start_sweep_run(config.experiment, {**config.params(), "artifacts": str(artifacts_dir())})
+    total = len(config.points()) * len(config.seeds) * len(config.prompt_methods)
     progress = prefect_ui.sweep_progress(config.task_name, total)  # the Prefect UI's progress bar
     try:
-        fulls, probes, finetuned, rows, scores = {}, {}, {}, [], {}
-        for seed in seeds:
-            probes[seed] = pipeline.linear_probe(data["path"], config.backbone, seed, config.precision)
+        rows, scores = [], {}  # rows: every model of the sweep, references and points
+        for seed in config.seeds:
+            probe = pipeline.linear_probe(config.probe_spec(data["path"], seed))
+            rows.append(Row.of_probe(seed, probe, data["path"]))
             if config.finetune:  # the reference a user could pick instead: every weight trained, a model per task
-                tuned = pipeline.tune_prompt(data["path"], config.backbone, 0, config.finetune_config(seed))
-                finetuned[seed] = {**pipeline.evaluate(data["path"], tuned["path"]), "path": tuned["path"],
-                                   "val_accuracy": tuned["val_accuracy"], "prompt": None}
+                rows.append(_reference(config.finetune_spec(data["path"], seed), seed, "-", FINETUNED))
             # The input-prompt full model (the paper's prompt tuning) is every sweep's reference, skeletons cut from it
             # or not: accuracies and speed-ups are also reported against it.
-            for prompt in dict.fromkeys(["input", *prompts]):
-                full_model = pipeline.tune_prompt(data["path"], config.backbone, config.prompt_length,
-                                                  config.train_config(seed), prompt)
-                fulls[seed, prompt] = {**pipeline.evaluate(data["path"], full_model["path"]), "path": full_model["path"],
-                                       "val_accuracy": full_model["val_accuracy"], "prompt": prompt}
-                print(f"seed {seed}: full model ({prompt} prompt) accuracy {fulls[seed, prompt]['accuracy']:.4f}; "
-                      f"linear probe {probes[seed]['accuracy']:.4f}")
-                if prompt not in prompts:
-                    continue
+            for prompt in dict.fromkeys(["input", *config.prompt_methods]):
+                full = _reference(config.tune_spec(data["path"], seed, prompt), seed, prompt, FULLS[prompt])
+                rows.append(full)
+                print(f"seed {seed}: full model ({prompt} prompt) accuracy {full.accuracy:.4f}; "
+                      f"linear probe {probe['accuracy']:.4f}")
+                if prompt in config.prompt_methods:
+                    done = sum(not row.is_reference for row in rows)
+                    rows += _skeletons(config, full, scores.setdefault(seed, {}), progress, done, total)
 
-                # Independent sweep points are submitted together: a Dask task runner spreads them over its
-                # workers, the default runner takes them one at a time (parallel threads would only fight over cores).
-                examples = config.attribution_examples
-                futures = {m: pipeline.attribute.submit(data["path"], full_model["path"], m, examples, seed)
-                           for m in methods}
-                by_method = {m: future.result()["path"] for m, future in futures.items()}
-                scores.setdefault(seed, {}).update({f"{prompt}/{m}": path for m, path in by_method.items()})
-                teacher = pipeline.teacher_logits(data["path"], full_model["path"])["path"] if config.distill else None
-                built = [pipeline.build_skeleton.submit(data["path"], full_model["path"], by_method[m], r,
-                                                        config.retune_config(seed), teacher, h, config.allocation,
-                                                        config.reconstruct, t)
-                         for m, r, h, t in points]
-                built = [future.result() for future in built]
-                results = [pipeline.evaluate.submit(data["path"], b["path"]) for b in built]
-                for (method, _, _, target), b, future in zip(points, built, results):
-                    result = future.result()
-                    point = f"x{target:g}" if target else f"p={b['rate']:g} h={b['head_rate']:g}"
-                    rows.append({"seed": seed, "prompt": prompt, "method": method, "point": point, "rate": b["rate"],
-                                 "head_rate": b["head_rate"], "kept_width": b["kept_width"],
-                                 "kept_widths": b["kept_widths"], "kept_heads": b.get("kept_heads"),
-                                 "val_accuracy": b["val_accuracy"], **result, "path": b["path"]})
-                    print(f"seed {seed} point {len(rows)}/{total}: {prompt} {method} {point} "
-                          f"(p={b['rate']:.3f} h={b['head_rate']:.3f}) accuracy {result['accuracy']:.4f}")
-                    prefect_ui.point_finished(progress, len(rows), total)
-
-        bench, measured_as = _benchmark(rows, fulls, finetuned, config.max_length, config.benchmark_repeats)
-        table = results_table(rows, fulls, probes, finetuned)
-        records = [{**record, "data": data["path"]} for record in table.to_dict("records")]
+        # Latency of each distinct model shape, in a fresh process, against the input-prompt full model (the paper's
+        # baseline) and each prompt method's full model; seeds and methods that cut the same widths and heads
+        # share one measurement.
+        measured = to_measure(rows)
+        bench = pipeline.benchmark(config.benchmark_spec(measured))
+        set_speedups(rows, measured, bench, BENCHMARK_BATCH_SIZE, config.max_length)
+        records = results_table(rows).to_dict("records")
         logged = [tracking.log_point.submit(run_id, row, [b for b in bench["rows"]
-                                                          if b["model"] == measured_as[row["path"]]])
-                  for row in rows]
+                                                          if b["model"] == measured.measured_as[row.path]])
+                  for row in rows if not row.is_reference]
         for future in logged:
             future.result()
         summary = summary_table(records)
@@ -127,36 +83,40 @@ def full_sweep(**parameters) -> list[dict]:
     return records
 
 
-def _benchmark(rows: list[dict], fulls: dict, finetuned: dict, max_length: int,
-               repeats: int) -> tuple[dict, dict[str, str]]:
-    """Latency of each distinct model shape against the input-prompt full model (the paper's baseline) and against
-    each prompt method's full model, in a fresh process; seeds and methods that cut the same widths and heads share
-    one measurement. Sets on every row `speedup` / `speedup_bound` / `bound_ratio`
-    against the full model of its own prompt method (like for like) and `speedup_vs_input` / `bound_vs_input`
-    against the input-prompt one. Returns the benchmark and, per model path, the path measured for its shape."""
-    from skeleton.benchmark import at
+def _reference(spec, seed: int, prompt: str, method: str) -> Row:
+    """A reference model (a full or fine-tuned one) trained by `spec`, then evaluated from its exported folder."""
+    from skeleton.specs import EvalSpec
 
-    first_seed = next(iter(fulls))[0]
-    own = {prompt: full["path"] for (seed, prompt), full in fulls.items() if seed == first_seed}
-    reference = own["input"]
-    first: dict[tuple, str] = {}
-    measured_as = {}
-    shaped = [(row, (row["prompt"], tuple(row["kept_widths"]), tuple(row["kept_heads"] or ()))) for row in rows]
-    shaped += [(full, (prompt, "full")) for (_, prompt), full in fulls.items()]
-    shaped += [(tuned, ("fine-tuned",)) for tuned in finetuned.values()]
-    for row, shape in shaped:
-        measured_as[row["path"]] = first.setdefault(shape, row["path"])
-    measured = [path for path in first.values() if path != reference]
-    bench = pipeline.benchmark(reference, measured, pipeline.BENCHMARK_BATCH_SIZES, [max_length], repeats,
-                               baselines=[path for path in own.values() if path != reference])
-    headline = at(bench, pipeline.BENCHMARK_BATCH_SIZE, max_length)
-    for row, _ in shaped:
-        m = headline[measured_as[row["path"]]]
-        base = own.get(row.get("prompt"), reference)  # a fine-tuned model has no prompt: against the input one
-        speedup, bound = (m["speedup"], m["speedup_bound"]) if base == reference else (m["speedups"][base], m["bounds"][base])
-        row.update(speedup=speedup, speedup_bound=bound, bound_ratio=speedup / bound,
-                   speedup_vs_input=m["speedup"], bound_vs_input=m["speedup_bound"])
-    return bench, measured_as
+    trained = pipeline.tune_prompt(spec)
+    return Row.of_reference(seed, prompt, method, trained, pipeline.evaluate(EvalSpec(spec.data, trained["path"])),
+                            spec.data)
+
+
+def _skeletons(config: SweepConfig, full: Row, scores: dict[str, str], progress, done: int, total: int) -> list[Row]:
+    """Every sweep point's skeleton cut from `full`: attribution per method, skeletons, their evaluations. Adds the
+    scores files to `scores` ("<prompt>/<method>" -> path)."""
+    from skeleton.specs import EvalSpec, TeacherSpec
+
+    # Independent sweep points are submitted together: a Dask task runner spreads them over its workers, the
+    # default runner takes them one at a time (parallel threads would only fight over cores).
+    data, points = full.data, config.points()
+    futures = {m: pipeline.attribute.submit(config.attribute_spec(data, full.path, m, full.seed))
+               for m in config.methods}
+    by_method = {m: future.result()["path"] for m, future in futures.items()}
+    scores.update({f"{full.prompt}/{m}": path for m, path in by_method.items()})
+    teacher = pipeline.teacher_logits(TeacherSpec(data, full.path))["path"] if config.distill else None
+    built = [pipeline.build_skeleton.submit(config.build_spec(data, full.path, by_method[p.method], p, full.seed,
+                                                              teacher)) for p in points]
+    built = [future.result() for future in built]
+    results = [pipeline.evaluate.submit(EvalSpec(data, b["path"])) for b in built]
+    rows = []
+    for p, b, future in zip(points, built, results):
+        rows.append(Row.of_point(full.seed, full.prompt, p.method, p.target, b, future.result(), data))
+        done += 1
+        print(f"seed {full.seed} point {done}/{total}: {full.prompt} {p.method} {rows[-1].point} "
+              f"(p={b['rate']:.3f} h={b['head_rate']:.3f}) accuracy {rows[-1].accuracy:.4f}")
+        prefect_ui.point_finished(progress, done, total)
+    return rows
 
 
 def dask_runner(address: str):

@@ -48,12 +48,6 @@ class Family:
 
     model_types: tuple[str, ...] = ()
     default_pooling: str = "attention"  # how PromptClassifier pools text tokens unless the adapter config says
-    # What a sweep parameter left unset means for this family's backbones (flows/config.py, fields marked
-    # family=True): budgets in optimizer steps and examples, sized so a default sweep of a MiniLM-sized encoder
-    # takes about 15 minutes on 2 CPU cores.
-    sweep_defaults: dict = {"methods": ["grad_x_act", "random"], "reconstruct": False, "tune_norms": False,
-                            "retune_norms": False, "train_steps": 800, "train_evals": 8, "retune_steps": 300,
-                            "retune_evals": 3, "attribution_examples": 1024, "prompt_methods": ["input"]}
 
     def ffn_blocks(self, backbone: nn.Module) -> list[FFN]:
         raise NotImplementedError
@@ -87,8 +81,6 @@ FAMILIES: Registry[Family] = Registry("architecture family")
 class BertFamily(Family):
     model_types = ("bert", "skeleton_bert")  # skeleton_bert: per-layer widths / heads (skeleton/skeleton_bert.py)
     per_layer_shapes = True
-    # A prefix beat the input prompt on MiniLM's validation, full model and skeletons alike (docs/results.md)
-    sweep_defaults = {**Family.sweep_defaults, "prompt_methods": ["prefix"]}
 
     def ffn_blocks(self, backbone: nn.Module) -> list[FFN]:
         return [FFN((layer.intermediate.dense,), layer.output.dense) for layer in backbone.encoder.layer]
@@ -135,11 +127,6 @@ class LlamaFamily(Family):
     model_types = ("llama",)
     # Causal attention: only the last text token has read the whole text (measured on smollm2, docs/results.md).
     default_pooling = "last"
-    # A smollm2 step costs ~8x MiniLM's: smaller budgets; reconstruction and re-tuned norms recover most of what
-    # its cut FFNs lose (docs/results.md).
-    sweep_defaults = {**Family.sweep_defaults, "methods": ["grad_x_act"], "reconstruct": True, "retune_norms": True,
-                      "train_steps": 120, "train_evals": 1, "retune_steps": 120, "retune_evals": 1,
-                      "attribution_examples": 256}
 
     def ffn_blocks(self, backbone: nn.Module) -> list[FFN]:
         return [FFN((layer.mlp.gate_proj, layer.mlp.up_proj), layer.mlp.down_proj) for layer in backbone.layers]
@@ -261,24 +248,35 @@ def resolve_backbone(name_or_path: str) -> Path:
     )
 
 
-def sweep_defaults(name_or_path: str) -> dict:
-    """The sweep defaults of a backbone's family: a registered entry's, or a local folder's by its config.json
-    model_type (so a local LLaMA checkpoint gets the LLaMA family's budgets). Loads no weights."""
+def family_name(name_or_path: str) -> str:
+    """The FAMILIES name of a backbone's family: a registered entry's, or a local folder's by its config.json
+    model_type (so a local LLaMA checkpoint is of the "llama" family, as smollm2 is). Loads no weights."""
     if name_or_path in BACKBONES:
-        return FAMILIES[BACKBONES[name_or_path].family].sweep_defaults
-    model_type = json.loads((resolve_backbone(name_or_path) / "config.json").read_text()).get("model_type")
-    return family_for(model_type).sweep_defaults
+        return BACKBONES[name_or_path].family
+    family = family_for(json.loads((resolve_backbone(name_or_path) / "config.json").read_text()).get("model_type"))
+    return next(name for name in FAMILIES if FAMILIES[name] is family)
 
 
 def load_backbone(name_or_path: str, device: str = "cpu"):
-    """Load (backbone, tokenizer) in float32 from local files only, the backbone on `device` (cpu, cuda, cuda:N)."""
+    """Load (backbone, tokenizer) in float32 from local files only (a skeleton folder's backbone checkpoint too), the
+    backbone on `device` (cpu, cuda, cuda:N)."""
     from transformers import AutoModel, AutoTokenizer
 
+    from skeleton.skeleton_bert import register
+
     path = resolve_backbone(name_or_path)
+    register()  # the folder may hold a per-layer "skeleton_bert" checkpoint
     backbone = AutoModel.from_pretrained(path, dtype="float32", local_files_only=True).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token is None:  # decoder tokenizers often have none; padded positions are masked anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"  # what the collator does and "last" pooling expects
+    tokenizer = set_padding(AutoTokenizer.from_pretrained(path, local_files_only=True))
     family_of(backbone)  # fail early on an unsupported architecture
     return backbone.eval(), tokenizer
+
+
+def set_padding(tokenizer):
+    """The tokenizer padding as the model expects (in place; returned): a pad token (decoder tokenizers often have
+    none: the eos token, padded positions are masked anyway), on the right (what the collator does and "last" pooling
+    expects)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer

@@ -40,12 +40,11 @@ import torch
 from torch import nn
 
 from skeleton.execution import MODES, Runner, check_mode
+from skeleton.macs import count_macs
 from skeleton.model import PromptClassifier
 
 BUSY = 0.85  # below this share of CPU time per thread and wall second, other programs held the cores
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUERY_PROJECTIONS = ("query", "q_proj")  # BERT's and LLaMA's; one per attention layer
-PER_EXAMPLE = ("pooler",)  # backbone modules applied to one position per example (BERT's pooler, on [CLS])
 
 
 @dataclass(frozen=True)
@@ -87,52 +86,6 @@ class BenchmarkConfig:
         for mode in executions:
             check_mode(mode, self.device)
         object.__setattr__(self, "executions", executions)
-
-
-# ---------------------------------------------------------------- arithmetic
-
-
-@dataclass(frozen=True)
-class Macs:
-    """Multiply-adds of one forward pass of a PromptClassifier. Element-wise work (norms, activations, softmax,
-    pooling) and embedding look-ups are not counted."""
-
-    projections: int  # every nn.Linear of the backbone: per position (the BERT pooler: per example)
-    attention: int  # Q·Kᵀ and attention·V, from each layer's query width (heads × head_dim)
-    head: int  # the task head, per example
-
-    @property
-    def total(self) -> int:
-        return self.projections + self.attention + self.head
-
-
-def attention_widths(backbone: nn.Module) -> list[int]:
-    """heads × head_dim of each attention layer's queries, read from its query projection (so pruned heads count)."""
-    widths = [getattr(module, name).out_features for module in backbone.modules() for name in QUERY_PROJECTIONS
-              if isinstance(getattr(module, name, None), nn.Linear)]
-    layers = backbone.config.num_hidden_layers
-    if len(widths) != layers:
-        raise ValueError(f"found {len(widths)} query projections (modules named {' or '.join(QUERY_PROJECTIONS)}) "
-                         f"in a {layers}-layer {type(backbone).__name__}: add its name to QUERY_PROJECTIONS")
-    return widths
-
-
-def count_macs(model: PromptClassifier, batch_size: int, text_len: int) -> Macs:
-    """MACs of `model(input_ids, attention_mask)` on a (batch_size, text_len) batch without padding. The layers run
-    text_len + P positions (P: the prompt's positions, 0 for a prefix), each attending to text_len + m keys."""
-    seq = text_len + model.prompt_positions
-    keys = text_len + model.config.prompt_length
-    positions = batch_size * seq
-    projections = 0
-    for name, module in model.backbone.named_modules():
-        if isinstance(module, nn.Linear):
-            rows = batch_size if name.split(".")[0] in PER_EXAMPLE else positions
-            projections += rows * module.in_features * module.out_features
-    # Scores and weighted values each cost `keys` MACs per query dimension and position. A causal model is counted
-    # over the full rectangle too (dense kernels compute it, then mask); both sides of the ratio alike.
-    attention = sum(2 * positions * keys * width for width in attention_widths(model.backbone))
-    head = batch_size * model.head.in_features * model.head.out_features
-    return Macs(projections, attention, head)
 
 
 # ---------------------------------------------------------------- timing and memory
@@ -354,25 +307,18 @@ def benchmark(models: dict[str, PromptClassifier], config: BenchmarkConfig = Ben
     return {"environment": env, "rows": rows}
 
 
-def checkpoint_sizes(folder: str | Path) -> dict:
-    """MiB on disk: the backbone's weight files, and the whole folder (tokenizer, adapter, records too)."""
-    files = [p for p in Path(folder).rglob("*") if p.is_file()]
-    weights = [p for p in files if p.parent.name == "backbone" and p.suffix in (".safetensors", ".bin")]
-    return {"backbone_mb": sum(p.stat().st_size for p in weights) / 2**20,
-            "total_mb": sum(p.stat().st_size for p in files) / 2**20}
-
-
 def benchmark_folders(folders: dict[str, str | Path], config: BenchmarkConfig = BenchmarkConfig(),
                       reference: str | None = None, baselines: Sequence[str] = ()) -> dict:
     """`benchmark` over exported model folders (name -> folder), rows with their rate, kept width, path and
     checkpoint sizes."""
-    from skeleton.prune import load_skeleton
+    from skeleton.folder import SkeletonFolder
 
     models, meta = {}, {}
-    for name, folder in folders.items():
-        models[name], _, neurons = load_skeleton(folder)
+    for name, path in folders.items():
+        folder = SkeletonFolder(path)
+        models[name], _, neurons = folder.load()
         meta[name] = {"rate": neurons.get("rate"), "head_rate": neurons.get("head_rate"),
-                      "kept_width": neurons.get("kept_width"), "path": str(folder), **checkpoint_sizes(folder)}
+                      "kept_width": neurons.get("kept_width"), "path": str(path), **folder.sizes()}
     result = benchmark(models, config, reference, baselines)
     result["rows"] = [{"model": r["model"], **meta[r["model"]], **r} for r in result["rows"]]
     return result

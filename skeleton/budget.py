@@ -1,7 +1,7 @@
 """A joint budget: given a target speed-up, how many FFN neurons and attention heads each layer keeps.
 
 The target is read as multiply-adds: the skeleton may do at most 1/target of the full model's MACs (the
-arithmetic bound of its speed-up, which measured CPU speed-ups reach, see skeleton.benchmark).
+arithmetic bound of its speed-up, skeleton.macs, which measured CPU speed-ups reach, see skeleton.benchmark).
 
 Attribution scores rank units within their kind, but they do not price a head against FFN neurons. A first
 version removed units across both kinds by score per multiply-add: for 2x on MiniLM / rotten_tomatoes it cut
@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from skeleton.backbones import family_of
-from skeleton.benchmark import count_macs
+from skeleton.macs import count_macs
 from skeleton.model import PromptClassifier
-from skeleton.prune import ALLOCATIONS, allocate, keep_top, slice_ffn, slice_heads
+from skeleton.prune import slice_ffn, slice_heads
+from skeleton.selection import ALLOCATIONS, allocate, keep_top
 from skeleton.train import predict
 
 log = logging.getLogger("skeleton")

@@ -243,7 +243,7 @@ def _check_rows(df: pd.DataFrame, path: Path, text_column: str, label_column: st
     refuse(texts.isna() | (texts.str.strip() == ""), f"has an empty text in column {text_column!r}",
            "fill in those rows or remove them")
     refuse(texts.str.len() > MAX_TEXT_CHARS, f"has a text over {MAX_TEXT_CHARS:,} characters",
-           f"shorten or split it (only the first max_length tokens are used anyway)")
+           "shorten or split it (only the first max_length tokens are used anyway)")
     labels_per_text = df.astype({"label": str}).groupby("text")["label"].nunique()
     conflicting = labels_per_text[labels_per_text > 1]
     if len(conflicting):

@@ -77,7 +77,7 @@ def verify_dir(folder: str | os.PathLike, what: str = "stage folder", fix: str =
     return manifest
 
 
-def read_record(folder: str | os.PathLike) -> dict | None:
+def read_stage_record(folder: str | os.PathLike) -> dict | None:
     """The record of a finished, intact stage folder; None when it is missing, unfinished or corrupt."""
     folder = Path(folder)
     try:
@@ -88,7 +88,7 @@ def read_record(folder: str | os.PathLike) -> dict | None:
     return record
 
 
-def write_record(folder: str | os.PathLike, record: dict) -> dict:
+def write_stage_record(folder: str | os.PathLike, record: dict) -> dict:
     """Mark a stage folder finished with its (JSON) record, atomically; returns the record as read back."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)  # a stage that writes no files (a linear probe) gets a folder here

@@ -24,17 +24,17 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
 from skeleton.backbones import attention_blocks, family_of, load_backbone, norm_parameters
 from skeleton.execution import Runner, check_mode
+from skeleton.folder import ArtifactError, SkeletonFolder
 from skeleton.model import PromptClassifier
-from skeleton.prune import MANIFEST, ArtifactError, verify
-from skeleton.record import read_meta, read_record, skeleton_name as default_name  # noqa: F401 (re-exported)
 from skeleton.registry import Registry
+from skeleton.skeleton_bert import register
 
 DEFAULT_MAX_LENGTH = 64  # truncation when the skeleton does not record the max_length it was trained with
 # Config fields an expert may differ in from its backbone: pruned shapes (the tensors' shapes are checked instead),
@@ -72,17 +72,6 @@ class ExpertMismatchError(ValueError):
     """A skeleton that is not an expert of the loaded backbone: its weights are not a slice of the backbone's."""
 
 
-def find_skeletons(paths: Iterable[str | Path]) -> list[Path]:
-    """Skeleton folders among `paths`: each path is a skeleton folder or a folder of them (one level down)."""
-    found = []
-    for path in map(Path, paths):
-        if (path / MANIFEST).is_file():
-            found.append(path)
-        elif path.is_dir():
-            found += sorted(p for p in path.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file())
-    return found
-
-
 def _storages(*objects: nn.Module | torch.Tensor) -> dict[tuple, int]:
     """(device, address) -> bytes of the distinct tensor storages held by modules (parameters, buffers) and tensors."""
     seen: dict[tuple, int] = {}
@@ -115,7 +104,7 @@ class Prediction:
 @dataclass
 class Expert:
     name: str
-    folder: Path
+    folder: SkeletonFolder
     keep: list[torch.Tensor]  # per FFN layer, indices into the backbone's neurons (widths may differ per layer)
     heads: list[torch.Tensor] | None  # per layer, kept attention heads; None: all
     model: PromptClassifier  # its own network: the backbone's tensors, its slices, prompt and head
@@ -143,6 +132,7 @@ class SkeletonServer:
         self.tokenizer = tokenizer
         self.source = source
         self.execution = check_mode(execution, next(backbone.parameters()).device)
+        register()  # experts' checkpoints may be per-layer "skeleton_bert" ones (their configs are read at `add`)
         self.experts: Registry[Expert] = Registry("task expert")
         self.family = family_of(backbone)
         names = {id(module): name for name, module in backbone.named_modules()}
@@ -163,6 +153,21 @@ class SkeletonServer:
         backbone, tokenizer = load_backbone(name_or_path)
         return cls(backbone.to(device), tokenizer, source=name_or_path, execution=execution)
 
+    @classmethod
+    def of_folder(cls, folder: str | Path, device: str | torch.device = "cpu",
+                  execution: str = "eager") -> tuple[SkeletonServer, str]:
+        """(a server of one exported skeleton on its own, sliced backbone, the expert's name): no full backbone
+        needed, the same inference path. The folder is verified as it loads."""
+        folder = SkeletonFolder(folder)
+        model, tokenizer, record = folder.load()
+        model = model.to(device)
+        server = cls(model.backbone, tokenizer, source=str(folder), execution=execution)
+        meta, name = folder.meta(), folder.name()
+        with server._adding:
+            server._register(Expert(name, folder, [torch.arange(w) for w in meta["kept_widths"]], None, model, None,
+                                    {}, int(meta.get("max_length") or DEFAULT_MAX_LENGTH), meta))
+        return server, name
+
     @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
@@ -175,14 +180,12 @@ class SkeletonServer:
 
     def add(self, folder: str | Path, name: str | None = None) -> str:
         """Verify a skeleton folder, check it was cut from this backbone, and build its expert. Returns its name."""
-        folder = Path(folder)
-        label = name or folder.name
+        folder = SkeletonFolder(folder)
         try:
-            verify(folder)
+            folder.verify()
         except ArtifactError as e:
-            raise ArtifactError(f"expert {label!r}: {e}") from None
-        record, meta = read_record(folder), read_meta(folder)
-        name = name or default_name(meta, folder)
+            raise ArtifactError(f"expert {name or folder.path.name!r}: {e}") from None
+        record, meta, name = folder.record(), folder.meta(), name or folder.name()
         with self._adding:
             if name in self.experts:
                 raise ValueError(f"an expert named {name!r} is already loaded (from {self.experts[name].folder}); "
@@ -199,14 +202,18 @@ class SkeletonServer:
                             int(meta.get("max_length") or DEFAULT_MAX_LENGTH), meta)
             self._check_backbone(expert)
             network = self._network(expert)
-            expert.model = PromptClassifier.from_adapter(network, folder / "adapter").to(self.device).eval()
-            expert.runner = Runner(expert.model, self.execution, pad_id=self._pad_id())
-            if self.execution != "eager":
-                expert.runner.prepare()
-            self.experts.register(name)(expert)
+            expert.model = PromptClassifier.from_adapter(network, folder.adapter).to(self.device).eval()
+            self._register(expert)
         return name
 
-    def _check_index(self, name: str, folder: Path, unit: str, lists: list[list[int]],
+    def _register(self, expert: Expert) -> None:
+        """Give the expert its runner (graphs captured now) and make it servable; under self._adding."""
+        expert.runner = Runner(expert.model, self.execution, pad_id=self._pad_id())
+        if self.execution != "eager":
+            expert.runner.prepare()
+        self.experts.register(expert.name)(expert)
+
+    def _check_index(self, name: str, folder: SkeletonFolder, unit: str, lists: list[list[int]],
                      widths: list[int]) -> list[torch.Tensor]:
         if len(lists) != len(widths):
             raise ExpertMismatchError(f"expert {name!r} ({folder}) has {unit} indices for {len(lists)} layers, the "
@@ -269,7 +276,7 @@ class SkeletonServer:
             raise ExpertMismatchError(f"expert {expert.name!r} ({expert.folder}) is not an expert of backbone "
                                       f"{self.source!r}: {why}")
 
-        folder = expert.folder / "backbone"
+        folder = expert.folder.backbone
         theirs = AutoConfig.from_pretrained(folder, local_files_only=True).to_dict()
         ours = self.backbone.config.to_dict()
         if theirs["model_type"] not in self.family.model_types:

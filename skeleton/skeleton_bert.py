@@ -9,9 +9,10 @@ thin subclasses build layer i from `config.per_layer_config[i]`; everything else
 
 BERT derives its head size as hidden_size / num_attention_heads, which no longer holds once heads are removed, so
 the head size is an explicit `head_dim` (as in LLaMA). The global intermediate_size / num_attention_heads stay
-those of the original model. `import skeleton` registers the classes with AutoConfig / AutoModel /
-AutoModelForSequenceClassification (see skeleton/__init__.py); uniform FFN-only skeletons do not need them and
-stay stock "bert" checkpoints.
+those of the original model. `register()` adds the classes to AutoConfig / AutoModel /
+AutoModelForSequenceClassification, so a stock `from_pretrained` loads such checkpoints; the library's loaders
+(SkeletonFolder.load, backbones.load_backbone) call it, importing this module does not. Uniform FFN-only skeletons
+do not need them and stay stock "bert" checkpoints.
 """
 from __future__ import annotations
 
@@ -111,13 +112,15 @@ def per_layer_bert_config(config: BertConfig, widths: list[int], heads: list[int
 
 
 def register() -> None:
-    """Make AutoConfig / AutoModel / AutoModelForSequenceClassification load "skeleton_bert" checkpoints."""
+    """Make AutoConfig / AutoModel / AutoModelForSequenceClassification load "skeleton_bert" checkpoints (idempotent):
+
+        from skeleton.skeleton_bert import register
+        register()
+        AutoModel.from_pretrained("artifacts/skeletons/<hash>/backbone")
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     AutoConfig.register(MODEL_TYPE, SkeletonBertConfig, exist_ok=True)
     AutoModel.register(SkeletonBertConfig, SkeletonBertModel, exist_ok=True)
     AutoModelForSequenceClassification.register(SkeletonBertConfig, SkeletonBertForSequenceClassification,
                                                 exist_ok=True)
-
-
-register()  # importing this module registers it; `import skeleton` imports it

@@ -23,7 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.paths import artifacts_dir, stage_folders
+from skeleton.folder import NEURONS
+from skeleton.io import MANIFEST, RECORD, file_sha256
+from tasks.paths import INPUTS, artifacts_dir, results_dir, stage_folders, tracking_uri as default_uri
 
 KEEP_STAGES = {"nightly"}  # the nightly baseline and history: never collected
 
@@ -37,8 +39,6 @@ def mlflow_references(tracking_uri: str | None = None) -> tuple[list[str], set[s
     """Strings that MLflow runs hold (params, tags, results tables) and the manifest digests of logged models."""
     import mlflow
     import pandas as pd
-
-    from tasks.tracking import tracking_uri as default_uri
 
     client = mlflow.MlflowClient(tracking_uri or default_uri())
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -60,9 +60,9 @@ def mlflow_references(tracking_uri: str | None = None) -> tuple[list[str], set[s
 
 
 def _names(folder: Path) -> list[str]:
-    """What a stage folder's own records hold: its result, its inputs, a skeleton's neurons.json."""
+    """What a stage folder's own records hold: its result, its inputs, a skeleton's record (SkeletonFolder)."""
     found = []
-    for name in ("record.json", "neurons.json", "inputs.json"):
+    for name in (RECORD, NEURONS, INPUTS):
         try:
             found.append(json.loads((folder / name).read_text()))
         except (OSError, ValueError):
@@ -85,8 +85,6 @@ def _locked(folder: Path) -> bool:
 
 def unreferenced(root: Path | None = None, tracking_uri: str | None = None, min_age_hours: float = 24.0) -> list[Path]:
     """The stage folders under `root` (default: the artifacts folder) that gc would remove."""
-    from skeleton.io import MANIFEST, file_sha256
-
     root = Path(root or artifacts_dir())
     if not root.is_dir():
         return []
@@ -115,7 +113,7 @@ def remove(folders: list[Path], root: Path | None = None) -> None:
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
         (folder.parent / f".{folder.name}.lock").unlink(missing_ok=True)
-    results = root / ".prefect-results"
+    results = results_dir(root)
     for record in results.iterdir() if results.is_dir() else []:
         try:
             names = stage_folders(json.loads(json.loads(record.read_text())["result"]), root)

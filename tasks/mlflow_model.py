@@ -24,16 +24,10 @@ def bad_request(message: str) -> MlflowException:
 
 class SkeletonModel(PythonModel):
     def load_context(self, context):
-        from skeleton.prune import load_skeleton
+        from skeleton.serve import SkeletonServer
 
-        self.folder = Path(context.artifacts["skeleton"])  # loaded as it was saved
-        self.model, self.tokenizer, record = load_skeleton(self.folder)
-        if self.tokenizer.pad_token is None:  # as load_backbone does for decoder tokenizers
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "right"
-        self.max_length = int(record.get("max_length") or 64)
-        names = self.model.config.label_names
-        self.labels = list(names) if names else [str(i) for i in range(self.model.config.num_labels)]
+        # loaded as it was saved, on its own backbone
+        self.server, self.name = SkeletonServer.of_folder(context.artifacts["skeleton"])
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
@@ -49,20 +43,8 @@ class SkeletonModel(PythonModel):
             check_texts(texts)
         except ValueError as e:
             raise bad_request(str(e)) from None
-        return pd.DataFrame(self._classify(texts))
-
-    def _classify(self, texts: list[str], batch_size: int = 32) -> list[dict]:
-        import torch
-
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(texts), batch_size):
-                enc = self.tokenizer(texts[i : i + batch_size], truncation=True, max_length=self.max_length,
-                                     padding=True, return_tensors="pt")
-                probs = torch.softmax(self.model(enc["input_ids"], enc["attention_mask"]), -1).tolist()
-                out += [{"label": self.labels[max(range(len(p)), key=p.__getitem__)],
-                         "probabilities": dict(zip(self.labels, p))} for p in probs]
-        return out
+        answers = self.server.classify(self.name, texts)
+        return pd.DataFrame([{"label": a.label, "probabilities": a.probabilities} for a in answers])
 
 
 def skeleton_model(folder: str | Path) -> dict:

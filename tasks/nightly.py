@@ -19,8 +19,9 @@ from pathlib import Path
 
 from prefect import task
 
+from skeleton.folder import model_name
 from tasks.paths import artifacts_dir
-from tasks.pipeline import BENCHMARK_BATCH_SIZE
+from tasks.results import BENCHMARK_BATCH_SIZE, FULLS, Row, latest_sweep
 
 BASELINE_TAG = "skeleton.baseline"
 
@@ -30,7 +31,8 @@ def nightly_dir() -> Path:
 
 
 def alias_of(rate: float) -> str:
-    return "baseline-full" if rate == 0 else f"baseline-p{rate * 100:.4g}".replace(".", "_")
+    """baseline-full, baseline-p50, ... (rates in percent)."""
+    return "baseline-" + model_name({"rate": rate}, style="slug")
 
 
 def _model_id(client, folder: str) -> str:
@@ -44,14 +46,15 @@ def _model_id(client, folder: str) -> str:
     raise LookupError(f"{folder} was never logged to MLflow as a model: run the sweep that made it")
 
 
-def register(client, records: list[dict], alias: str | None = None) -> dict[float, str]:
-    """Register the models of `records` (same task) as versions of the task's registered model, each rate's
-    alias pointed at its version (alias_of(rate), or `alias` for all: one record then). Returns rate -> version."""
+def register(client, rows: list[Row], alias: str | None = None) -> dict[float, str]:
+    """Register the models of `rows` (same task) as versions of the task's registered model, each rate's
+    alias pointed at its version (alias_of(rate), or `alias` for all: one row then). Returns rate -> version."""
     from mlflow.exceptions import MlflowException
 
+    from skeleton.stages import INFO
     from tasks.mlflow_model import registered_name
 
-    task_name = json.loads((Path(records[0]["data"]) / "info.json").read_text())["task"]
+    task_name = json.loads((Path(rows[0].data) / INFO).read_text())["task"]
     name = registered_name(task_name)
     try:
         client.create_registered_model(name, description=f"Promoted models of task {task_name}")
@@ -59,51 +62,37 @@ def register(client, records: list[dict], alias: str | None = None) -> dict[floa
         if "already exists" not in str(e).lower():
             raise
     versions = {}
-    for r in records:
-        model_id = _model_id(client, r["path"])
+    for r in rows:
+        model_id = _model_id(client, r.path)
         version = client.create_model_version(name, f"models:/{model_id}", model_id=model_id, tags={
-            "skeleton.rate": str(r["rate"]), "skeleton.method": r["method"], "skeleton.accuracy": str(r["accuracy"])})
-        client.set_registered_model_alias(name, alias or alias_of(r["rate"]), version.version)
-        versions[r["rate"]] = version.version
+            "skeleton.rate": str(r.rate), "skeleton.method": r.method, "skeleton.accuracy": str(r.accuracy)})
+        client.set_registered_model_alias(name, alias or alias_of(r.rate), version.version)
+        versions[r.rate] = version.version
     return versions
 
 
-def sweep_records(experiment: str, run_id: str | None = None) -> tuple[list[dict], str]:
-    """A sweep's results table (its MLflow parent run's results.parquet), the latest finished sweep's by default."""
-    import tempfile
-
-    import pandas as pd
-
-    from tasks.tracking import client_and_experiment
-
-    client, experiment_id = client_and_experiment(experiment)
-    if run_id is None:
-        runs = client.search_runs([experiment_id], "tags.`skeleton.kind` = 'sweep' and attributes.status = 'FINISHED'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-        if not runs:
-            raise LookupError(f"no finished sweep in MLflow experiment {experiment!r}: run `make sweep` first")
-        run_id = runs[0].info.run_id
-    with tempfile.TemporaryDirectory() as tmp:
-        return pd.read_parquet(client.download_artifacts(run_id, "results.parquet", tmp)).to_dict("records"), run_id
+def sweep_records(experiment: str, run_id: str | None = None) -> tuple[list[Row], str]:
+    """A sweep's rows (tasks.results.latest_sweep), the latest finished sweep's by default; an error naming the fix
+    when there is none."""
+    found = latest_sweep(experiment, run_id)
+    if found is None:
+        raise LookupError(f"no finished sweep in MLflow experiment {experiment!r}: run `make sweep` first")
+    return found
 
 
-def _first_seed(records: list[dict], method: str) -> tuple[dict, list[dict]]:
+def _first_seed(records: list[Row | dict], method: str) -> tuple[Row, list[Row]]:
     """The `method` skeletons (FFN only) of the first seed, by rate, and the full model of their prompt method
     (of the first prompt method, if the sweep compared several)."""
-    from tasks.report import FULLS
-
-    seed = records[0].get("seed", 0)  # a sweep over several seeds: its first seed's models are the baseline
-    records = [r for r in records if r.get("seed", 0) == seed and not r.get("head_rate")]
-    points = [r for r in records if r["method"] == method]
+    rows = [Row.of(r) for r in records]
+    rows = [r for r in rows if r.seed == rows[0].seed and not r.head_rate]  # several seeds: the first one's
+    points = [r for r in rows if r.method == method]
     if not points:
-        raise ValueError(f"no {method!r} rows in these results; methods present: "
-                         f"{sorted({r['method'] for r in records})}")
-    prompt = points[0].get("prompt") or "input"  # results from before prompt methods: the input prompt
-    full = next(r for r in records if r["method"] == FULLS[prompt])
-    return full, sorted((r for r in points if (r.get("prompt") or "input") == prompt), key=lambda r: r["rate"])
+        raise ValueError(f"no {method!r} rows in these results; methods present: {sorted({r.method for r in rows})}")
+    full = next(r for r in rows if r.method == FULLS[points[0].prompt])
+    return full, sorted((r for r in points if r.prompt == points[0].prompt), key=lambda r: r.rate)
 
 
-def promote(records: list[dict], method: str = "grad_x_act", source: str = "",
+def promote(records: list[Row | dict], method: str = "grad_x_act", source: str = "",
             experiment: str = "skeleton-nightly") -> dict:
     """Make these sweep results the nightly baseline: the full model and the `method` skeletons registered with
     baseline aliases, the accepted figures and the test data recorded. Returns the baseline (read_baseline)."""
@@ -115,19 +104,19 @@ def promote(records: list[dict], method: str = "grad_x_act", source: str = "",
     client, experiment_id = client_and_experiment(experiment)
     register(client, [full, *points])
     run = client.create_run(experiment_id, run_name="promotion", tags={"skeleton.kind": "promotion"})
-    client.log_artifacts(run.info.run_id, full["data"], "data")  # the fixed test split, small
+    client.log_artifacts(run.info.run_id, full.data, "data")  # the fixed test split, small
     client.set_terminated(run.info.run_id)
-    info = json.loads((Path(full["data"]) / INFO).read_text())
+    info = json.loads((Path(full.data) / INFO).read_text())
     record = {"promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "source": source,
-              "method": method, "full_accuracy": full["accuracy"], "batch_size": BENCHMARK_BATCH_SIZE,
+              "method": method, "full_accuracy": full.accuracy, "batch_size": BENCHMARK_BATCH_SIZE,
               "seq_len": info["max_length"], "data": f"runs:/{run.info.run_id}/data",
-              "points": [{"rate": p["rate"], "accuracy": p["accuracy"], "speedup": p["speedup"],
-                          "alias": alias_of(p["rate"])} for p in points]}
+              "points": [{"rate": p.rate, "accuracy": p.accuracy, "speedup": p.speedup,
+                          "alias": alias_of(p.rate)} for p in points]}
     client.set_registered_model_tag(registered_name(info["task"]), BASELINE_TAG, json.dumps(record))
     return read_baseline()
 
 
-def promote_for_serving(records: list[dict], rate: float, method: str = "grad_x_act",
+def promote_for_serving(records: list[Row | dict], rate: float, method: str = "grad_x_act",
                         alias: str = "production") -> str:
     """Register the first seed's `method` skeleton at `rate` with `alias` (serving reads @production)."""
     from mlflow import MlflowClient
@@ -135,10 +124,10 @@ def promote_for_serving(records: list[dict], rate: float, method: str = "grad_x_
     from tasks.tracking import tracking_uri
 
     _, points = _first_seed(records, method)
-    chosen = [p for p in points if abs(p["rate"] - rate) < 1e-9]
+    chosen = [p for p in points if abs(p.rate - rate) < 1e-9]
     if not chosen:
-        raise ValueError(f"no {method} skeleton at rate {rate}; rates: {[p['rate'] for p in points]}")
-    return register(MlflowClient(tracking_uri()), chosen, alias)[chosen[0]["rate"]]
+        raise ValueError(f"no {method} skeleton at rate {rate}; rates: {[p.rate for p in points]}")
+    return register(MlflowClient(tracking_uri()), chosen, alias)[chosen[0].rate]
 
 
 def _download(uri: str, folder: Path) -> Path:
@@ -184,15 +173,16 @@ def measure_reference(baseline: dict, repeats: int = 20) -> list[dict]:
     """Tonight's speed-up (interleaved, same process) and test accuracy of every reference skeleton, at the
     baseline's batch size and sequence length (models as read_baseline found them by alias)."""
     from skeleton import stages
+    from skeleton.specs import BenchmarkSpec, EvalSpec
 
     paths = {p["rate"]: p["model"] for p in baseline["points"]}
-    speed = stages.benchmark(baseline["full"], list(paths.values()), [baseline["batch_size"]],
-                             [baseline["seq_len"]], repeats)
+    night = nightly_dir() / "runs" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    speed = stages.benchmark(night, BenchmarkSpec(baseline["full"], tuple(paths.values()), (baseline["batch_size"],),
+                                                  (baseline["seq_len"],), repeats))
     speed = {r["model"]: r for r in speed["rows"]}
-    night = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     measured = []
     for rate, path in paths.items():
-        result = stages.evaluate(nightly_dir() / "runs" / night / f"p{rate}", baseline["data_path"], path)
+        result = stages.evaluate(night / f"p{rate}", EvalSpec(baseline["data_path"], path))
         measured.append({"rate": rate, "accuracy": result["accuracy"], "speedup": speed[path]["speedup"],
                          "bound_ratio": speed[path]["bound_ratio"]})
     return measured

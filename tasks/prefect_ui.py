@@ -57,27 +57,27 @@ def _cell(value):
 
 def sweep_results(task_name: str, summary: list[dict], run_id: str, experiment: str) -> None:
     """The results table, and the headline: full model, linear probe, each skeleton's accuracy and speed-up."""
-    from tasks.report import FULLS, PROBE, REFERENCES, main_full
+    from tasks.results import FULLS, PROBE, Row, main_full
 
     table = [{c: _cell(row.get(c)) for c in TABLE_COLUMNS} for row in summary]
     create_table_artifact(table, key=key("sweep", task_name, "results"),
                           description=f"Sweep results for {task_name} (means over seeds)")
-    by_method = {row["method"]: row for row in summary}
-    full = main_full(summary)
+    rows = [Row.of(row) for row in summary]
+    by_method = {row.method: row for row in rows}
+    full = main_full(rows)
     lines = [f"# Sweep: {task_name}", ""]
-    lines += [f"- {row['method']}: accuracy **{row['accuracy']:.4f}**" for row in summary
-              if row["method"] in REFERENCES and row["method"] != PROBE]
-    lines += [f"- linear probe: accuracy {by_method[PROBE]['accuracy']:.4f}" if PROBE in by_method else "", ""]
-    lines += [f"| skeleton | accuracy | vs its full model | speed-up over it | speed-up over {full['method']} |",
+    lines += [f"- {row.method}: accuracy **{row.accuracy:.4f}**" for row in rows
+              if row.is_reference and row.method != PROBE]
+    lines += [f"- linear probe: accuracy {by_method[PROBE].accuracy:.4f}" if PROBE in by_method else "", ""]
+    lines += [f"| skeleton | accuracy | vs its full model | speed-up over it | speed-up over {full.method} |",
               "|---|---|---|---|---|"]
-    for row in summary:
-        if row["method"] in REFERENCES:
+    for row in rows:
+        if row.is_reference:
             continue
-        own = by_method.get(FULLS.get(row["prompt"]), full)
-        over_main = row.get("speedup_vs_input")
-        lines.append(f"| {row['prompt']} {row['method']} {row['point']} | {row['accuracy']:.4f} | "
-                     f"{100 * (row['accuracy'] - own['accuracy']):+.1f} pts | {row['speedup']:.2f}x | "
-                     + (f"{over_main:.2f}x |" if over_main is not None and over_main == over_main else "- |"))
+        own = by_method.get(FULLS.get(row.prompt), full)
+        lines.append(f"| {row.prompt} {row.method} {row.point} | {row.accuracy:.4f} | "
+                     f"{100 * (row.accuracy - own.accuracy):+.1f} pts | {row.speedup:.2f}x | "
+                     + (f"{row.speedup_vs_input:.2f}x |" if row.speedup_vs_input is not None else "- |"))
     lines += ["", run_link(run_id, experiment)]
     create_markdown_artifact("\n".join(lines), key=key("sweep", task_name, "summary"),
                              description=f"Sweep headline for {task_name}")

@@ -1,77 +1,20 @@
-"""The sweep's results table and its plots: accuracy and speed-up against sparsity, the nightly history."""
+"""The sweep's plots: accuracy and speed-up against sparsity, the accuracy-speed frontier, the nightly history.
+(The tables they plot: tasks/results.py.)"""
 from __future__ import annotations
 
 from pathlib import Path
 
-# speedup / speedup_bound / bound_ratio: against the full model of the row's own prompt method (like for like);
-# speedup_vs_input / bound_vs_input: against the input-prompt full model (the paper's prompt-tuning baseline).
-COLUMNS = ["seed", "prompt", "method", "point", "rate", "head_rate", "kept_width", "accuracy", "macro_f1", "speedup",
-           "speedup_bound", "bound_ratio", "speedup_vs_input", "bound_vs_input", "parameters", "path"]
-EXTRA = ["val_accuracy", "kept_widths", "kept_heads", "logits"]  # in the records and the Parquet table
-SUMMARY = ["prompt", "method", "point", "rate", "head_rate", "kept_width", "accuracy", "accuracy_std", "macro_f1",
-           "val_accuracy", "speedup", "speedup_bound", "bound_ratio", "speedup_vs_input", "bound_vs_input",
-           "parameters", "seeds", "path"]
-FULL, PROBE, FINETUNED = "full (prompt tuning)", "linear probe", "fine-tuned"  # reference rows
-FULL_PREFIX = "full (prefix tuning)"
-FULLS = {"input": FULL, "prefix": FULL_PREFIX}  # prompt method -> its full model's row
-REFERENCES = (FULL, FULL_PREFIX, FINETUNED, PROBE)  # in the order tables list them
-POINT = ["prompt", "method", "point"]  # a sweep point across seeds: "p=<rate> h=<head rate>" or "x<target>"
+from skeleton.folder import model_name
+from tasks.results import FINETUNED, FULL, FULL_PREFIX, PROBE, REFERENCES, Row, main_full, summary_table
 
 
-def main_full(records: list[dict]) -> dict:
-    """The reference full model of a sweep: the input-prompt one (the paper's baseline), which every sweep has."""
-    return next(r for r in records if r["method"] == FULL)
-
-
-def results_table(rows: list[dict], fulls: dict[tuple, dict], probes: dict[int, dict], finetuned: dict[int, dict] = {}):
-    """Per seed: the full model of each prompt method ((seed, prompt) -> record), the fine-tuned model and the linear
-    probe as reference rows, then one row per skeleton."""
-    import pandas as pd
-
-    speed = ("speedup", "speedup_bound", "bound_ratio", "speedup_vs_input", "bound_vs_input")
-
-    def model_row(seed, prompt, method, record):
-        return {"seed": seed, "prompt": prompt, "method": method, "point": "", "rate": 0.0, "head_rate": 0.0,
-                **{k: record.get(k) for k in ("accuracy", "macro_f1", "parameters", "path", "logits", "val_accuracy",
-                                             *speed)}}
-
-    reference = [model_row(seed, prompt, FULLS[prompt], full) for (seed, prompt), full in fulls.items()]
-    reference += [model_row(seed, "-", FINETUNED, tuned) for seed, tuned in finetuned.items()]
-    reference += [{"seed": seed, "prompt": "-", "method": PROBE, "point": "", "rate": 0.0, "head_rate": 0.0,
-                   "accuracy": probe["accuracy"], "macro_f1": probe["macro_f1"], "val_accuracy": probe["val_accuracy"]}
-                  for seed, probe in probes.items()]
-    points = sorted(rows, key=lambda r: (r["seed"], r["prompt"], r["method"], r["rate"], r["head_rate"]))
-    table = pd.DataFrame(reference + points)
-    return table.reindex(columns=COLUMNS + EXTRA).astype({"kept_width": "Int64", "parameters": "Int64"})
-
-
-def summary_table(records: list[dict]):
-    """One row per sweep point (and reference row): means over seeds, the accuracy's standard deviation across
-    them (empty with one seed), the number of seeds and the first seed's exported model."""
-    import pandas as pd
-
-    table = pd.DataFrame(records).reindex(columns=COLUMNS + EXTRA)
-    grouped = table.groupby(POINT, sort=False, dropna=False)
-    summary = grouped.agg(rate=("rate", "mean"), head_rate=("head_rate", "mean"), kept_width=("kept_width", "first"), accuracy=("accuracy", "mean"),
-                          accuracy_std=("accuracy", "std"), macro_f1=("macro_f1", "mean"),
-                          val_accuracy=("val_accuracy", "mean"), speedup=("speedup", "mean"),
-                          speedup_bound=("speedup_bound", "mean"), bound_ratio=("bound_ratio", "mean"),
-                          speedup_vs_input=("speedup_vs_input", "mean"), bound_vs_input=("bound_vs_input", "mean"),
-                          parameters=("parameters", "first"), seeds=("seed", "nunique"), path=("path", "first"))
-    summary = summary.reset_index()
-    order = {name: i for i, name in enumerate(REFERENCES)}
-    summary = summary.sort_values(["method", "prompt", "rate", "head_rate"], kind="stable",
-                                  key=lambda col: col.map(order).fillna(len(order)) if col.name == "method" else col)
-    return summary[SUMMARY].astype({"kept_width": "Int64", "parameters": "Int64"}).reset_index(drop=True)
-
-
-def _label(row: dict) -> str:
+def _label(record: dict) -> str:
     """A plotted series: a method at one head rate (and prompt method, when not the input prompt); joint-budget
     points (chosen per seed) stand alone."""
-    method = ("prefix " if row.get("prompt") == "prefix" else "") + row["method"]
-    if row["point"].startswith("x"):
-        return f"{method} {row['point']} (joint)"
-    return method + (f" h={row['head_rate']:g}" if row["head_rate"] else "")
+    row = Row.of(record)
+    joint = row.point.startswith("x")
+    series = {**row.meta(), "rate": None, **({"head_rate": 0.0} if joint else {})}  # a series spans the rates
+    return model_name(series, style="label") + (f" {row.point} (joint)" if joint else "")
 
 
 def _axes():
@@ -121,7 +64,7 @@ def plot_accuracy(records: list[dict], out: Path) -> Path:
               FINETUNED: dict(color="brown", linestyle="--"), PROBE: dict(color="grey", linestyle=":")}
     for name, row in reference.items():
         ax.axhline(row["accuracy"], label=name, **styles[name])
-    seeds = int(main_full(summary)["seeds"])
+    seeds = main_full(summary).seeds
     ax.set_xlabel("FFN pruning rate")
     ax.set_ylabel("test accuracy" + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
     ax.set_title("Skeleton accuracy vs sparsity")
@@ -176,7 +119,7 @@ def plot_frontier(records: list[dict], out: Path) -> Path:
     probe = next((r for r in summary if r["method"] == PROBE), None)
     if probe:
         ax.axhline(probe["accuracy"], color="grey", linestyle=":", label=PROBE)
-    seeds = int(main_full(summary)["seeds"])
+    seeds = main_full(summary).seeds
     base = "the input-prompt full model" if x == "speedup_vs_input" else "the full model"  # older results
     ax.set_xlabel(f"measured speed-up over {base}")
     ax.set_ylabel("test accuracy" + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))

@@ -2,8 +2,8 @@
 
 Every exported model (the full prompt-tuned model, each skeleton) is an MLflow LoggedModel (pyfunc,
 tasks/mlflow_model.py) with its point's metrics linked to it, so the experiment's Models page compares sparsity
-levels. A model is stored once per content (the sha256 of its manifest.json): a cached point's run refers to the
-model already stored for the same folder.
+levels. A model is stored once per content (SkeletonFolder.digest: its manifest's sha256): a cached point's run
+refers to the model already stored for the same folder.
 
 Logging is idempotent: a child run is keyed by its point (tag skeleton.point), so a retried task finds the run it
 started instead of creating a second one; a finished sweep closes the parent runs of earlier attempts at the same
@@ -25,11 +25,8 @@ import mlflow
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 from prefect import task
 
-from tasks.paths import ROOT
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}"
+from tasks.paths import ROOT, tracking_uri
+from tasks.results import FINETUNED, FULL, FULL_PREFIX, PROBE, Row, main_full
 
 
 def _client() -> mlflow.MlflowClient:
@@ -127,23 +124,15 @@ def benchmark_metrics(rows: list[dict]) -> dict[str, float]:
             if r.get(key) is not None}
 
 
-def point_key(row: dict) -> str:
-    """What identifies a sweep point within its sweep: seed, prompt method, selection method and point (rates or
-    target)."""
-    point = row.get("point") or f"p={row['rate']:g} h={row['head_rate'] or 0:g}"
-    return f"seed{row['seed']}/{row.get('prompt') or 'input'}/{row['method']}/{point}"
-
-
 def folder_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 def stored_model(client: mlflow.MlflowClient, experiment_id: str, folder: str | Path) -> str | None:
     """The id of the READY LoggedModel already stored for this folder's content, if any."""
-    from skeleton.io import file_sha256
-    from skeleton.prune import MANIFEST
+    from skeleton.folder import SkeletonFolder
 
-    digest = file_sha256(Path(folder) / MANIFEST)
+    digest = SkeletonFolder(folder).digest()
     found = client.search_logged_models([experiment_id], f"tags.`skeleton.manifest` = '{digest}'", max_results=10)
     ready = [m for m in found if m.status == LoggedModelStatus.READY]
     return ready[0].model_id if ready else None
@@ -152,8 +141,7 @@ def stored_model(client: mlflow.MlflowClient, experiment_id: str, folder: str | 
 def store_model(run_id: str, folder: str | Path, name: str, tags: dict[str, str]) -> str:
     """The folder as a LoggedModel produced by run `run_id`. A folder whose content is already stored is not
     uploaded again: the run refers to that model (a run output)."""
-    from skeleton.io import file_sha256
-    from skeleton.prune import MANIFEST
+    from skeleton.folder import SkeletonFolder
     from tasks.mlflow_model import skeleton_model
 
     client = _client()
@@ -163,7 +151,7 @@ def store_model(run_id: str, folder: str | Path, name: str, tags: dict[str, str]
         mlflow.set_tracking_uri(tracking_uri())
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(name=name, **skeleton_model(folder),
-                                           tags={**tags, "skeleton.manifest": file_sha256(Path(folder) / MANIFEST)})
+                                           tags={**tags, "skeleton.manifest": SkeletonFolder(folder).digest()})
         model_id = info.model_id
     else:
         client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
@@ -179,41 +167,37 @@ def link_metrics(run_id: str, model_id: str, metrics: dict[str, float]) -> None:
 
 
 @task(name="log-sweep-point", retries=2, retry_delay_seconds=2)
-def log_point(parent_run_id: str, row: dict, benchmark_rows: list[dict] = ()) -> str:
+def log_point(parent_run_id: str, row: Row | dict, benchmark_rows: list[dict] = ()) -> str:
     """A child run with the point's metrics (its benchmark per configuration too) and its skeleton as a
     LoggedModel with those metrics. Idempotent: a retry finds the child run of the same point and completes it."""
+    row = Row.of(row)
     client = _client()
     parent = client.get_run(parent_run_id)
-    key = point_key(row)
+    key = row.key()
     found = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
                                f"tags.`skeleton.point` = '{key}'")
     if any(r.info.status == "FINISHED" for r in found):
         return next(r.info.run_id for r in found if r.info.status == "FINISHED")
-    from skeleton.record import skeleton_name
-
-    name = skeleton_name({**row, "prompt_method": row.get("prompt") or "input"})  # rows logged directly may lack it
     if found:
         run_id = found[0].info.run_id
     else:
-        run_id = client.create_run(parent.info.experiment_id, run_name=f"{name}-seed{row['seed']}",
+        run_id = client.create_run(parent.info.experiment_id, run_name=f"{row.name('expert')}-seed{row.seed}",
                                    tags={"mlflow.parentRunId": parent_run_id, "skeleton.kind": "point",
                                          "skeleton.point": key}).info.run_id
     for param in ("prompt", "method", "rate", "head_rate", "seed", "kept_width", "kept_widths", "kept_heads"):
-        if row.get(param) is not None:
-            client.log_param(run_id, param, row[param])
-    metrics = {k: float(row[k]) for k in ("accuracy", "macro_f1", "speedup", "speedup_bound", "bound_ratio",
-                                          "speedup_vs_input", "bound_vs_input", "parameters", "kept_width", "rate",
-                                          "head_rate", "val_accuracy")
-               if row.get(k) is not None and row[k] == row[k]}
-    metrics["size_mb"] = folder_bytes(row["path"]) / 2**20
+        if getattr(row, param) is not None:
+            client.log_param(run_id, param, getattr(row, param))
+    metrics = {k: float(getattr(row, k)) for k in ("accuracy", "macro_f1", "speedup", "speedup_bound", "bound_ratio",
+                                                   "speedup_vs_input", "bound_vs_input", "parameters", "kept_width",
+                                                   "rate", "head_rate", "val_accuracy")
+               if getattr(row, k) is not None}
+    metrics["size_mb"] = folder_bytes(row.path) / 2**20
     metrics.update(benchmark_metrics(benchmark_rows))
-    tags = {"skeleton.kind": "skeleton", "skeleton.method": str(row["method"]), "skeleton.rate": str(row["rate"]),
-            "skeleton.prompt": str(row.get("prompt") or "input"),
-            "skeleton.head_rate": str(row["head_rate"]), "skeleton.task": parent.data.params.get("task", "")}
+    tags = {"skeleton.kind": "skeleton", "skeleton.method": str(row.method), "skeleton.rate": str(row.rate),
+            "skeleton.prompt": str(row.prompt or "input"), "skeleton.head_rate": str(row.head_rate),
+            "skeleton.task": parent.data.params.get("task", "")}
     # LoggedModel names allow no dots: rates in percent, e.g. grad_x_act-p65-h25 (a joint budget's 87.5: p87_5)
-    model_name = (("prefix-" if row.get("prompt") == "prefix" else "") + f"{row['method']}-p{row['rate'] * 100:.4g}"
-                  + (f"-h{row['head_rate'] * 100:.4g}" if row["head_rate"] else "")).replace(".", "_")
-    model_id = store_model(run_id, row["path"], model_name, tags)
+    model_id = store_model(run_id, row.path, row.name("slug"), tags)
     link_metrics(run_id, model_id, metrics)
     client.set_tag(run_id, "skeleton.model_id", model_id)
     client.set_terminated(run_id)
@@ -231,14 +215,13 @@ def log_benchmark(parent_run_id: str, result: dict, records: list[dict]) -> None
     and rate), the speed-up-vs-rate plot with the arithmetic bound, the full model's latencies as metrics and
     where it ran as params."""
     from skeleton.benchmark import write_report
-    from tasks.report import REFERENCES, main_full, plot_frontier, plot_speedup
+    from tasks.report import plot_frontier, plot_speedup
 
     client = _client()
-    main = main_full(records)["path"]
-    names = {r["path"]: "full" if r["path"] == main else r["method"] if r["method"] in REFERENCES else
-             ("prefix " if r.get("prompt") == "prefix" else "") + f"{r['method']} p={r['rate']:.3g}"
-             + (f" h={r['head_rate']:.3g}" if r["head_rate"] else "")
-             for r in reversed(records) if isinstance(r.get("path"), str)}  # reversed: the first seed's name wins
+    rows = [Row.of(r) for r in records]
+    main = main_full(rows).path
+    names = {r.path: "full" if r.path == main else r.name("label")
+             for r in reversed(rows) if r.path}  # reversed: the first seed's name wins
     named = {**result, "rows": [{**r, "model": names.get(r["model"], r["model"])} for r in result["rows"]]}
     env = result["environment"]
     for key in ("device", "device_name", "dtype", "threads", "torch"):
@@ -266,11 +249,11 @@ def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict
     earlier killed attempts at this sweep are closed."""
     import pandas as pd
 
-    from tasks.report import FINETUNED, FULL, FULL_PREFIX, PROBE, main_full, plot_accuracy
+    from tasks.report import plot_accuracy
 
     client = _client()
     reference = {r["method"]: r for r in summary}
-    reference["main"] = main_full(summary)
+    reference["main"] = reference[main_full(summary).method]
     for prefix, name, keys in (("full", "main", ("accuracy", "accuracy_std", "macro_f1", "parameters")),
                                ("full_prefix", FULL_PREFIX, ("accuracy", "accuracy_std", "speedup_vs_input")),
                                ("finetuned", FINETUNED, ("accuracy", "accuracy_std", "speedup_vs_input")),
@@ -291,17 +274,18 @@ def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict
             client.log_artifact(parent_run_id, path, f"attribution/seed{seed}/{method}")
     task_name = client.get_run(parent_run_id).data.params.get("task", "")
     linked = []  # (model id, metrics): linked once all models are stored, so each model gets only its own
-    for method, model_name in ((FULL, "full"), (FULL_PREFIX, "prefix-full"), (FINETUNED, "finetuned")):
-        model = next((r for r in records if r["method"] == method), None)  # the first seed's
+    rows = [Row.of(r) for r in records]
+    for method in (FULL, FULL_PREFIX, FINETUNED):
+        model = next((r for r in rows if r.method == method), None)  # the first seed's
         if model is None:
             continue
-        metrics = {k: float(model[k]) for k in ("accuracy", "macro_f1", "parameters", "speedup", "speedup_vs_input",
-                                                 "bound_vs_input", "val_accuracy")
-                   if model.get(k) is not None and model[k] == model[k]}
-        metrics.update(rate=0.0, head_rate=0.0, size_mb=folder_bytes(model["path"]) / 2**20)
-        model_id = store_model(parent_run_id, model["path"], model_name,
+        metrics = {k: float(getattr(model, k)) for k in ("accuracy", "macro_f1", "parameters", "speedup",
+                                                          "speedup_vs_input", "bound_vs_input", "val_accuracy")
+                   if getattr(model, k) is not None}
+        metrics.update(rate=0.0, head_rate=0.0, size_mb=folder_bytes(model.path) / 2**20)
+        model_id = store_model(parent_run_id, model.path, model.name("slug"),  # full, prefix-full, finetuned
                                {"skeleton.kind": "full", "skeleton.method": method, "skeleton.rate": "0.0",
-                                "skeleton.prompt": str(model.get("prompt") or "none"), "skeleton.task": task_name})
+                                "skeleton.prompt": str(model.prompt or "none"), "skeleton.task": task_name})
         linked.append((model_id, metrics))
         if method == FULL:
             client.set_tag(parent_run_id, "skeleton.model_id", model_id)  # the sweep's model: the full one

@@ -4,8 +4,8 @@ import shutil
 import signal
 import tempfile
 
-# Before anything imports the tasks: the whole test session writes artifacts and MLflow runs to a scratch folder,
-# removed at exit (each session leaves about 180 MB otherwise).
+# First, as the `skeleton` command does first: the session writes artifacts and MLflow runs to a scratch folder,
+# removed at exit (each session leaves about 180 MB otherwise), and TMPDIR points there before any library asks.
 SCRATCH = tempfile.mkdtemp(prefix="skeleton-tests-")
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 # A session stopped by SIGTERM (a CI timeout) ends as Ctrl-C does: fixtures tear down (servers stop), atexit runs.
@@ -14,21 +14,22 @@ os.environ["TMPDIR"] = tempfile.tempdir = SCRATCH  # what tempfile makes, here a
 os.environ["SKELETON_ARTIFACTS"] = os.path.join(SCRATCH, "artifacts")
 os.environ["PREFECT_HOME"] = os.path.join(SCRATCH, "prefect")  # not the checkout's .prefect/ (the Makefile's)
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{SCRATCH}/mlflow.db"
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import random  # noqa: E402
 
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-# Prefect, first imported here, the way the flows import it: its console log handler binds to the session's stderr,
-# not one test's capture (closed when that test ends, after which every log line fails), and the settings the test
-# harness snapshots hold the JSON result serializer that tasks.pipeline sets.
-import tasks.pipeline  # noqa: E402,F401
 
+from flows.settings import configure  # noqa: E402
 from helpers import classifier_on, encode, tiny_bert_config, tiny_llama_config, word_tokenizer  # noqa: E402
+
+configure()  # environment defaults, Prefect's JSON results, the library's logger: what the command sets
+# Prefect reads its settings and sets up its logging when its main module loads, so after configure() (as in the
+# command); loaded here, at collection, its console log handler binds to the session's stderr, not one test's
+# capture (closed when that test ends, after which every log line fails). The project's own modules import in any
+# order.
+import prefect.main  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

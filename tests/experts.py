@@ -23,24 +23,27 @@ def task_file(folder: Path, task: str, labels: int, seed: int) -> Path:
 def stage_expert(root: Path, backbone: str, task: str, labels: int, rate: float, seed: int = 0) -> str:
     """data -> prompt tuning -> attribution -> skeleton at `rate` (the full model itself at rate 0): its folder."""
     from skeleton import stages
+    from skeleton.specs import AttributeSpec, BuildSpec, DataSpec, TuneSpec
+    from skeleton.train import TrainConfig
 
     root = Path(root) / task
     root.mkdir(parents=True, exist_ok=True)
-    data = stages.prepare_data(root / "data", task, backbone, max_length=16, data_file=str(task_file(root, task, labels,
-                                                                                                     seed)))
-    train = {"steps": 2, "batch_size": 8, "eval_every": 2, "warmup_steps": 1, "seed": seed}
-    full = stages.tune_prompt(root / "full", data["path"], backbone, 3, train)
+    data = stages.prepare_data(root / "data", DataSpec(task, backbone, max_length=16,
+                                                       data_file=str(task_file(root, task, labels, seed))))
+    train = TrainConfig(steps=2, batch_size=8, eval_every=2, warmup_steps=1, seed=seed)
+    full = stages.tune_prompt(root / "full", TuneSpec(data["path"], backbone, 3, train))
     if rate == 0:
         return full["path"]
-    scores = stages.attribute(root / "scores", data["path"], full["path"], "grad_x_act", examples=16)
-    return stages.build_skeleton(root / "skeleton", data["path"], full["path"], scores["path"], rate, train)["path"]
+    scores = stages.attribute(root / "scores", AttributeSpec(data["path"], full["path"], "grad_x_act", examples=16))
+    return stages.build_skeleton(root / "skeleton", BuildSpec(data["path"], full["path"], scores["path"], rate,
+                                                              train))["path"]
 
 
 def folder_probabilities(folder, texts):
     """The exported folder's own answer, one text at a time (no padding)."""
-    from skeleton.prune import load_skeleton
+    from skeleton.folder import SkeletonFolder
 
-    model, tokenizer, record = load_skeleton(folder)
+    model, tokenizer, record = SkeletonFolder(folder).load()
     out = []
     with torch.no_grad():
         for text in texts:

@@ -57,12 +57,43 @@ def encode(tokenizer, texts=TEXTS, labels=(0, 1, 2, 1)) -> dict:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor(labels)}
 
 
+def mask_ffn(backbone, keep):
+    """Zero the down-projection columns of removed neurons (in place): the test oracle for slicing."""
+    import torch
+
+    from skeleton.backbones import family_of
+
+    with torch.no_grad():
+        for block, index in zip(family_of(backbone).ffn_blocks(backbone), keep):
+            dropped = torch.ones(block.down.in_features, dtype=torch.bool)
+            dropped[index] = False
+            block.down.weight[:, dropped] = 0.0
+    return backbone
+
+
+def mask_heads(backbone, heads):
+    """Zero the output-projection columns of removed heads (in place): the test oracle for head slicing."""
+    import torch
+
+    from skeleton.backbones import family_of
+    from skeleton.prune import head_columns
+
+    blocks = family_of(backbone).attention_blocks(backbone)
+    assert len(heads) == len(blocks) and all(len(h) for h in heads), "one non-empty index tensor per layer"
+    with torch.no_grad():
+        for block, index in zip(blocks, heads):
+            dropped = torch.ones(block.out.in_features, dtype=torch.bool)
+            dropped[head_columns(index, block.head_dim)] = False
+            block.out.weight[:, dropped] = 0.0
+    return backbone
+
+
 def masked_and_sliced(model, keep):
     """Two copies of a classifier: one with the dropped FFN neurons' down-projection columns zeroed (the oracle),
     one with them cut out of the weights."""
     import copy
 
-    from skeleton.prune import mask_ffn, slice_ffn
+    from skeleton.prune import slice_ffn
 
     masked, sliced = copy.deepcopy(model), copy.deepcopy(model)
     mask_ffn(masked.backbone, keep)

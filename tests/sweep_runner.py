@@ -21,6 +21,9 @@ import pandas as pd
 import skeleton.stages  # noqa: F401  (torch, transformers, datasets: imported once, before forking)
 from flows.sweep import full_sweep
 from skeleton.io import failpoint
+from tasks.pipeline import library_version
+
+library_version()  # hashed once here: the children's stage keys are those of the library the runner started with
 
 _set_terminated = mlflow.MlflowClient.set_terminated
 

@@ -154,15 +154,16 @@ def test_unreadable_file(tmp_path, reviews_csv):
 
 def test_a_file_that_changes_between_two_runs_is_read_again(prefect_server, tiny_backbone_dir, tmp_path):
     """The data stage is cached by the file's content, not its name: an edited file is never served stale."""
-    from flows.sweep import _file_hash
+    from flows.config import file_hash
+    from skeleton.specs import DataSpec
     from tasks import pipeline
 
     path = tmp_path / "changing.csv"
     sizes = []
     for n in (10, 20):
         write(path, [(f"good film {i}", "pos") for i in range(n)] + [(f"bad film {i}", "neg") for i in range(n)])
-        data = pipeline.prepare_data("file:changing.csv", str(tiny_backbone_dir), 16, 0, str(path), "review",
-                                     "sentiment", _file_hash(str(path)))
+        data = pipeline.prepare_data(DataSpec("file:changing.csv", str(tiny_backbone_dir), 16, 0, str(path), "review",
+                                              "sentiment", file_hash(str(path))))
         sizes.append(sum(data["split_sizes"].values()))
     assert sizes == [20, 40]
 
@@ -202,12 +203,13 @@ def test_flow_parameters_out_of_range_fail_the_run_before_any_work(prefect_serve
 
 @pytest.fixture
 def expert(tiny_classifier, tiny_backbone_dir, tmp_path):
-    from skeleton.prune import export_skeleton
+    from skeleton.folder import SkeletonFolder
     from skeleton.stages import full_keep
 
     model, tokenizer = tiny_classifier
     meta = {"rate": 0.0, "task": "reviews", "method": "full", "backbone": str(tiny_backbone_dir)}
-    return export_skeleton(model, tokenizer, full_keep(model.backbone), tmp_path / "experts" / "reviews", meta)
+    folder = SkeletonFolder.export(model, tokenizer, full_keep(model.backbone), tmp_path / "experts" / "reviews", meta)
+    return folder.path
 
 
 def classify(cli, folder, backbone, *texts, task="reviews-full-p0.0"):

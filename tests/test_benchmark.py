@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from helpers import tiny_bert_config
-from skeleton.benchmark import BenchmarkConfig, _peak_bytes, at, benchmark, count_macs, markdown, write_report
+from skeleton.benchmark import BenchmarkConfig, _peak_bytes, at, benchmark, markdown, write_report
+from skeleton.macs import count_macs
 from skeleton.model import AdapterConfig, PromptClassifier
 
 B, T, M = 2, 6, 4  # batch, text tokens, prompt vectors
@@ -225,7 +226,8 @@ def test_benchmark_on_cuda():
 
 
 def test_speedup_plot(tmp_path):
-    from tasks.report import FULL, PROBE, plot_speedup
+    from tasks.report import plot_speedup
+    from tasks.results import FULL, PROBE
 
     common = {"seed": 0, "head_rate": 0.0, "accuracy": 0.8}
     records = [{**common, "method": FULL, "point": "", "rate": 0.0, "speedup": 1.0},
@@ -309,16 +311,19 @@ def test_stage_benchmark_runs_in_a_fresh_process_against_every_baseline(tmp_path
     """The sweep's benchmark stage: a new process (the sweep's own trained-in process skews wide passes), rows
     with a speed-up and bound against each baseline folder, paired per round."""
     from skeleton import stages
-    from skeleton.prune import export_skeleton, select, slice_ffn
+    from skeleton.folder import SkeletonFolder
+    from skeleton.specs import BenchmarkSpec
+    from skeleton.prune import slice_ffn
+    from skeleton.selection import select
 
     folders = {}
     for name, rate, method in (("input", 0.0, "input"), ("prefix", 0.0, "prefix"), ("cut", 0.5, "prefix")):
         model = PromptClassifier(bert().backbone, AdapterConfig(num_labels=3, prompt_length=M, prompt_method=method))
         keep = select([torch.rand(64, generator=torch.Generator().manual_seed(1)) for _ in range(2)], rate)
         slice_ffn(model.backbone, keep)
-        folders[name] = str(export_skeleton(model, minilm_tokenizer, keep, tmp_path / name, {"rate": rate}))
-    result = stages.benchmark(folders["input"], [folders["cut"]], [2], [8], repeats=3,
-                              baselines=[folders["prefix"]])
+        folders[name] = str(SkeletonFolder.export(model, minilm_tokenizer, keep, tmp_path / name, {"rate": rate}))
+    result = stages.benchmark(tmp_path / "out", BenchmarkSpec(folders["input"], [folders["cut"]], [2], [8], repeats=3,
+                                                              baselines=[folders["prefix"]]))
     assert result["environment"]["threads"] >= 1
     rows = {r["model"]: r for r in result["rows"]}
     assert set(rows) == set(folders.values())
@@ -332,14 +337,16 @@ def test_stage_benchmark_runs_in_a_fresh_process_against_every_baseline(tmp_path
 
 def test_script_names_folders_of_every_prompt_method_and_picks_the_input_full_model(script, tmp_path,
                                                                                     minilm_tokenizer):
-    from skeleton.prune import export_skeleton, select, slice_ffn
+    from skeleton.folder import SkeletonFolder
+    from skeleton.prune import slice_ffn
+    from skeleton.selection import select
 
     def export(name, rate, method="input", **meta):
         model = PromptClassifier(bert().backbone, AdapterConfig(num_labels=3, prompt_length=M, prompt_method=method))
         keep = select([torch.rand(64, generator=torch.Generator().manual_seed(1)) for _ in range(2)], rate)
         slice_ffn(model.backbone, keep)
         meta = {"rate": rate, "prompt_method": method, "method": "grad_x_act" if rate else None, **meta}
-        return str(export_skeleton(model, minilm_tokenizer, keep, tmp_path / name, meta))
+        return str(SkeletonFolder.export(model, minilm_tokenizer, keep, tmp_path / name, meta))
 
     folders = [export("prefix-cut", 0.5, "prefix"), export("tuned", 0.0, finetune=True), export("full", 0.0),
                export("prefix-full", 0.0, "prefix"), export("cut", 0.5)]

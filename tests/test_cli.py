@@ -94,7 +94,7 @@ def test_sweep_command_runs_the_flow_with_the_options_given(prefect_server, tiny
     from prefect.settings import PREFECT_API_URL
 
     from helpers import sweep_args
-    from skeleton.backbones import FAMILIES
+    from flows.config import FAMILY_DEFAULTS
 
     argv = [str(Path(sys.executable).with_name("skeleton")), "sweep"]
     for name, value in sweep_args(tiny_backbone_dir, reviews_csv, methods=["random"], experiment="cli").items():
@@ -107,6 +107,6 @@ def test_sweep_command_runs_the_flow_with_the_options_given(prefect_server, tiny
     (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id], "tags.`skeleton.kind` = 'sweep'")
     assert run.info.status == "FINISHED"
     assert (run.data.params["train_steps"], run.data.params["methods"]) == ("6", "['random']")
-    assert run.data.params["retune_evals"] == str(FAMILIES["bert"].sweep_defaults["retune_evals"])
+    assert run.data.params["retune_evals"] == str(FAMILY_DEFAULTS["bert"]["retune_evals"])
     with get_client(sync_client=True) as prefect:  # the flow run is on the server the command was pointed at
         assert any(r.parameters.get("experiment") == "cli" and r.state.is_completed() for r in prefect.read_flow_runs())

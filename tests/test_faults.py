@@ -104,10 +104,10 @@ def heavy_states(flow_run_id) -> Counter:
 
 
 def assert_intact(artifacts: Path):
-    from skeleton.io import read_record
+    from skeleton.io import read_stage_record
 
     folders = [p for p in artifacts.glob("*/*") if p.is_dir() and not p.name.startswith(".")]
-    assert folders and all(read_record(p) is not None for p in folders), "an unfinished stage folder"
+    assert folders and all(read_stage_record(p) is not None for p in folders), "an unfinished stage folder"
     assert not leftovers(artifacts)
 
 
@@ -172,9 +172,9 @@ def test_two_sweeps_at_once_share_the_work(reference, runner, tiny_backbone_dir,
 
 
 def stored_records() -> list[Path]:
-    from tasks.pipeline import RESULTS
+    from tasks.paths import results_dir
 
-    return sorted(p for p in RESULTS.iterdir() if p.is_file())
+    return sorted(p for p in results_dir().iterdir() if p.is_file())
 
 
 def rerun(tiny_backbone_dir, reviews_csv):
@@ -226,8 +226,8 @@ def test_result_records_are_json_and_a_tampered_one_is_refused(reference, tiny_b
 
 
 def test_cache_hit_on_a_missing_or_corrupt_folder_recomputes_it(reference, tiny_backbone_dir, reviews_csv):
+    from skeleton.folder import SkeletonFolder
     from skeleton.io import ArtifactError
-    from skeleton.prune import load_skeleton
 
     table, states = rerun(tiny_backbone_dir, reviews_csv)
     assert states[("build-skeleton", "Cached")] == 1
@@ -235,13 +235,13 @@ def test_cache_hit_on_a_missing_or_corrupt_folder_recomputes_it(reference, tiny_
     weights = skeleton / "backbone" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
     with pytest.raises(ArtifactError, match="corrupt.*re-run the sweep"):  # what the message says to do...
-        load_skeleton(skeleton)
+        SkeletonFolder(skeleton).load()
     shutil.rmtree(full)
     table, states = rerun(tiny_backbone_dir, reviews_csv)  # ...works: both stages are rebuilt, the rest cached
     assert states[("tune-prompt", "Completed")] == 1 and states[("build-skeleton", "Completed")] == 1, states
     assert states[("prepare-data", "Cached")] == 1 and states[("attribute", "Cached")] == 1, states
-    load_skeleton(skeleton)
-    load_skeleton(full)
+    SkeletonFolder(skeleton).load()
+    SkeletonFolder(full).load()
     pd.testing.assert_frame_equal(table, comparable(reference), check_dtype=False)
 
 

@@ -44,12 +44,12 @@ def test_sweep_end_to_end_then_cached(prefect_server, tiny_backbone_dir, reviews
     result = run_fresh(f"""
         import json
         from safetensors.torch import load_file
-        from skeleton.prune import load_skeleton
+        from skeleton.folder import SkeletonFolder
         from skeleton.stages import load_data
         from skeleton.train import predict
         found = []
         for path, data, logits in {files!r}:
-            model, _, _ = load_skeleton(path)
+            model, _, _ = SkeletonFolder(path).load()
             dsd, info = load_data(data)
             diff = (predict(model, dsd["test"], info["pad_id"]) - load_file(logits)["logits"]).abs().max().item()
             found.append({{"diff": diff, "params": model.num_parameters()}})
@@ -124,6 +124,7 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     ({"backbone": "bert-huge"}, ValueError, "unknown backbone 'bert-huge'"),
     ({"precision": "fp16"}, ValueError, "precision must be one of fp32, bf16, auto, got 'fp16'"),
     ({"target_speedups": [2.0, 1.0]}, ValueError, "target speed-up must be above 1, got 1.0"),
+    ({"reconstruct_damping": -0.1}, ValueError, "damping must be >= 0"),
     ({"train_evals": 0}, ValueError, "train_evals must be at least 1, got 0"),
     ({"retune_steps": 0}, ValueError, "steps, batch_size and eval_every must be positive"),
     ({"seeds": []}, ValueError, "seeds must name at least one seed"),
@@ -198,7 +199,7 @@ def test_sweep_over_seeds_head_rates_and_a_joint_budget(prefect_server, tiny_bac
     import mlflow
 
     from flows.sweep import full_sweep
-    from tasks.report import summary_table
+    from tasks.results import summary_table
 
     records = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, methods=["grad_x_act"], head_rates=[0.0, 0.5],
                                       target_speedups=[1.5], reconstruct=True, seeds=[0, 1], experiment="seeds"))
@@ -225,12 +226,13 @@ def test_sweep_over_seeds_head_rates_and_a_joint_budget(prefect_server, tiny_bac
 def test_unset_parameters_take_the_backbone_familys_defaults(tiny_backbone_dir, tmp_path):
     """A parameter left None takes the backbone family's default, a given one always wins; a local LLaMA folder
     gets the LLaMA family's budgets, as the registered smollm2 does."""
-    from flows.config import SweepConfig
+    from flows.config import FAMILY_DEFAULTS, SweepConfig
     from helpers import tiny_llama_config
     from skeleton.backbones import FAMILIES
 
     tiny_llama_config().save_pretrained(tmp_path)  # config.json alone: the family is read from it, no weights
-    bert, llama = FAMILIES["bert"].sweep_defaults, FAMILIES["llama"].sweep_defaults
+    assert set(FAMILY_DEFAULTS) == set(FAMILIES)  # every registered family has its defaults
+    bert, llama = FAMILY_DEFAULTS["bert"], FAMILY_DEFAULTS["llama"]
     assert bert["train_steps"] != llama["train_steps"] and bert["reconstruct"] != llama["reconstruct"]
     assert (bert["prompt_methods"], llama["prompt_methods"]) == (["prefix"], ["input"])  # chosen per family
     family_fields = {f.name for f in dataclasses.fields(SweepConfig) if f.metadata["family"]}
@@ -272,7 +274,7 @@ def test_sweep_compares_prompt_methods_beside_a_finetuned_reference(prefect_serv
     import mlflow
 
     from flows.sweep import full_sweep
-    from tasks.report import FINETUNED, FULL, FULL_PREFIX, PROBE, summary_table
+    from tasks.results import FINETUNED, FULL, FULL_PREFIX, PROBE, summary_table
 
     records = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, methods=["grad_x_act"], distill=0.0,
                                       prompt_methods=["prefix"], finetune=True, experiment="prompts"))

@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 
-from skeleton.io import atomic_dir, file_sha256, locked, write_record
+from skeleton.io import atomic_dir, file_sha256, locked, write_stage_record
 
 
 def stage(root, name, inputs=(), **names):
@@ -15,7 +15,7 @@ def stage(root, name, inputs=(), **names):
         if "scores" in names:  # a skeleton names its scores in neurons.json
             (tmp / "neurons.json").write_text(json.dumps({"scores": str(names.pop("scores"))}))
     (folder / "inputs.json").write_text(json.dumps([str(p) for p in inputs]))
-    write_record(folder, {"path": str(folder), **{k: str(v) for k, v in names.items()}})
+    write_stage_record(folder, {"path": str(folder), **{k: str(v) for k, v in names.items()}})
     return folder
 
 

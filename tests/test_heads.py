@@ -6,11 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import as_dataset, captum_grad_x_act, classifier_on, run_fresh, tiny_bert_config
+from helpers import as_dataset, captum_grad_x_act, classifier_on, mask_ffn, mask_heads, run_fresh, tiny_bert_config
 from skeleton.attribution import METHODS, attribute, attribute_with_heads, out_projections, scores_heads
 from skeleton.backbones import Family
-from skeleton.prune import (ALLOCATIONS, allocate, export_skeleton, load_skeleton, mask_ffn, mask_heads, select,
-                            select_heads, slice_ffn, slice_heads)
+from skeleton.folder import SkeletonFolder
+from skeleton.prune import slice_ffn, slice_heads
+from skeleton.selection import ALLOCATIONS, allocate, select, select_heads
 
 HEADS, HEAD_DIM = 4, 8  # tiny BERT with 4 heads of 8 (hidden 32)
 
@@ -139,18 +140,21 @@ def test_unknown_allocation_rule_lists_known():
 
 
 def test_build_skeleton_validates_before_loading(tmp_path):
+    from skeleton.specs import BuildSpec
     from skeleton.stages import build_skeleton
+    from skeleton.train import TrainConfig
 
-    args = dict(out=tmp_path / "out", data=str(tmp_path / "missing"), model=str(tmp_path / "missing"),
-                scores=str(tmp_path / "missing.parquet"), rate=0.5, train_config={})
+    out = tmp_path / "out"
+    args = dict(data=str(tmp_path / "missing"), model=str(tmp_path / "missing"),
+                scores=str(tmp_path / "missing.parquet"), rate=0.5, train=TrainConfig())
     with pytest.raises(KeyError, match="unknown allocation rule 'by_mass'"):
-        build_skeleton(**args, allocation="by_mass")
+        build_skeleton(out, BuildSpec(**args, allocation="by_mass"))
     with pytest.raises(ValueError, match=r"head pruning rate must be in \[0, 1\)"):
-        build_skeleton(**args, head_rate=1.0)
+        build_skeleton(out, BuildSpec(**args, head_rate=1.0))
     scores = tmp_path / "scores.parquet"  # written before head scores existed: no unit column
     pd.DataFrame({"layer": [0, 0, 1, 1], "neuron": [0, 1, 0, 1], "score": [1.0, 2.0, 3.0, 4.0]}).to_parquet(scores)
     with pytest.raises(ValueError, match="needs attention-head scores.*has none"):
-        build_skeleton(**{**args, "scores": str(scores)}, head_rate=0.5)
+        build_skeleton(out, BuildSpec(**{**args, "scores": str(scores)}, head_rate=0.5))
     from skeleton.stages import read_scores
 
     assert [s.tolist() for s in read_scores(scores)] == [[1.0, 2.0], [3.0, 4.0]]
@@ -207,7 +211,7 @@ def test_heterogeneous_export_round_trip_in_fresh_process(classifier, batch, tmp
     slice_ffn(model.backbone, keep)
     slice_heads(model.backbone, heads)
     assert len({len(k) for k in keep}) == 2
-    folder = export_skeleton(model, tokenizer, keep, tmp_path / "sk", {"rate": 0.6}, heads=heads)
+    folder = SkeletonFolder.export(model, tokenizer, keep, tmp_path / "sk", {"rate": 0.6}, heads=heads)
     config = json.loads((folder / "backbone" / "config.json").read_text())
     assert config["model_type"] == "skeleton_bert" and config["architectures"] == ["SkeletonBertModel"]
     assert config["intermediate_size"] == 64 and config["num_attention_heads"] == HEADS  # the original's
@@ -219,8 +223,9 @@ def test_heterogeneous_export_round_trip_in_fresh_process(classifier, batch, tmp
     torch.save({"batch": batch, "expected": expected}, tmp_path / "io.pt")
     result = run_fresh(f"""
         import json, torch
-        import skeleton
+        from skeleton.skeleton_bert import register
         from transformers import AutoModel, AutoModelForSequenceClassification
+        register()
         backbone = AutoModel.from_pretrained({str(folder / "backbone")!r})
         from skeleton.model import PromptClassifier
         model = PromptClassifier.from_adapter(backbone, {str(folder / "adapter")!r}).eval()
@@ -238,7 +243,7 @@ def test_heterogeneous_export_round_trip_in_fresh_process(classifier, batch, tmp
     assert result["params"] == model.num_parameters()
     assert result["class"] == "SkeletonBertModel"
     assert result["missing"] == [] and result["mismatched"] == []
-    loaded, _, neurons = load_skeleton(folder)
+    loaded, _, neurons = SkeletonFolder(folder).load()
     assert neurons["keep"] == [k.tolist() for k in keep] and neurons["heads"] == [h.tolist() for h in heads]
     torch.testing.assert_close(run(loaded, batch), expected, rtol=0, atol=1e-5)
     # A loaded skeleton can be pruned further (its family is BERT's) and still slices == masks.
@@ -249,43 +254,53 @@ def test_heterogeneous_export_round_trip_in_fresh_process(classifier, batch, tmp
     torch.testing.assert_close(run(loaded, batch), run(masked, batch), rtol=0, atol=1e-6)
 
 
-def test_import_skeleton_registers_the_model_classes():
-    """A fresh process: after `import skeleton`, the Auto classes know "skeleton_bert"."""
+def test_register_adds_the_model_classes_to_the_auto_classes():
+    """A fresh process: importing the library leaves transformers' Auto classes alone; after register() they know
+    "skeleton_bert"."""
     result = run_fresh("""
-        import json, skeleton
+        import json, skeleton, skeleton.folder
         from transformers import AutoConfig, AutoModel
-        from skeleton.skeleton_bert import SkeletonBertConfig
+        from skeleton.skeleton_bert import SkeletonBertConfig, register
+        imported = SkeletonBertConfig in AutoModel._model_mapping
+        register()
         print(json.dumps([type(AutoConfig.for_model("skeleton_bert")).__name__,
-                          AutoModel._model_mapping[SkeletonBertConfig].__name__]))
+                          AutoModel._model_mapping[SkeletonBertConfig].__name__, imported]))
     """)
-    assert result == ["SkeletonBertConfig", "SkeletonBertModel"]
+    assert result[:2] == ["SkeletonBertConfig", "SkeletonBertModel"]
+    assert result[2] is False  # importing registered nothing
 
 
 def test_stages_score_and_prune_heads(tiny_backbone_dir, reviews_csv, tmp_path):
     """attribute writes head rows beside the FFN rows; build_skeleton prunes heads and per-layer widths."""
     from skeleton import stages
+    from skeleton.specs import AttributeSpec, BuildSpec, DataSpec, TuneSpec
+    from skeleton.train import TrainConfig
 
-    data = stages.prepare_data(tmp_path / "data", "reviews", str(tiny_backbone_dir), max_length=24,
-                               data_file=str(reviews_csv), text_column="review", label_column="sentiment")
-    train_config = {"steps": 2, "batch_size": 8, "eval_every": 2, "warmup_steps": 1}
-    full = stages.tune_prompt(tmp_path / "full", data["path"], str(tiny_backbone_dir), 4, train_config)
-    scores = stages.attribute(tmp_path / "scores", data["path"], full["path"], "grad_x_act", examples=16)
+    data = stages.prepare_data(tmp_path / "data", DataSpec("reviews", str(tiny_backbone_dir), max_length=24,
+                                                           data_file=str(reviews_csv), text_column="review",
+                                                           label_column="sentiment"))
+    train = TrainConfig(steps=2, batch_size=8, eval_every=2, warmup_steps=1)
+    full = stages.tune_prompt(tmp_path / "full", TuneSpec(data["path"], str(tiny_backbone_dir), 4, train))
+    scores = stages.attribute(tmp_path / "scores", AttributeSpec(data["path"], full["path"], "grad_x_act", examples=16))
     table = pd.read_parquet(scores["path"])
     assert scores["heads"] and table.groupby("unit").size().to_dict() == {"ffn": 2 * 64, "head": 2 * 2}
-    built = stages.build_skeleton(tmp_path / "sk", data["path"], full["path"], scores["path"], 0.5, train_config,
-                                  head_rate=0.5, allocation="per_layer")
+
+    def build(out: str, rate: float, **options) -> dict:
+        return stages.build_skeleton(tmp_path / out, BuildSpec(data["path"], full["path"], scores["path"], rate, train,
+                                                               **options))
+
+    built = build("sk", 0.5, head_rate=0.5, allocation="per_layer")
     assert built["kept_heads"] == [1, 1] and built["allocation"] == "per_layer" and sum(built["kept_widths"]) == 64
-    loaded, _, neurons = load_skeleton(built["path"])
+    loaded, _, neurons = SkeletonFolder(built["path"]).load()
     assert [len(h) for h in neurons["heads"]] == [1, 1] and neurons["kept_widths"] == built["kept_widths"]
     assert loaded.backbone.config.model_type == "skeleton_bert"
     # Defaults are today's: uniform widths, all heads, a stock BERT checkpoint.
-    plain = stages.build_skeleton(tmp_path / "plain", data["path"], full["path"], scores["path"], 0.5, train_config)
+    plain = build("plain", 0.5)
     assert plain["kept_width"] == 32 and "kept_heads" not in plain
     assert json.loads((tmp_path / "plain" / "backbone" / "config.json").read_text())["model_type"] == "bert"
     assert "heads" not in json.loads((tmp_path / "plain" / "neurons.json").read_text())
     # A joint budget decides the rates itself and records what it achieved.
-    joint = stages.build_skeleton(tmp_path / "joint", data["path"], full["path"], scores["path"], 0.0, train_config,
-                                  target_speedup=1.5)
+    joint = build("joint", 0.0, target_speedup=1.5)
     assert joint["target_speedup"] == 1.5 and joint["rate"] > 0
     tried = joint["joint_candidates"]  # the mixes it judged on validation, and their losses
     assert len(tried) > 1 and all(t["score"] > 0 for t in tried)
@@ -302,8 +317,8 @@ def _heads(seed=0):
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 @pytest.mark.parametrize("target", [1.5, 2.0, 2.5])
 def test_every_joint_candidate_meets_its_target_in_multiply_adds(classifier, target, allocation):
-    from skeleton.benchmark import count_macs
     from skeleton.budget import candidates, cut
+    from skeleton.macs import count_macs
 
     model, _ = classifier
     ffn, heads = ffn_scores(), _heads()

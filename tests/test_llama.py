@@ -11,8 +11,10 @@ import torch
 
 from helpers import classifier_on, encode, masked_and_sliced, run_fresh, set_pooling
 from skeleton.backbones import LlamaFamily, family_of, load_backbone
+from skeleton.folder import SkeletonFolder
 from skeleton.model import HEAD_CONFIG, PEFT_CONFIG, PEFT_WEIGHTS, AdapterConfig, PromptClassifier
-from skeleton.prune import export_skeleton, kept_width, load_skeleton, select, slice_ffn
+from skeleton.prune import slice_ffn
+from skeleton.selection import kept_width, select
 
 
 @pytest.fixture
@@ -49,7 +51,7 @@ def test_export_round_trip_with_stock_transformers(llama, llama_batch, tmp_path)
     model, tokenizer = llama
     keep = random_keep(0.65)
     slice_ffn(model.backbone, keep)
-    folder = export_skeleton(model, tokenizer, keep, tmp_path / "sk", {"rate": 0.65})
+    folder = SkeletonFolder.export(model, tokenizer, keep, tmp_path / "sk", {"rate": 0.65})
     ids, mask = llama_batch["input_ids"], llama_batch["attention_mask"]
     with torch.no_grad():
         hidden = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -133,13 +135,16 @@ def test_unknown_pooling_is_rejected():
 def test_stages_need_no_llama_specific_code(tiny_llama_dir, reviews_csv, tmp_path):
     """Data prep and prompt tuning through the pipeline's stages: pad id from eos, "last" pooling saved."""
     from skeleton import stages
+    from skeleton.specs import DataSpec, TuneSpec
+    from skeleton.train import TrainConfig
 
-    data = stages.prepare_data(tmp_path / "data", "reviews", str(tiny_llama_dir), max_length=16,
-                               data_file=str(reviews_csv), text_column="review", label_column="sentiment")
+    data = stages.prepare_data(tmp_path / "data", DataSpec("reviews", str(tiny_llama_dir), max_length=16,
+                                                           data_file=str(reviews_csv), text_column="review",
+                                                           label_column="sentiment"))
     assert data["pad_id"] == 2  # </s>
-    record = stages.tune_prompt(tmp_path / "full", data["path"], str(tiny_llama_dir), prompt_length=2,
-                                train_config={"steps": 2, "batch_size": 8, "eval_every": 2})
-    model, _, _ = load_skeleton(record["path"])
+    record = stages.tune_prompt(tmp_path / "full", TuneSpec(data["path"], str(tiny_llama_dir), prompt_length=2,
+                                                            train=TrainConfig(steps=2, batch_size=8, eval_every=2)))
+    model, _, _ = SkeletonFolder(record["path"]).load()
     assert model.config.pooling == "last" and model.config.label_names == ["neg", "pos"]
 
 
@@ -186,7 +191,7 @@ def test_real_smollm2_skeleton_reloads_with_stock_transformers(tmp_path):
         torch.testing.assert_close(got, masked(enc["input_ids"], enc["attention_mask"]), rtol=0, atol=1e-4)
         hidden = model.backbone(**enc).last_hidden_state[:, -1]
         lm = hidden @ model.backbone.get_input_embeddings().weight.T
-    folder = export_skeleton(model, tokenizer, keep, tmp_path / "sk", {"rate": 0.5})
+    folder = SkeletonFolder.export(model, tokenizer, keep, tmp_path / "sk", {"rate": 0.5})
     result = run_fresh(f"""
         import json, torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -7,7 +7,7 @@ import pytest
 from prefect.states import State
 
 from helpers import sweep_args, tiny_bert_config
-from skeleton.prune import verify
+from skeleton.folder import SkeletonFolder
 from skeleton.regression import Thresholds, regressions
 from tasks import nightly
 
@@ -72,7 +72,9 @@ def test_nightly_reads_the_registry_by_alias_and_fails_on_a_slower_model(prefect
     aliases = client.get_registered_model(name).aliases
     assert set(aliases) == {"baseline-full", "baseline-p80"}
     skeleton = next(r for r in records if r["method"] == "grad_x_act")  # what the alias serves is what the sweep made
-    assert verify(baseline["points"][0]["model"]) == verify(skeleton["path"]) != verify(baseline["full"])
+    served, made, full = (SkeletonFolder(p).verify() for p in (baseline["points"][0]["model"], skeleton["path"],
+                                                                  baseline["full"]))
+    assert served == made != full
 
     # Tolerances sized for timing noise of a small model on a shared machine; the regression below is ~4x.
     thresholds = dict(speedup_drop=0.5, accuracy_drop=0.01, repeats=30, experiment="nightly-test")

@@ -11,11 +11,13 @@ import textwrap
 import pytest
 import torch
 
-from helpers import as_dataset, tiny_bert_config, tiny_llama_config
+from helpers import as_dataset, mask_ffn, mask_heads, tiny_bert_config, tiny_llama_config
 from skeleton.backbones import family_of
-from skeleton.benchmark import count_macs
+from skeleton.folder import SkeletonFolder
+from skeleton.macs import count_macs
 from skeleton.model import PROMPT_METHODS, AdapterConfig, PromptClassifier
-from skeleton.prune import export_skeleton, load_skeleton, mask_ffn, mask_heads, select, slice_ffn, slice_heads
+from skeleton.prune import slice_ffn, slice_heads
+from skeleton.selection import select
 from skeleton.train import TrainConfig, train
 
 M = 3  # prompt length
@@ -162,13 +164,13 @@ def test_prefix_skeleton_reloads_in_a_fresh_process(family, batch, minilm_tokeni
     model = classifier(family, len(minilm_tokenizer))
     keep = random_keep(model, 0.65)
     slice_ffn(model.backbone, keep)
-    folder = export_skeleton(model, minilm_tokenizer, keep, tmp_path / "sk", {"rate": 0.65})
+    folder = SkeletonFolder.export(model, minilm_tokenizer, keep, tmp_path / "sk", {"rate": 0.65})
     torch.save({k: v for k, v in batch.items()}, tmp_path / "batch.pt")
     expected = logits(model, batch)
     script = textwrap.dedent(f"""
         import json, torch
-        from skeleton.prune import load_skeleton
-        model, _, _ = load_skeleton({str(folder)!r})
+        from skeleton.folder import SkeletonFolder
+        model, _, _ = SkeletonFolder({str(folder)!r}).load()
         batch = torch.load({str(tmp_path / "batch.pt")!r})
         with torch.no_grad():
             out = model(batch["input_ids"], batch["attention_mask"])
@@ -178,7 +180,7 @@ def test_prefix_skeleton_reloads_in_a_fresh_process(family, batch, minilm_tokeni
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["method"] == "prefix"
     assert (torch.tensor(result["logits"]) - expected).abs().max().item() <= 1e-5
-    assert load_skeleton(folder)[0].prompt.layers[0].shape == model.prompt.layers[0].shape
+    assert SkeletonFolder(folder).load()[0].prompt.layers[0].shape == model.prompt.layers[0].shape
 
 
 def test_macs_count_a_prefix_as_keys_only(family, minilm_tokenizer):
@@ -274,7 +276,7 @@ def test_an_input_prompt_adapter_is_a_peft_adapter(family, batch, minilm_tokeniz
     model = classifier(family, len(minilm_tokenizer), "input")
     keep = random_keep(model, 0.5)
     slice_ffn(model.backbone, keep)
-    folder = export_skeleton(model, minilm_tokenizer, keep, tmp_path / "sk", {"rate": 0.5})
+    folder = SkeletonFolder.export(model, minilm_tokenizer, keep, tmp_path / "sk", {"rate": 0.5})
     stock = AutoModel.from_pretrained(folder / "backbone")
     tuned = peft.PeftModel.from_pretrained(stock, folder / "adapter").eval()
     with torch.no_grad():

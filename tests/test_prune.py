@@ -5,7 +5,9 @@ import torch
 
 from helpers import masked_and_sliced, run_fresh
 from skeleton.backbones import family_of
-from skeleton.prune import ArtifactError, check_rate, export_skeleton, kept_width, load_skeleton, select, slice_ffn, verify
+from skeleton.folder import ArtifactError, SkeletonFolder
+from skeleton.prune import slice_ffn
+from skeleton.selection import check_rate, kept_width, select
 from skeleton.stages import full_keep
 
 
@@ -59,7 +61,7 @@ def test_export_round_trip_in_fresh_process(tiny_family, tmp_path):
     model, tokenizer, batch = tiny_family
     keep = random_keep(model, 0.65)
     slice_ffn(model.backbone, keep)
-    folder = export_skeleton(model, tokenizer, keep, tmp_path / "sk", {"rate": 0.65})
+    folder = SkeletonFolder.export(model, tokenizer, keep, tmp_path / "sk", {"rate": 0.65})
     with torch.no_grad():
         expected = model(batch["input_ids"], batch["attention_mask"])
     torch.save({"batch": batch, "expected": expected}, tmp_path / "io.pt")
@@ -81,7 +83,7 @@ def test_export_round_trip_in_fresh_process(tiny_family, tmp_path):
     assert result["diff"] <= 1e-5
     assert result["params"] == model.num_parameters()
     assert result["width"] == kept_width(64, 0.65)
-    loaded, _, neurons = load_skeleton(folder)
+    loaded, _, neurons = folder.load()
     assert neurons["keep"] == [k.tolist() for k in keep] and neurons["rate"] == 0.65 and "heads" not in neurons
     assert json.loads((folder / "backbone" / "config.json").read_text())["model_type"] == model.backbone.config.model_type
     with torch.no_grad():
@@ -90,15 +92,15 @@ def test_export_round_trip_in_fresh_process(tiny_family, tmp_path):
 
 def test_corrupt_artifact_is_named(tiny_classifier, tmp_path):
     model, tokenizer = tiny_classifier
-    folder = export_skeleton(model, tokenizer, full_keep(model.backbone), tmp_path / "sk", {})
-    verify(folder)
+    folder = SkeletonFolder.export(model, tokenizer, full_keep(model.backbone), tmp_path / "sk", {})
+    folder.verify()
     weights = folder / "backbone" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(ArtifactError, match="model.safetensors.*corrupt.*re-run"):
-        load_skeleton(folder)
+        folder.load()
     (folder / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="not a complete skeleton"):
-        load_skeleton(folder)
+        folder.load()
 
 
 def test_failed_export_leaves_nothing(tiny_classifier, tmp_path, monkeypatch):
@@ -109,7 +111,7 @@ def test_failed_export_leaves_nothing(tiny_classifier, tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(model), "save_adapter", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        export_skeleton(model, tokenizer, full_keep(model.backbone), tmp_path / "sk", {})
+        SkeletonFolder.export(model, tokenizer, full_keep(model.backbone), tmp_path / "sk", {})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -162,15 +164,16 @@ def test_reconstruction_is_the_least_squares_fit_of_the_full_ffn_output(tiny_cla
 
 def test_the_skeleton_record_reads_back_what_was_written(tmp_path):
     """neurons.json: the index lists, the meta, counts per layer, the method from the scores it was cut by, a name."""
-    from skeleton.record import read_meta, read_record, skeleton_name, write_record
+    from skeleton.folder import NEURONS, model_name, neurons_record
 
     (tmp_path / "scores.json").write_text(json.dumps({"method": "wanda"}))
     meta = {"rate": 0.5, "task": "reviews", "head_rate": 0.5, "reconstruct": True,
             "scores": str(tmp_path / "scores.parquet")}
-    write_record(tmp_path, [[0, 2], [1, 3, 5]], [[0], [1]], meta)
-    assert read_record(tmp_path) == {"keep": [[0, 2], [1, 3, 5]], "heads": [[0], [1]], **meta}
-    summary = read_meta(tmp_path)
+    (tmp_path / NEURONS).write_text(json.dumps(neurons_record([[0, 2], [1, 3, 5]], [[0], [1]], meta)))
+    folder = SkeletonFolder(tmp_path)
+    assert folder.record() == {"keep": [[0, 2], [1, 3, 5]], "heads": [[0], [1]], **meta}
+    summary = folder.meta()
     assert summary == {**meta, "kept_widths": [2, 3], "kept_heads": [1, 1], "method": "wanda"}
-    assert skeleton_name(summary, tmp_path) == "reviews-wanda-p0.5-h0.5-rec"
-    assert skeleton_name({"rate": 0.5}, "/skeletons/abc123") == "abc123"  # exported before the task was recorded
-    assert skeleton_name({"method": "random", "rate": 0.8}) == "random-p0.8"  # a sweep point's MLflow run name
+    assert model_name(summary, tmp_path) == "reviews-wanda-p0.5-h0.5-rec" == folder.name()
+    assert model_name({"rate": 0.5}, "/skeletons/abc123") == "abc123"  # exported before the task was recorded
+    assert model_name({"method": "random", "rate": 0.8}) == "random-p0.8"  # a sweep point's MLflow run name

@@ -6,8 +6,9 @@ from helpers import masked_and_sliced, run_fresh
 from skeleton.attribution import attribute
 from skeleton.backbones import load_backbone
 from skeleton.data import load_task, tokenize
+from skeleton.folder import SkeletonFolder
 from skeleton.model import AdapterConfig, PromptClassifier
-from skeleton.prune import export_skeleton, kept_width, select
+from skeleton.selection import kept_width, select
 
 pytestmark = pytest.mark.real_model
 
@@ -34,7 +35,7 @@ def test_real_skeleton_matches_masking_and_reloads(real, tmp_path):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert sliced.backbone.config.intermediate_size == kept_width(1536, 0.65) == 536
 
-    folder = export_skeleton(sliced, tokenizer, keep, tmp_path / "sk", {"rate": 0.65})
+    folder = SkeletonFolder.export(sliced, tokenizer, keep, tmp_path / "sk", {"rate": 0.65})
     reloaded = torch.tensor(run_fresh(f"""
         import json, torch
         from transformers import AutoModel, AutoTokenizer

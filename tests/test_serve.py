@@ -8,10 +8,13 @@ import helpers
 import pytest
 import torch
 
+from helpers import mask_ffn
 from skeleton import prune
 from skeleton.backbones import family_of, load_backbone
+from skeleton.folder import ArtifactError, SkeletonFolder
 from skeleton.model import AdapterConfig, PromptClassifier
-from skeleton.prune import ArtifactError, export_skeleton, load_skeleton, mask_ffn, select, slice_ffn
+from skeleton.prune import slice_ffn
+from skeleton.selection import select
 from skeleton.serve import ExpertMismatchError, SkeletonServer, held_bytes
 
 MAX_LENGTH = 12  # short enough that the long text below is truncated
@@ -53,10 +56,10 @@ def make_expert(backbone_dir, folder, task, rate, num_labels, prompt_length, see
         prune.slice_heads(backbone, heads)
         model.prompt.keep_heads(heads)
     slice_ffn(backbone, keep)
-    return export_skeleton(model, tokenizer, keep, folder,
+    return SkeletonFolder.export(model, tokenizer, keep, folder,
                            {"rate": rate, "task": task, "method": "random", "max_length": MAX_LENGTH,
                             "prompt_method": prompt_method, **meta},
-                           **({"heads": heads} if heads is not None else {}))
+                           **({"heads": heads} if heads is not None else {})).path
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +79,7 @@ def server(backbone_dir, expert_dirs):
 
 
 def standalone_logits(folder, texts):
-    model, tokenizer, _ = load_skeleton(folder)
+    model, tokenizer, _ = SkeletonFolder(folder).load()
     enc = tokenizer(texts, truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt")
     with torch.no_grad():
         return model(enc["input_ids"], enc["attention_mask"])
@@ -311,12 +314,16 @@ def test_experts_built_by_the_pipeline_stages(backbone_dir, reviews_csv, tmp_pat
     re-tuned with tune_norms its own normalisation layers, and so does one cut from a full model prompt-tuned with
     tune_norms; plugging any of them in and out leaves the others' answers as they were."""
     from skeleton import stages
+    from skeleton.specs import AttributeSpec, BuildSpec, DataSpec, TuneSpec
+    from skeleton.train import TrainConfig
 
-    data = stages.prepare_data(tmp_path / "data", "reviews", str(backbone_dir), max_length=16,
-                               data_file=str(reviews_csv), text_column="review", label_column="sentiment")
+    data = stages.prepare_data(tmp_path / "data", DataSpec("reviews", str(backbone_dir), max_length=16,
+                                                           data_file=str(reviews_csv), text_column="review",
+                                                           label_column="sentiment"))
     train_config = {"steps": 2, "batch_size": 8, "eval_every": 2, "warmup_steps": 1}
-    full = stages.tune_prompt(tmp_path / "full", data["path"], str(backbone_dir), 4, train_config)
-    scores = stages.attribute(tmp_path / "scores", data["path"], full["path"], "grad_x_act", examples=16)
+    full = stages.tune_prompt(tmp_path / "full", TuneSpec(data["path"], str(backbone_dir), 4,
+                                                          TrainConfig(**train_config)))
+    scores = stages.attribute(tmp_path / "scores", AttributeSpec(data["path"], full["path"], "grad_x_act", examples=16))
     texts = ["review 1: a great and moving film " * 4, "dull"]
     server = None
     served = {}  # expert name -> the logits of its exported skeleton
@@ -328,7 +335,7 @@ def test_experts_built_by_the_pipeline_stages(backbone_dir, reviews_csv, tmp_pat
             server = SkeletonServer.load(json.loads((Path(folder) / "neurons.json").read_text())["backbone"])
             served[server.add(full["path"])] = None
         name = server.add(folder)
-        model, tokenizer, _ = load_skeleton(folder)
+        model, tokenizer, _ = SkeletonFolder(folder).load()
         enc = tokenizer(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
         with torch.no_grad():
             served[name] = model(enc["input_ids"], enc["attention_mask"])
@@ -338,7 +345,8 @@ def test_experts_built_by_the_pipeline_stages(backbone_dir, reviews_csv, tmp_pat
         return name
 
     def build(folder: str, config: dict, parent: str = full["path"], **options) -> str:
-        built = stages.build_skeleton(tmp_path / folder, data["path"], parent, scores["path"], 0.5, config, **options)
+        built = stages.build_skeleton(tmp_path / folder, BuildSpec(data["path"], parent, scores["path"], 0.5,
+                                                                   TrainConfig(**config), **options))
         return serve(built["path"])
 
     assert build("sk", train_config) == "reviews-grad_x_act-p0.5"
@@ -350,16 +358,16 @@ def test_experts_built_by_the_pipeline_stages(backbone_dir, reviews_csv, tmp_pat
     assert build("rebuilt", train_config, reconstruct=True) == "reviews-grad_x_act-p0.5-rec"
     assert build("normed", {**train_config, "tune_norms": True, "lr_head": 0.1},
                  reconstruct=True) == "reviews-grad_x_act-p0.5-rec-norms"
-    normed_full = stages.tune_prompt(tmp_path / "normed-full", data["path"], str(backbone_dir), 4,
-                                     {**train_config, "tune_norms": True, "lr_head": 0.1})
+    normed_full = stages.tune_prompt(tmp_path / "normed-full", TuneSpec(data["path"], str(backbone_dir), 4, TrainConfig(
+        **train_config, tune_norms=True, lr_head=0.1)))
     assert serve(normed_full["path"]) == "reviews-full-p0.0-norms"
     assert build("inherited", train_config, parent=normed_full["path"]) == "reviews-grad_x_act-p0.5-norms"
     for name, want in served.items():  # plugging the others in and out left every answer as it was
         torch.testing.assert_close(server.logits(name, texts), want, rtol=0, atol=1e-5)
 
 
-def test_default_names():
-    from skeleton.serve import default_name
+def test_expert_names():
+    from skeleton.folder import model_name as default_name
 
     assert default_name({"task": "rt", "method": "grad_x_act", "rate": 0.65}, "x") == "rt-grad_x_act-p0.65"
     assert default_name({"task": "rt", "rate": 0.0}, "x") == "rt-full-p0.0"

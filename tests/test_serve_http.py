@@ -209,7 +209,7 @@ def test_served_from_registry_aliases(experts, tmp_path):
     """`promote` points @production at each task's skeleton; `skeleton serve TASK=@production` serves exactly
     those skeletons (downloaded from the registry)."""
     from flows.commands.serve import resolve_experts
-    from skeleton.prune import verify
+    from skeleton.folder import SkeletonFolder
     from tasks import nightly, tracking
 
     tracking._client()  # the test store
@@ -223,7 +223,7 @@ def test_served_from_registry_aliases(experts, tmp_path):
     resolved = resolve_experts([f"{task}=@production" for task in TASKS], tmp_path)
     assert sorted(resolved) == sorted(TASKS)
     for task, folder in experts.items():
-        assert Path(resolved[task]) != Path(folder) and verify(resolved[task]) == verify(folder)
+        assert Path(resolved[task]) != Path(folder) and SkeletonFolder(resolved[task]).verify() == SkeletonFolder(folder).verify()
 
 
 def test_a_single_skeleton_still_serves_with_mlflow_models_serve(experts, tmp_path):

@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import json
 import sys
 import time
 from pathlib import Path
 
+from skeleton.folder import SkeletonFolder, model_name
 from tasks.paths import artifacts_dir
-from tasks.report import main_full  # plain Python: no Prefect, no MLflow
+from tasks.results import latest_sweep, main_full  # plain Python: no Prefect, no MLflow
 
 SHAPES = Path(__file__).parent / "shapes"  # backbone shapes for --random-init: <name>.json, hand-written configs
 
@@ -41,56 +41,31 @@ SHAPES = Path(__file__).parent / "shapes"  # backbone shapes for --random-init: 
 def from_mlflow(experiment: str, method: str, rates: list[float]) -> dict[str, Path] | None:
     """Full model + `method` skeletons at `rates` from the latest finished sweep's results table, if any."""
     try:
-        import mlflow
-        import pandas as pd
-
-        from tasks.tracking import tracking_uri
+        found = latest_sweep(experiment)
     except ImportError:  # e.g. a GPU machine with torch and transformers only
         return None
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return None  # no local tracking database: nothing to read (and none to create)
-    client = mlflow.MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
-    runs = client.search_runs([found.experiment_id],
-                              "tags.`skeleton.kind` = 'sweep' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        return None
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        table = pd.read_parquet(client.download_artifacts(runs[0].info.run_id, "results.parquet", tmp))
-    if "seed" in table:  # a sweep over several seeds: its first seed's models (every seed's have the same shapes)
-        table = table[table["seed"] == table["seed"].iloc[0]]
-    if "head_rate" in table:  # FFN-only skeletons: the rates name them
-        table = table[table["head_rate"].fillna(0.0) == 0.0]
-    reference = main_full(table.to_dict("records"))  # the results table's reference row, and its prompt's skeletons
-    if "prompt" in table:
-        table = table[table["prompt"] == reference["prompt"]]
-    points = {float(r.rate): r.path for r in table[table["method"] == method].itertuples()}
-    folders = {"full": reference["path"]}
-    folders |= {f"{method} p={rate}": points[rate] for rate in rates if rate in points}
+    rows, run_id = found
+    # The first seed's models (every seed's have the same shapes), FFN-only skeletons (the rates name them), of the
+    # reference full model's prompt method.
+    rows = [r for r in rows if r.seed == rows[0].seed and not r.head_rate]
+    reference = main_full(rows)
+    points = {r.rate: r for r in rows if r.method == method and r.prompt == reference.prompt}
+    folders = {"full": reference.path, **{points[rate].name(): points[rate].path for rate in rates if rate in points}}
     if len(folders) < len(rates) + 1 or not all(Path(p).is_dir() for p in folders.values()):
         return None
-    print(f"skeletons of MLflow sweep run {runs[0].info.run_id} ({experiment})")
+    print(f"skeletons of MLflow sweep run {run_id} ({experiment})")
     return {name: Path(p) for name, p in folders.items()}
 
 
 def from_artifacts(root: Path, method: str, rates: list[float]) -> dict[str, Path] | None:
     """The newest set of skeletons made from one attribution at all `rates`, preferring `method`'s, and the
     newest rate-0 model of the same architecture: for a sweep that never reached MLflow."""
-    from skeleton.record import NEURONS, read_meta
-
-    def records(folder: Path):
-        for path in sorted(folder.glob(f"*/{NEURONS}")):
-            yield path.parent, read_meta(path.parent)
-
-    groups: dict[str, dict[float, Path]] = {}
+    groups: dict[str, dict[float, SkeletonFolder]] = {}
     methods: dict[str, str | None] = {}
-    for folder, meta in records(root / "skeletons"):
+    for folder in SkeletonFolder.find([root / "skeletons"]):
+        meta = folder.meta()
         if meta.get("rate") in rates and not meta.get("head_rate"):
             key = str(meta.get("scores"))
             groups.setdefault(key, {})[meta["rate"]] = folder
@@ -98,23 +73,23 @@ def from_artifacts(root: Path, method: str, rates: list[float]) -> dict[str, Pat
     complete = [k for k, g in groups.items() if len(g) == len(rates)]
     if not complete:
         return None
-    newest = lambda k: max(p.stat().st_mtime for p in groups[k].values())  # noqa: E731
+    newest = lambda k: max(f.path.stat().st_mtime for f in groups[k].values())  # noqa: E731
     key = max(complete, key=lambda k: (methods[k] == method, methods[k] is None, newest(k)))
-    def architecture(folder: Path):  # a full model of the skeletons' own backbone, not of another one
-        config = json.loads((folder / "backbone" / "config.json").read_text())
+
+    def architecture(folder: SkeletonFolder):  # a full model of the skeletons' own backbone, not of another one
+        config = folder.config()
         return config.get("hidden_size"), config.get("num_hidden_layers"), config.get("vocab_size")
 
     skeleton_architecture = architecture(next(iter(groups[key].values())))
-    full = [f for f, meta in records(root / "models")
-            if meta.get("rate") == 0 and architecture(f) == skeleton_architecture]
+    full = [f for f in SkeletonFolder.find([root / "models"])
+            if f.meta().get("rate") == 0 and architecture(f) == skeleton_architecture]
     if not full:
         return None
-    label = methods[key] or "skeleton"
     if methods[key] not in (method, None):
-        print(f"note: no {method} skeletons at these rates; using {label}'s")
+        print(f"note: no {method} skeletons at these rates; using {methods[key]}'s")
     print(f"skeletons from {root} (scores {key}, method {methods[key] or 'not recorded'})")
-    return {"full": max(full, key=lambda p: p.stat().st_mtime),
-            **{f"{label} p={rate}": groups[key][rate] for rate in rates}}
+    return {"full": max(full, key=lambda f: f.path.stat().st_mtime).path,
+            **{model_name(f.meta(), f.path, style="label"): f.path for f in map(groups[key].get, rates)}}
 
 
 def build_demo(backbone: str, rates: list[float], prompt_length: int, seed: int,
@@ -127,7 +102,8 @@ def build_demo(backbone: str, rates: list[float], prompt_length: int, seed: int,
     from skeleton.backbones import family_of, load_backbone
     from skeleton.io import stable_hash
     from skeleton.model import AdapterConfig, PromptClassifier
-    from skeleton.prune import MANIFEST, export_skeleton, select, slice_ffn
+    from skeleton.prune import slice_ffn
+    from skeleton.selection import select
 
     spec = dict(backbone=str(backbone), rates=rates, prompt_length=prompt_length, random_init=False, seed=seed)
     if tuple(prompt_methods) != ("input",):
@@ -138,7 +114,7 @@ def build_demo(backbone: str, rates: list[float], prompt_length: int, seed: int,
         sub = "" if method == "input" else f"{method}-"
         names[demo_name(method)] = root / f"{sub}full"
         names |= {demo_name(method, rate): root / f"{sub}p{rate}" for rate in rates}
-    if all((folder / MANIFEST).is_file() for folder in names.values()):
+    if all(SkeletonFolder(folder).exists() for folder in names.values()):
         return names
     model_backbone, tokenizer = load_backbone(backbone)
     demo = {"demo": "random neurons, untrained prompt and head: for timing only", **spec}
@@ -147,22 +123,21 @@ def build_demo(backbone: str, rates: list[float], prompt_length: int, seed: int,
         model = PromptClassifier(model_backbone, AdapterConfig(num_labels=2, prompt_length=prompt_length,
                                                               prompt_method=method), seed=seed)
         meta = {**demo, "prompt_method": method}
-        export_skeleton(model, tokenizer, full_keep, names[demo_name(method)], {"rate": 0.0, **meta})
+        SkeletonFolder.export(model, tokenizer, full_keep, names[demo_name(method)], {"rate": 0.0, **meta})
         scores = random_scores(model, seed=seed)
         for rate in rates:
             skeleton = copy.deepcopy(model)
             keep = select(scores, rate)
             slice_ffn(skeleton.backbone, keep)
-            export_skeleton(skeleton, tokenizer, keep, names[demo_name(method, rate)],
-                            {"rate": rate, "kept_width": len(keep[0]), "method": "random", **meta})
+            SkeletonFolder.export(skeleton, tokenizer, keep, names[demo_name(method, rate)],
+                                  {"rate": rate, "kept_width": len(keep[0]), "method": "random", **meta})
     return names
 
 
 def demo_name(prompt_method: str, rate: float | None = None) -> str:
-    """"full", "full (prefix)", "random p=0.65", "prefix random p=0.65": as skeleton_folders names exports."""
-    if rate is None:
-        return "full" if prompt_method == "input" else f"full ({prompt_method})"
-    return ("" if prompt_method == "input" else f"{prompt_method} ") + f"random p={rate:.3g}"
+    """"full", "full (prefix)", "random p=0.65", "prefix random p=0.65": the label a demo model is reported by."""
+    meta = {"rate": rate or 0.0, "prompt_method": prompt_method, "method": "random" if rate else None}
+    return model_name(meta, style="label")
 
 
 def shape_config(backbone: str) -> Path:
@@ -193,7 +168,8 @@ def demo_models(backbone: str, rates: list[float], prompt_length: int = 20, seed
     from skeleton.attribution import random_scores
     from skeleton.benchmark import DTYPES
     from skeleton.model import AdapterConfig, PromptClassifier
-    from skeleton.prune import select, slice_ffn
+    from skeleton.prune import slice_ffn
+    from skeleton.selection import select
 
     config = AutoConfig.from_pretrained(shape_config(backbone))
     torch.manual_seed(seed)
@@ -213,23 +189,14 @@ def demo_models(backbone: str, rates: list[float], prompt_length: int = 20, seed
 
 
 def skeleton_folders(paths: list[str]) -> dict[str, Path]:
-    """Name each folder by its rate, method and prompt method; the input-prompt full model (rate 0, not fine-tuned)
-    is the reference, listed first as "full"."""
-    from skeleton.record import read_meta
-
+    """Name each folder by its rate, method and prompt method (model_name); the input-prompt full model (rate 0, not
+    fine-tuned) is the reference, listed first as "full"."""
     named, reference = {}, []
-    for path in map(Path, paths):
-        meta = read_meta(path)
-        rate, prompt = meta.get("rate"), meta.get("prompt_method", "input")
-        if meta.get("finetune"):
-            name = "fine-tuned"
-        elif rate == 0:
-            name = "full" if prompt == "input" else f"full ({prompt})"
-        else:
-            name = ("" if prompt == "input" else f"{prompt} ") + f"{meta['method'] or path.name} p={rate:.3g}"
-        name = name if name not in named else f"{name} ({path.name})"
-        named[name] = path
-        if rate == 0 and prompt == "input" and not meta.get("finetune"):
+    for folder in map(SkeletonFolder, paths):
+        label = model_name(folder.meta(), folder.path, style="label")
+        name = label if label not in named else f"{label} ({folder.path.name})"
+        named[name] = folder.path
+        if label == "full":
             reference.append(name)
     if len(reference) != 1:
         raise SystemExit("--skeletons needs exactly one input-prompt full model (rate 0) among the folders, "

@@ -29,21 +29,16 @@ class Entry:
 
 
 def folder_entries(paths: list[str]) -> list[Entry]:
-    from skeleton.record import read_meta, skeleton_name  # torch: only once the options are parsed
-    from skeleton.serve import find_skeletons
+    from skeleton.folder import SkeletonFolder
 
-    found = []
-    for folder in find_skeletons(paths):
-        meta = read_meta(folder)
-        found.append(Entry(skeleton_name(meta, folder), str(folder), meta))
-    return found
+    return [Entry(folder.name(), str(folder), folder.meta()) for folder in SkeletonFolder.find(paths)]
 
 
 def mlflow_entries(tracking_uri: str, run_id: str | None, experiment: str | None) -> list[Entry]:
     """Child runs of sweeps (tag skeleton.kind=point), each with its skeleton logged as a model (skeleton.model_id)."""
     import mlflow
 
-    from skeleton.record import skeleton_name
+    from skeleton.folder import model_name
 
     client = mlflow.MlflowClient(tracking_uri)
     if run_id:
@@ -73,7 +68,7 @@ def mlflow_entries(tracking_uri: str, run_id: str | None, experiment: str | None
         meta = {"task": params.get("task"), "method": params.get("method"), "rate": float(params.get("rate", 0.0)),
                 "backbone": params.get("backbone"), "kept_width": params.get("kept_width"),
                 "val_accuracy": run.data.metrics.get("val_accuracy")}
-        entries.append(Entry(skeleton_name(meta, run.info.run_id), f"models:/{run.data.tags['skeleton.model_id']}",
+        entries.append(Entry(model_name(meta, run.info.run_id), f"models:/{run.data.tags['skeleton.model_id']}",
                              meta, run.info.run_id))
     return entries
 

@@ -213,12 +213,9 @@ def _library_steps(record) -> None:
     """Training, prediction, attribution, moments, the probe and the budget's cut on cuda, against the CPU."""
     import copy
 
-    import torch
-
     from skeleton.attribution import activation_moments, attribute, random_scores
     from skeleton.budget import Candidate, cut
     from skeleton.evaluate import linear_probe
-    from skeleton.prune import keep_top
     from skeleton.train import TrainConfig, predict, train
 
     ids, mask = _ragged(24, 16, seed=1)

@@ -171,7 +171,9 @@ def token_length(texts: list[str], folder: str, max_length: int) -> int:
     """Mean tokens per text as the served expert sees them (truncated to its max_length)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "backbone")
+    from skeleton.folder import SkeletonFolder
+
+    tokenizer = AutoTokenizer.from_pretrained(SkeletonFolder(folder).backbone)
     lengths = [min(len(ids), max_length) for ids in tokenizer(texts)["input_ids"]]
     return round(sum(lengths) / len(lengths))
 
@@ -276,6 +278,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if min(args.clients) < 1 or args.seconds <= 0 or args.max_requests < 1:
         raise SystemExit("load-bench: --clients and --max-requests must be positive, --seconds above 0")
 
+    from skeleton.folder import SkeletonFolder
+
     texts = task_texts(args.task)
     with tempfile.TemporaryDirectory(prefix="load-bench-") as tmp:
         tmp = Path(tmp)
@@ -288,7 +292,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                   "skeleton alone": ([f"alone={alone}"], ["alone"]), "full model": ([f"full={full}"], ["full"])}
         rows = [row for name, (specs, tasks) in setups.items() for row in measure(name, specs, tasks, texts, args, tmp)]
         by = {(r["setup"], r["clients"]): r for r in rows}
-        max_length = json.loads((Path(alone) / "neurons.json").read_text()).get("max_length") or 64
+        max_length = SkeletonFolder(alone).record().get("max_length") or 64
         length = token_length(texts, alone, max_length)
         sizes = {c: max(1, round(by["skeleton alone", c]["mean_batch"])) for c in args.clients}
         measured = harness(full, alone, sorted(set(sizes.values())), length, args.harness_repeats)

@@ -176,7 +176,7 @@ class BatchStats(ls.Logger):
 
 def resolve_experts(specs: list[str], dst: Path) -> dict[str, str]:
     """Expert name -> skeleton folder for each TASK=SOURCE (SOURCE: a folder, models:/..., @ALIAS) or FOLDER."""
-    from skeleton.record import read_meta, skeleton_name
+    from skeleton.folder import SkeletonFolder
 
     experts: dict[str, str] = {}
     for spec in specs:
@@ -195,20 +195,23 @@ def resolve_experts(specs: list[str], dst: Path) -> dict[str, str]:
             folder = expert_folder(task or "expert", source, dst)
         else:
             folder = Path(source)
-            if not (folder / "neurons.json").is_file():
-                raise SystemExit(f"serve: {source} is not a skeleton folder (no neurons.json): give an exported "
-                                 "folder, models:/<id> or @ALIAS")
-        name = task or skeleton_name(read_meta(folder), folder)
+        folder = SkeletonFolder(folder)
+        if not folder.exists():
+            raise SystemExit(f"serve: {source} is not a skeleton folder: give an exported folder, models:/<id> or "
+                             "@ALIAS")
+        folder.verify()  # a damaged folder: one line now, not a worker that fails to start
+        name = task or folder.name()
         if name in experts:
             raise SystemExit(f"serve: two experts are named {name!r}: name them, TASK=SOURCE")
-        experts[name] = str(folder)
+        experts[name] = str(folder.path)
     return experts
 
 
 def recorded_backbone(experts: dict[str, str]) -> str:
     """The backbone every expert records (one for all), or SystemExit naming the disagreement."""
-    recorded = {name: json.loads((Path(folder) / "neurons.json").read_text()).get("backbone")
-                for name, folder in experts.items()}
+    from skeleton.folder import SkeletonFolder
+
+    recorded = {name: SkeletonFolder(folder).record().get("backbone") for name, folder in experts.items()}
     found = set(recorded.values())
     if len(found) != 1 or None in found:
         raise SystemExit("serve: the experts do not record one backbone (" + ", ".join(

@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from skeleton.backbones import family_of, load_backbone
+from skeleton.folder import SkeletonFolder
 from skeleton.model import AdapterConfig, PromptClassifier
-from skeleton.prune import export_skeleton, load_skeleton, select, slice_ffn
-from skeleton.record import read_meta
-from skeleton.serve import SkeletonServer, find_skeletons, held_bytes
+from skeleton.prune import slice_ffn
+from skeleton.selection import select
+from skeleton.serve import SkeletonServer, held_bytes
 
 LABELS = (2, 3, 4, 8)
 WORDS = "the film was a gripping and beautifully made story though its second half drags on without charm".split()
@@ -47,7 +48,7 @@ def synthetic_experts(backbone_name: str, rates: list[float], n: int, max_length
         slice_ffn(backbone, keep)
         meta = {"rate": rate, "task": f"synthetic{i}", "method": "random", "backbone": backbone_name,
                 "max_length": max_length}
-        out.append(export_skeleton(model, tokenizer, keep, folder / f"expert{i}", meta))
+        out.append(SkeletonFolder.export(model, tokenizer, keep, folder / f"expert{i}", meta).path)
     return out
 
 
@@ -77,7 +78,7 @@ def rss_child(mode: str, backbone: str, folders: list[str]) -> None:
             server.experts[name].model(ids, torch.ones_like(ids))
         held = [server.backbone, *(e.model for e in map(server.experts.__getitem__, server.names))]
     else:
-        held = [load_skeleton(folder)[0] for folder in folders]
+        held = [SkeletonFolder(folder).load()[0] for folder in folders]
         for model in held:
             model(ids, torch.ones_like(ids))
     for model in held:
@@ -121,8 +122,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         if args.skeletons:
-            folders = find_skeletons(args.skeletons)
-            recorded = read_meta(folders[0]).get("backbone")
+            folders = [folder.path for folder in SkeletonFolder.find(args.skeletons)]
+            recorded = SkeletonFolder(folders[0]).meta().get("backbone")
             backbone = args.backbone or recorded or "minilm"
         else:
             backbone = args.backbone or "minilm"
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             start = time.perf_counter()
             names.append(server.add(folder))
             add_s.append(time.perf_counter() - start)
-        standalone = {name: load_skeleton(folder)[0].to(device).eval() for name, folder in zip(names, folders)}
+        standalone = {name: SkeletonFolder(folder).load()[0].to(device).eval() for name, folder in zip(names, folders)}
         print(f"backbone {backbone}: loaded in {load_s:.2f} s; adding an expert (verify, check, build) took "
               f"{statistics.median(add_s):.2f} s median")
 

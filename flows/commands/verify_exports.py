@@ -23,13 +23,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     import pandas as pd
     from safetensors.torch import load_file
 
-    from skeleton.prune import load_skeleton
+    from skeleton.folder import SkeletonFolder
     from skeleton.stages import load_data
     from skeleton.train import predict
 
     failed = 0
     for row in pd.read_parquet(args.results).dropna(subset=["logits"]).itertuples():
-        model, _, _ = load_skeleton(row.path)
+        model, _, _ = SkeletonFolder(row.path).load()
         dsd, info = load_data(row.data)
         diff = (predict(model, dsd["test"], info["pad_id"]) - load_file(row.logits)["logits"]).abs().max().item()
         ok = diff <= args.tolerance and model.num_parameters() == row.parameters
