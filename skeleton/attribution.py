@@ -48,6 +48,19 @@ def capture_inputs(modules: list[torch.nn.Module]):
             h.remove()
 
 
+def _down_inputs(model: PromptClassifier, dataset, pad_id: int, batch_size: int):
+    """Per batch of `dataset`, a forward pass without the head: (the batch on the model's device, the input of every
+    FFN down projection, the positions' attention mask)."""
+    downs, device = down_projections(model), model_device(model)
+    model.eval()
+    for batch in batches(dataset, pad_id, batch_size):
+        batch = to_device(batch, device)
+        with capture_inputs(downs) as acts:
+            embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
+            model.features(embeds, mask)
+        yield batch, list(acts), mask
+
+
 def gold_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)
 
@@ -123,15 +136,9 @@ def skill_neurons(model: PromptClassifier, dataset, pad_id: int, batch_size: int
     (the paper reads the prompt positions of an encoder; a decoder's prompt cannot see the text, so all
     positions). Thresholded at its mean over the examples it predicts "class c" one-vs-rest; the score is the
     balanced accuracy of the better direction, max(b, 1 - b), averaged over the classes."""
-    downs = down_projections(model)
-    features: list[list[torch.Tensor]] = [[] for _ in downs]
-    labels, device = [], model_device(model)
-    model.eval()
-    for batch in batches(dataset, pad_id, batch_size):
-        batch = to_device(batch, device)
-        with capture_inputs(downs) as acts:
-            embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
-            model.features(embeds, mask)
+    features: list[list[torch.Tensor]] = [[] for _ in down_projections(model)]
+    labels = []
+    for batch, acts, mask in _down_inputs(model, dataset, pad_id, batch_size):
         weights = mask.unsqueeze(-1).float()
         for layer, a in zip(features, acts):
             layer.append(((a * weights).sum(1) / weights.sum(1)).cpu())
@@ -203,13 +210,8 @@ def activation_moments(model: PromptClassifier, dataset, pad_id: int, batch_size
     downs = down_projections(model)
     sums = [torch.zeros(d.in_features, dtype=torch.float64) for d in downs]
     products = [torch.zeros(d.in_features, d.in_features, dtype=torch.float64) for d in downs]
-    positions, device = 0, model_device(model)
-    model.eval()
-    for batch in batches(dataset, pad_id, batch_size):
-        batch = to_device(batch, device)
-        with capture_inputs(downs) as acts:
-            embeds, mask = model.embed(batch["input_ids"], batch["attention_mask"])
-            model.features(embeds, mask)
+    positions = 0
+    for _, acts, mask in _down_inputs(model, dataset, pad_id, batch_size):
         for total, product, a in zip(sums, products, acts):
             a = a[mask.bool()].float()  # (positions, k); the float32 product per batch keeps this fast
             total += a.sum(0).double().cpu()
