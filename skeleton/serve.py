@@ -43,10 +43,11 @@ CONFIG_IGNORED = {"intermediate_size", "per_layer_config", "model_type", "_name_
                   "architectures", "dtype", "torch_dtype", "id2label", "label2id"}
 
 
-# What one more forward pass costs, in padded token positions: on a CPU time follows the positions a pass runs, plus a
-# fixed cost per pass of about this many (MiniLM, 2 cores: docs/results.md); on a GPU a pass costs its launches
-# whatever the padding, so one pass takes everything (None).
-PASS_COST = {"cpu": 32}
+# What one more forward pass of the full backbone costs, in padded token positions: on a CPU time follows the positions
+# a pass runs, plus a fixed cost per pass (Python, kernel dispatch) of about this many (MiniLM, 1 or 2 threads:
+# docs/results.md). An expert's positions are cheaper in proportion to its multiply-adds, so the same fixed cost is
+# more of them (Expert.pass_cost). On a GPU a pass costs its launches whatever the padding: one pass takes everything.
+PASS_COST = {"cpu": 40}
 
 
 def length_batches(lengths: Sequence[int], max_size: int, pass_cost: int | None) -> list[list[int]]:
@@ -83,6 +84,11 @@ def _storages(*objects: nn.Module | torch.Tensor) -> dict[tuple, int]:
     return seen
 
 
+def _position_macs(network: nn.Module) -> int:
+    """Multiply-adds of the network's linear layers per position: what its time per token follows."""
+    return sum(m.in_features * m.out_features for m in network.modules() if isinstance(m, nn.Linear))
+
+
 def held_bytes(*objects: nn.Module | torch.Tensor) -> int:
     """Bytes of the distinct tensor storages held by modules (parameters and buffers) and tensors."""
     return sum(_storages(*objects).values())
@@ -109,6 +115,7 @@ class Expert:
     heads: list[torch.Tensor] | None  # per layer, kept attention heads; None: all
     model: PromptClassifier  # its own network: the backbone's tensors, its slices, prompt and head
     runner: Runner  # how its forward passes run (eager, CUDA-graph replay, compiled)
+    pass_cost: int | None  # a forward pass's fixed cost in its own padded positions (length_batches); None: one pass
     # backbone parameters (by state-dict name) the skeleton changed, so its own, not a slice: refit down
     # projections (reconstructed), normalisation layers (tune_norms)
     own: dict[str, nn.Parameter]
@@ -165,7 +172,7 @@ class SkeletonServer:
         meta, name = folder.meta(), folder.name()
         with server._adding:
             server._register(Expert(name, folder, [torch.arange(w) for w in meta["kept_widths"]], None, model, None,
-                                    {}, int(meta.get("max_length") or DEFAULT_MAX_LENGTH), meta))
+                                    None, {}, int(meta.get("max_length") or DEFAULT_MAX_LENGTH), meta))
         return server, name
 
     @property
@@ -198,7 +205,7 @@ class SkeletonServer:
                     raise ExpertMismatchError(f"expert {name!r} ({folder}) prunes attention heads, which the "
                                               f"{type(self.family).__name__} cannot plug in")
                 heads = self._check_index(name, folder, "head", record["heads"], self._heads)
-            expert = Expert(name, folder, keep, heads, None, None, {},
+            expert = Expert(name, folder, keep, heads, None, None, None, {},
                             int(meta.get("max_length") or DEFAULT_MAX_LENGTH), meta)
             self._check_backbone(expert)
             network = self._network(expert)
@@ -211,6 +218,9 @@ class SkeletonServer:
         expert.runner = Runner(expert.model, self.execution, pad_id=self._pad_id())
         if self.execution != "eager":
             expert.runner.prepare()
+        full = PASS_COST.get(self.device.type) if self.execution == "eager" else None
+        if full is not None:
+            expert.pass_cost = round(full * _position_macs(self.backbone) / _position_macs(expert.model.backbone))
         self.experts.register(expert.name)(expert)
 
     def _check_index(self, name: str, folder: SkeletonFolder, unit: str, lists: list[list[int]],
@@ -358,8 +368,7 @@ class SkeletonServer:
         expert = self.experts[name]
         ids = self.token_ids(name, texts)
         out = torch.empty(len(ids), expert.model.config.num_labels)
-        pass_cost = PASS_COST.get(self.device.type) if self.execution == "eager" else None
-        for rows in length_batches([len(row) for row in ids], batch_size, pass_cost):
+        for rows in length_batches([len(row) for row in ids], batch_size, expert.pass_cost):
             out[rows] = expert.runner(*self.pad([ids[i] for i in rows])).float().cpu()
         return out
 
