@@ -266,7 +266,7 @@ def test_load_bench_measures_the_served_speed_up_and_logs_it(experts, tmp_path):
     out = tmp_path / "load"
     assert load_bench.main(["--experts", *(f"{t}={f}" for t, f in experts.items() if t != "delta"),
                             "--alone", experts["alpha"], "--full", experts["delta"], "--clients", "1", "4",
-                            "--seconds", "1", "--max-requests", "40", "--harness-repeats", "2", "--out", str(out),
+                            "--seconds", "1", "--max-requests", "40", "--rounds", "1", "--harness-repeats", "2", "--out", str(out),
                             "--mlflow-run", run_id]) == 0
     result = json.loads((out / "load.json").read_text())
     assert {(r["setup"], r["clients"]) for r in result["rows"]} == {

@@ -5,12 +5,14 @@ same serving code, the full model as its one expert), in one run.
     skeleton load-bench                       # synthetic MiniLM experts (random neurons) at p=0.5 0.65 0.8 0.9
     skeleton load-bench ... --clients 1 4 16 64 --seconds 12 --max-requests 5000 --out DIR --mlflow-run RUN_ID
 
-Setups, each a `skeleton serve` process of its own, measured one after the other: every expert in one server
-(requests round-robin over the tasks), the --alone expert by itself, and the --full model by itself. For each
-number of concurrent clients, every client sends one text per request (texts of the task's test split, in turn)
-until --seconds pass or --max-requests are answered. Reported per setup and client count: answered requests per
-second, p50 / p99 latency, the requests per batch the server ran, and the resident memory of the server's
-processes; then the served speed-up (alone over full, same client count) beside the harness speed-up
+Setups, each a `skeleton serve` process of its own: every expert in one server (requests round-robin over the
+tasks), the --alone expert by itself, and the --full model by itself. All are started; the ones not under load are
+paused (SIGSTOP: no CPU). For each round and number of concurrent clients the setups take turns (the order rotated
+each round), every client sending one text per request (texts of the task's test split, in turn) until --seconds
+pass or --max-requests are answered. Reported per setup and client count, medians over --rounds: answered requests
+per second, p50 / p99 latency, the requests per batch the server ran, and the resident memory of the server's
+processes; then the served speed-up (alone over full, same round and client count: median and range over the
+rounds) beside the harness speed-up
 (skeleton.benchmark, one process, no HTTP) at the batch sizes the server ran. Everything listens on 127.0.0.1.
 Clients are asyncio tasks on aiohttp keep-alive connections, in this process. --out writes load.json, load.md and
 load.png (throughput and served speed-up against clients); --mlflow-run logs the figures and those files to that
@@ -74,6 +76,12 @@ class Server:
         except (OSError, ValueError):
             return {}
 
+    def pause(self) -> None:
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
     def rss_mib(self) -> float:
         """Resident memory of the server and every process it started (API server, workers, logger)."""
         import psutil
@@ -83,6 +91,7 @@ class Server:
 
     def stop(self) -> None:
         if self.process.poll() is None:
+            self.resume()
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=60)
@@ -135,29 +144,53 @@ def bodies_for(tasks: list[str], texts: list[str]) -> list[bytes]:
             .encode() for i, text in enumerate(texts)]
 
 
-def measure(name: str, experts: list[str], tasks: list[str], texts: list[str], args, folder: Path) -> list[dict]:
-    server = Server(experts, folder, args.serve_options)
+def measure(setups: dict[str, tuple[list[str], list[str]]], texts: list[str], args, folder: Path) -> list[dict]:
+    """Every setup's server up at once, all paused (SIGSTOP: no CPU) but the one under load; per round and client
+    count the setups take turns, the order rotated each round, so a machine that slows down or speeds up during the
+    run hits them alike. Returns a row per round, setup and client count."""
+    servers = {name: Server(specs, folder, args.serve_options) for name, (specs, _) in setups.items()}
+    bodies = {name: bodies_for(tasks, texts) for name, (_, tasks) in setups.items()}
     rows = []
     try:
-        server.wait()
-        bodies = bodies_for(tasks, texts)
-        load(bodies, server.url, 4, 2.0, 64)  # warm-up: first batches of each size allocate
-        for clients in args.clients:
-            before = server.batches()
-            row = {"setup": name, **load(bodies, server.url, clients, args.seconds, args.max_requests)}
-            time.sleep(0.2)  # the logger process writes the last batches
-            after = server.batches()
-            ran = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) > before.get(k, 0)}
-            served = sum(k * n for k, n in ran.items())
-            row["mean_batch"] = served / max(1, sum(ran.values()))
-            row["rss_mib"] = server.rss_mib()
-            rows.append(row)
-            print(f"{name:34s} {clients:3d} clients: {row['throughput']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
-                  f"p99 {row['p99_ms']:7.1f} ms  batch {row['mean_batch']:5.1f}  RSS {row['rss_mib']:6.0f} MiB  "
-                  f"({row['requests']} answered, {row['errors']} errors)", flush=True)
+        for name, server in servers.items():
+            server.wait()
+            load(bodies[name], server.url, 4, 2.0, 64)  # warm-up: first batches of each size allocate
+            server.pause()
+        names = list(servers)
+        for round_ in range(args.rounds):
+            for clients in args.clients:
+                for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+                    server = servers[name]
+                    server.resume()
+                    before = server.batches()
+                    row = {"setup": name, "round": round_, **load(bodies[name], server.url, clients, args.seconds,
+                                                                   args.max_requests)}
+                    time.sleep(0.2)  # the logger process writes the last batches
+                    after = server.batches()
+                    ran = {k: after[k] - before.get(k, 0) for k in after if after[k] > before.get(k, 0)}
+                    row["mean_batch"] = sum(k * n for k, n in ran.items()) / max(1, sum(ran.values()))
+                    row["rss_mib"] = server.rss_mib()
+                    server.pause()
+                    rows.append(row)
+                    print(f"round {round_} {name:30s} {clients:3d} clients: {row['throughput']:7.1f} req/s  p50 "
+                          f"{row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  batch {row['mean_batch']:5.1f}  "
+                          f"RSS {row['rss_mib']:6.0f} MiB  ({row['requests']} answered, {row['errors']} errors)",
+                          flush=True)
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
     return rows
+
+
+def medians(rows: list[dict]) -> list[dict]:
+    """One row per setup and client count: the median over rounds of each figure."""
+    out = {}
+    for row in rows:
+        out.setdefault((row["setup"], row["clients"]), []).append(row)
+    return [{"setup": setup, "clients": clients, "rounds": len(group),
+             **{key: statistics.median(r[key] for r in group)
+                for key in ("throughput", "p50_ms", "p99_ms", "mean_batch", "rss_mib", "requests", "errors")}}
+            for (setup, clients), group in out.items()]
 
 
 def task_texts(task: str, limit: int = 2000) -> list[str]:
@@ -205,9 +238,10 @@ def report(rows: list[dict], speedups: list[dict]) -> str:
     lines = ["| setup | clients | req/s | p50 ms | p99 ms | requests per batch | RSS MiB |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['setup']} | {r['clients']} | {r['throughput']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
               f"{r['mean_batch']:.1f} | {r['rss_mib']:.0f} |" for r in rows]
-    lines += ["", "| clients | served speed-up (alone / full req/s) | requests per batch (alone, full) | "
+    lines += ["", "| clients | served speed-up (alone / full req/s; median, range over rounds) | requests per batch (alone, full) | "
                   "harness speed-up at that batch |", "|---|---|---|---|"]
-    lines += [f"| {s['clients']} | {s['served_speedup']:.2f}x | {s['batch_alone']:.1f}, {s['batch_full']:.1f} | "
+    lines += [f"| {s['clients']} | {s['served_speedup']:.2f}x ({s['served_speedup_range'][0]:.2f}-"
+              f"{s['served_speedup_range'][1]:.2f}) | {s['batch_alone']:.1f}, {s['batch_full']:.1f} | "
               f"{s['harness_speedup']:.2f}x (batch {s['harness_batch']}) |" for s in speedups]
     return "\n".join(lines)
 
@@ -267,6 +301,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--seconds", type=float, default=12.0, help="per setup and client count")
     parser.add_argument("--max-requests", type=int, default=5000, help="per setup and client count")
+    parser.add_argument("--rounds", type=int, default=2, help="times every setup meets every client count "
+                        "(figures: medians over rounds)")
     parser.add_argument("--harness-repeats", type=int, default=20, help="timed rounds of the harness comparison")
     parser.add_argument("--serve-options", nargs=argparse.REMAINDER, default=[],
                         help="the rest is passed to every `skeleton serve` (e.g. --max-batch-size 64 --workers 2)")
@@ -275,8 +311,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.experts) != bool(args.alone) or bool(args.alone) != bool(args.full):
         raise SystemExit("load-bench: give --experts, --alone and --full together, or none for synthetic experts")
-    if min(args.clients) < 1 or args.seconds <= 0 or args.max_requests < 1:
-        raise SystemExit("load-bench: --clients and --max-requests must be positive, --seconds above 0")
+    if min(args.clients) < 1 or args.seconds <= 0 or args.max_requests < 1 or args.rounds < 1:
+        raise SystemExit("load-bench: --clients, --max-requests and --rounds must be positive, --seconds above 0")
 
     from skeleton.folder import SkeletonFolder
 
@@ -290,13 +326,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             experts, alone, full = synthetic(tmp / "experts")
         setups = {f"skeleton server, {len(experts)} experts": ([f"{t}={f}" for t, f in experts.items()], list(experts)),
                   "skeleton alone": ([f"alone={alone}"], ["alone"]), "full model": ([f"full={full}"], ["full"])}
-        rows = [row for name, (specs, tasks) in setups.items() for row in measure(name, specs, tasks, texts, args, tmp)]
+        runs = measure(setups, texts, args, tmp)
+        rows = medians(runs)
         by = {(r["setup"], r["clients"]): r for r in rows}
         max_length = SkeletonFolder(alone).record().get("max_length") or 64
         length = token_length(texts, alone, max_length)
         sizes = {c: max(1, round(by["skeleton alone", c]["mean_batch"])) for c in args.clients}
         measured = harness(full, alone, sorted(set(sizes.values())), length, args.harness_repeats)
-    speedups = [{"clients": c, "served_speedup": by["skeleton alone", c]["throughput"] / by["full model", c]["throughput"],
+    ratios = {c: [a["throughput"] / f["throughput"] for a in runs for f in runs if a["clients"] == f["clients"] == c
+                  and a["round"] == f["round"] and (a["setup"], f["setup"]) == ("skeleton alone", "full model")]
+              for c in args.clients}
+    speedups = [{"clients": c, "served_speedup": statistics.median(ratios[c]), "served_speedup_range": [
+                     min(ratios[c]), max(ratios[c])],
                  "batch_alone": by["skeleton alone", c]["mean_batch"], "batch_full": by["full model", c]["mean_batch"],
                  "harness_batch": sizes[c], "harness_speedup": measured[sizes[c]]} for c in args.clients]
     table = report(rows, speedups)
@@ -305,10 +346,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if out:
         out.mkdir(parents=True, exist_ok=True)
         environment = {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "seconds": args.seconds,
-                       "max_requests": args.max_requests, "task": args.task, "text_tokens": length,
+                       "max_requests": args.max_requests, "rounds": args.rounds, "task": args.task, "text_tokens": length,
                        "serve_options": args.serve_options}
-        (out / "load.json").write_text(json.dumps({"environment": environment, "rows": rows, "speedups": speedups},
-                                                  indent=1))
+        (out / "load.json").write_text(json.dumps({"environment": environment, "rows": rows, "runs": runs,
+                                                   "speedups": speedups}, indent=1))
         (out / "load.md").write_text(table + "\n")
         plot(rows, speedups, out / "load.png")
         print(f"report: {out}")
