@@ -80,7 +80,7 @@ def sweep_records(experiment: str, run_id: str | None = None) -> tuple[list[Row]
     return found
 
 
-def _first_seed(records: list[Row | dict], method: str) -> tuple[Row, list[Row]]:
+def first_seed(records: list[Row | dict], method: str) -> tuple[Row, list[Row]]:
     """The `method` skeletons (FFN only) of the first seed, by rate, and the full model of their prompt method
     (of the first prompt method, if the sweep compared several)."""
     rows = [Row.of(r) for r in records]
@@ -100,7 +100,7 @@ def promote(records: list[Row | dict], method: str = "grad_x_act", source: str =
     from tasks.mlflow_model import registered_name
     from tasks.tracking import client_and_experiment
 
-    full, points = _first_seed(records, method)
+    full, points = first_seed(records, method)
     client, experiment_id = client_and_experiment(experiment)
     register(client, [full, *points])
     run = client.create_run(experiment_id, run_name="promotion", tags={"skeleton.kind": "promotion"})
@@ -123,7 +123,7 @@ def promote_for_serving(records: list[Row | dict], rate: float, method: str = "g
 
     from tasks.tracking import tracking_uri
 
-    _, points = _first_seed(records, method)
+    _, points = first_seed(records, method)
     chosen = [p for p in points if abs(p.rate - rate) < 1e-9]
     if not chosen:
         raise ValueError(f"no {method} skeleton at rate {rate}; rates: {[p.rate for p in points]}")

@@ -254,23 +254,31 @@ def test_a_single_skeleton_still_serves_with_mlflow_models_serve(experts, tmp_pa
         stop(server)
 
 
-def test_load_bench_measures_the_served_speed_up_and_logs_it(experts, tmp_path):
-    """A short `skeleton load-bench` over the tiny experts: every setup answers without errors at each client count,
-    the served and harness speed-ups are reported, and the figures and files land on the MLflow run."""
+def test_load_bench_measures_a_sweeps_served_speed_up_and_logs_it_to_the_sweep(experts, tmp_path):
+    """A short `skeleton load-bench --sweep RUN_ID` over a sweep of tiny experts: the sweep's skeletons are the
+    experts, the one at --rate alone against its full model; every setup answers without errors at each client
+    count, the served and harness speed-ups are reported, and the figures and files land on the sweep's run."""
     import mlflow
+    import pandas as pd
 
     from flows.commands import load_bench
     from tasks import tracking
 
     run_id = tracking.start_sweep_run.fn("load-bench", {"task": "many", "backbone": "tiny"})
+    rows = [{"seed": 0, "prompt": "input", "method": "full (prompt tuning)", "rate": 0.0, "path": experts["delta"]},
+            *({"seed": 0, "prompt": "input", "method": "grad_x_act", "rate": TASKS[t][1], "path": experts[t]}
+              for t in ("alpha", "beta"))]
+    pd.DataFrame(rows).to_parquet(tmp_path / "results.parquet")
+    mlflow.MlflowClient().log_artifact(run_id, str(tmp_path / "results.parquet"))
     out = tmp_path / "load"
-    assert load_bench.main(["--experts", *(f"{t}={f}" for t, f in experts.items() if t != "delta"),
-                            "--alone", experts["alpha"], "--full", experts["delta"], "--clients", "1", "4",
-                            "--seconds", "1", "--max-requests", "40", "--rounds", "1", "--harness-repeats", "2", "--out", str(out),
-                            "--mlflow-run", run_id]) == 0
+    with pytest.raises(SystemExit, match="no grad_x_act skeleton at --rate 0.9; its rates: 0.5, 0.75"):
+        load_bench.main(["--sweep", run_id, "--rate", "0.9"])
+    assert load_bench.main(["--sweep", run_id, "--rate", "0.5", "--task", "rotten_tomatoes", "--clients", "1", "4",
+                            "--seconds", "1", "--max-requests", "40", "--rounds", "1", "--harness-repeats", "2",
+                            "--out", str(out)]) == 0
     result = json.loads((out / "load.json").read_text())
     assert {(r["setup"], r["clients"]) for r in result["rows"]} == {
-        (setup, c) for setup in ("skeleton server, 3 experts", "skeleton alone", "full model") for c in (1, 4)}
+        (setup, c) for setup in ("skeleton server, 2 experts", "skeleton alone", "full model") for c in (1, 4)}
     assert all(r["requests"] > 0 and r["errors"] == 0 and r["rss_mib"] > 0 for r in result["rows"])
     assert [s["clients"] for s in result["speedups"]] == [1, 4]
     assert all(s["served_speedup"] > 0 and s["harness_speedup"] > 0 for s in result["speedups"])

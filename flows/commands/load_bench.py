@@ -4,6 +4,7 @@ same serving code, the full model as its one expert), in one run.
     skeleton load-bench --experts a=DIR b=DIR c=DIR d=DIR --alone DIR --full DIR --task rotten_tomatoes
     skeleton load-bench                       # synthetic MiniLM experts (random neurons) at p=0.5 0.65 0.8 0.9
     skeleton load-bench ... --clients 1 4 16 64 --seconds 12 --max-requests 5000 --out DIR --mlflow-run RUN_ID
+    skeleton load-bench --sweep latest --rate 0.8   # a sweep's skeletons; the figures go to its MLflow run
 
 Setups, each a `skeleton serve` process of its own: every expert in one server (requests round-robin over the
 tasks), the --alone expert by itself, and the --full model by itself. All are started; the ones not under load are
@@ -16,7 +17,9 @@ rounds) beside the harness speed-up
 (skeleton.benchmark, one process, no HTTP) at the batch sizes the server ran. Everything listens on 127.0.0.1.
 Clients are asyncio tasks on aiohttp keep-alive connections, in this process. --out writes load.json, load.md and
 load.png (throughput and served speed-up against clients); --mlflow-run logs the figures and those files to that
-run (a sweep's parent run: the served figures beside the sweep's).
+run. --sweep (a run id, or `latest`: the latest finished sweep) takes the experts from a sweep, its first seed's
+--method skeletons (one per rate, the one at --rate alone, their full model) and its task's texts, and logs to the
+sweep's parent run: the served figures beside the sweep's.
 """
 from __future__ import annotations
 
@@ -225,6 +228,25 @@ def harness(full: str, alone: str, batch_sizes: list[int], length: int, repeats:
     return {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
+def from_sweep(args) -> None:
+    """Set --experts, --alone, --full, --mlflow-run (and --task, unless given) from the sweep --sweep names."""
+    from skeleton.folder import SkeletonFolder
+    from tasks import nightly
+
+    records, run_id = nightly.sweep_records(args.experiment, None if args.sweep == "latest" else args.sweep)
+    full, points = nightly.first_seed(records, args.method)
+    alone = next((p for p in points if p.rate == args.rate), None)
+    if alone is None:
+        raise SystemExit(f"load-bench: sweep {run_id} has no {args.method} skeleton at --rate {args.rate:g}; its "
+                         f"rates: {', '.join(f'{p.rate:g}' for p in points)}")
+    args.experts, args.alone, args.full, args.mlflow_run = ([f"p{p.rate:g}={p.path}" for p in points], alone.path,
+                                                           full.path, run_id)
+    args.task = args.task or SkeletonFolder(full.path).record()["task"]
+    if args.task.startswith("file:"):
+        raise SystemExit(f"load-bench: sweep {run_id} ran on a user file ({args.task}); give --task with a "
+                         "registered task whose test texts the clients send")
+
+
 def synthetic(folder: Path) -> tuple[dict[str, str], str, str]:
     """4 MiniLM experts with random neurons at SYNTHETIC_RATES and a full model, random prompts and heads."""
     from flows.commands.serve_bench import synthetic_experts
@@ -297,7 +319,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--experts", nargs="+", metavar="TASK=DIR", help="the experts of the multi-task server")
     parser.add_argument("--alone", metavar="DIR", help="the expert measured by itself against --full")
     parser.add_argument("--full", metavar="DIR", help="the full model (a rate-0 skeleton folder)")
-    parser.add_argument("--task", default="rotten_tomatoes", help="registered task whose test texts the clients send")
+    parser.add_argument("--task", help="registered task whose test texts the clients send (default: the --sweep's "
+                        "task, else rotten_tomatoes)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--seconds", type=float, default=12.0, help="per setup and client count")
     parser.add_argument("--max-requests", type=int, default=5000, help="per setup and client count")
@@ -308,7 +331,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         help="the rest is passed to every `skeleton serve` (e.g. --max-batch-size 64 --workers 2)")
     parser.add_argument("--out", type=Path, help="folder for load.json, load.md and load.png")
     parser.add_argument("--mlflow-run", metavar="RUN_ID", help="log the figures to this MLflow run")
+    parser.add_argument("--sweep", metavar="RUN_ID|latest", help="a sweep's skeletons as the experts, its full "
+                        "model as --full, figures logged to its MLflow run")
+    parser.add_argument("--rate", type=float, default=0.8, help="with --sweep: the rate of the expert measured alone")
+    parser.add_argument("--method", default="grad_x_act", help="with --sweep: the selection method of the experts")
+    parser.add_argument("--experiment", default="skeleton", help="with --sweep: the MLflow experiment of the sweeps")
     args = parser.parse_args(argv)
+    if args.sweep and (args.experts or args.alone or args.full or args.mlflow_run):
+        raise SystemExit("load-bench: --sweep names the experts, the full model and the MLflow run itself: drop "
+                         "--experts, --alone, --full and --mlflow-run")
     if bool(args.experts) != bool(args.alone) or bool(args.alone) != bool(args.full):
         raise SystemExit("load-bench: give --experts, --alone and --full together, or none for synthetic experts")
     if min(args.clients) < 1 or args.seconds <= 0 or args.max_requests < 1 or args.rounds < 1:
@@ -316,6 +347,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     from skeleton.folder import SkeletonFolder
 
+    if args.sweep:
+        from_sweep(args)
+    args.task = args.task or "rotten_tomatoes"
     texts = task_texts(args.task)
     with tempfile.TemporaryDirectory(prefix="load-bench-") as tmp:
         tmp = Path(tmp)
