@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
-from skeleton.specs import AttributeSpec, BenchmarkSpec, BuildSpec, DataSpec, ProbeSpec, TuneSpec
+from skeleton.specs import AttributeSpec, BenchmarkSpec, BuildSpec, DataSpec, EvalSpec, ProbeSpec, TeacherSpec, TuneSpec
 from tasks.results import BENCHMARK_BATCH_SIZES, Measured
 
 SPLIT_SEED = 0  # the train/validation/test split stays the same whatever the training seeds
@@ -92,6 +92,8 @@ class SweepConfig:
     attribution_examples: int | None = option(None, "training examples to score neurons on", family=True)
     benchmark_repeats: int = option(20, "timed rounds per model in the latency benchmark (more: steadier speed-ups)")
     seeds: list[int] = option([0], "training seeds; with several the table shows mean and spread")
+    device: str = option("auto", "where every stage runs its models: cpu, cuda, cuda:N, or auto (the first GPU if "
+                         "torch sees one, else the CPU); recorded with the run and in the stages' cache keys")
     data_file: str | None = option(None, "your own CSV / JSONL / Parquet file instead of --task")
     text_column: str = option("text", "text column of --data-file")
     label_column: str = option("label", "label column of --data-file")
@@ -125,7 +127,7 @@ class SweepConfig:
         unknown backbone or method, or a bad budget, fails here, before any work."""
         from skeleton.attribution import METHODS, scores_heads
         from skeleton.backbones import family_name
-        from skeleton.train import resolve_precision
+        from skeleton.train import resolve_device, resolve_precision
 
         family = family_name(self.backbone)
         if family not in FAMILY_DEFAULTS:
@@ -134,7 +136,9 @@ class SweepConfig:
         defaults = FAMILY_DEFAULTS[family]
         config = dataclasses.replace(self, **{f.name: copy.deepcopy(defaults[f.name]) for f in fields(self)
                                               if f.metadata["family"] and getattr(self, f.name) is None})
-        config.precision = resolve_precision(self.precision)  # this machine's: the sweep's runs record what ran
+        # this machine's: the sweep's runs record what ran
+        device = resolve_device(self.device)
+        config.device, config.precision = str(device), resolve_precision(self.precision, device)
         if config.methods == ["all"]:
             config.methods = METHODS.names()
         for method in config.methods:
@@ -180,18 +184,24 @@ class SweepConfig:
                         self.label_column, file_hash(self.data_file))
 
     def probe_spec(self, data: str, seed: int) -> ProbeSpec:
-        return ProbeSpec(data, self.backbone, seed, self.precision)
+        return ProbeSpec(data, self.backbone, seed, self.precision, device=self.device)
 
     def tune_spec(self, data: str, seed: int, prompt: str) -> TuneSpec:
         """The full model of a prompt method."""
-        return TuneSpec(data, self.backbone, self.prompt_length, self.train_config(seed), prompt)
+        return TuneSpec(data, self.backbone, self.prompt_length, self.train_config(seed), prompt, device=self.device)
 
     def finetune_spec(self, data: str, seed: int) -> TuneSpec:
         """The fine-tuned reference: the head alone on top, every backbone weight trained."""
-        return TuneSpec(data, self.backbone, 0, self.finetune_config(seed))
+        return TuneSpec(data, self.backbone, 0, self.finetune_config(seed), device=self.device)
 
     def attribute_spec(self, data: str, model: str, method: str, seed: int) -> AttributeSpec:
-        return AttributeSpec(data, model, method, self.attribution_examples, seed)
+        return AttributeSpec(data, model, method, self.attribution_examples, seed, device=self.device)
+
+    def teacher_spec(self, data: str, model: str) -> TeacherSpec:
+        return TeacherSpec(data, model, device=self.device)
+
+    def eval_spec(self, data: str, model: str) -> EvalSpec:
+        return EvalSpec(data, model, device=self.device)
 
     def points(self) -> list[Point]:
         """Every sweep point of a full model: per method, each FFN rate x head rate, and each joint-budget target."""
@@ -202,12 +212,13 @@ class SweepConfig:
                    teacher: str | None = None) -> BuildSpec:
         """A point's skeleton, cut from `model` by `scores`."""
         return BuildSpec(data, model, scores, point.rate, self.retune_config(seed), teacher, point.head_rate,
-                         self.allocation, self.reconstruct, point.target, damping=self.reconstruct_damping)
+                         self.allocation, self.reconstruct, point.target, damping=self.reconstruct_damping,
+                         device=self.device)
 
     def benchmark_spec(self, measured: Measured) -> BenchmarkSpec:
         """The sweep's latency benchmark (tasks.results.to_measure: what it measures), at max_length text tokens."""
         return BenchmarkSpec(measured.reference, tuple(measured.measured), BENCHMARK_BATCH_SIZES, (self.max_length,),
-                             self.benchmark_repeats, tuple(measured.baselines))
+                             self.benchmark_repeats, tuple(measured.baselines), device=self.device)
 
     @property
     def task_name(self) -> str:
@@ -240,11 +251,15 @@ class NightlyConfig:
     accuracy_drop: float = option(0.01, "absolute accuracy drop that counts as a regression (0.01 = 1 point)")
     repeats: int = option(20, "timed rounds per model")
     experiment: str = option("skeleton-nightly", "MLflow experiment of the nightly runs")
+    device: str = option("auto", "where the reference skeletons run: cpu, cuda, cuda:N, or auto (the first GPU if "
+                         "torch sees one); compare nights of one device with a baseline measured on it")
 
     def __post_init__(self):
         from skeleton.regression import Thresholds
+        from skeleton.train import resolve_device
 
         Thresholds(self.speedup_drop, self.accuracy_drop)  # raises on a threshold outside [0, 1)
+        resolve_device(self.device)  # raises on a device this machine does not have
         if self.repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {self.repeats}")
 

@@ -29,13 +29,15 @@ class BenchmarkRegression(RuntimeError):
 @flow_parameters(NightlyConfig)
 def nightly_benchmark(**parameters) -> list[dict]:
     from skeleton.regression import Thresholds, regressions
+    from skeleton.train import resolve_device
 
     configure()
     config = NightlyConfig(**parameters)
+    device = str(resolve_device(config.device))
     baseline = nightly.read_baseline()
-    measured = nightly.measure_reference(baseline, repeats=config.repeats)
+    measured = nightly.measure_reference(baseline, repeats=config.repeats, device=device)
     found = regressions(baseline["points"], measured, Thresholds(config.speedup_drop, config.accuracy_drop))
-    run_id = nightly.record_night(config.experiment, baseline, measured, found)
+    run_id = nightly.record_night(config.experiment, baseline, measured, found, device)
     prefect_ui.nightly_verdict(measured, found, run_id, config.experiment)  # on the flow run, in the Prefect UI
     for m in measured:
         print(f"rate {m['rate']}: speedup {m['speedup']:.3f}x, accuracy {m['accuracy']:.4f}")

@@ -47,11 +47,11 @@ def full_sweep(**parameters) -> list[dict]:
             probe = pipeline.linear_probe(config.probe_spec(data["path"], seed))
             rows.append(Row.of_probe(seed, probe, data["path"]))
             if config.finetune:  # the reference a user could pick instead: every weight trained, a model per task
-                rows.append(_reference(config.finetune_spec(data["path"], seed), seed, "-", FINETUNED))
+                rows.append(_reference(config, config.finetune_spec(data["path"], seed), seed, "-", FINETUNED))
             # The input-prompt full model (the paper's prompt tuning) is every sweep's reference, skeletons cut from it
             # or not: accuracies and speed-ups are also reported against it.
             for prompt in dict.fromkeys(["input", *config.prompt_methods]):
-                full = _reference(config.tune_spec(data["path"], seed, prompt), seed, prompt, FULLS[prompt])
+                full = _reference(config, config.tune_spec(data["path"], seed, prompt), seed, prompt, FULLS[prompt])
                 rows.append(full)
                 print(f"seed {seed}: full model ({prompt} prompt) accuracy {full.accuracy:.4f}; "
                       f"linear probe {probe['accuracy']:.4f}")
@@ -83,20 +83,16 @@ def full_sweep(**parameters) -> list[dict]:
     return records
 
 
-def _reference(spec, seed: int, prompt: str, method: str) -> Row:
+def _reference(config: SweepConfig, spec, seed: int, prompt: str, method: str) -> Row:
     """A reference model (a full or fine-tuned one) trained by `spec`, then evaluated from its exported folder."""
-    from skeleton.specs import EvalSpec
-
     trained = pipeline.tune_prompt(spec)
-    return Row.of_reference(seed, prompt, method, trained, pipeline.evaluate(EvalSpec(spec.data, trained["path"])),
-                            spec.data)
+    evaluated = pipeline.evaluate(config.eval_spec(spec.data, trained["path"]))
+    return Row.of_reference(seed, prompt, method, trained, evaluated, spec.data)
 
 
 def _skeletons(config: SweepConfig, full: Row, scores: dict[str, str], progress, done: int, total: int) -> list[Row]:
     """Every sweep point's skeleton cut from `full`: attribution per method, skeletons, their evaluations. Adds the
     scores files to `scores` ("<prompt>/<method>" -> path)."""
-    from skeleton.specs import EvalSpec, TeacherSpec
-
     # Independent sweep points are submitted together: a Dask task runner spreads them over its workers, the
     # default runner takes them one at a time (parallel threads would only fight over cores).
     data, points = full.data, config.points()
@@ -104,11 +100,11 @@ def _skeletons(config: SweepConfig, full: Row, scores: dict[str, str], progress,
                for m in config.methods}
     by_method = {m: future.result()["path"] for m, future in futures.items()}
     scores.update({f"{full.prompt}/{m}": path for m, path in by_method.items()})
-    teacher = pipeline.teacher_logits(TeacherSpec(data, full.path))["path"] if config.distill else None
+    teacher = pipeline.teacher_logits(config.teacher_spec(data, full.path))["path"] if config.distill else None
     built = [pipeline.build_skeleton.submit(config.build_spec(data, full.path, by_method[p.method], p, full.seed,
                                                               teacher)) for p in points]
     built = [future.result() for future in built]
-    results = [pipeline.evaluate.submit(EvalSpec(data, b["path"])) for b in built]
+    results = [pipeline.evaluate.submit(config.eval_spec(data, b["path"])) for b in built]
     rows = []
     for p, b, future in zip(points, built, results):
         rows.append(Row.of_point(full.seed, full.prompt, p.method, p.target, b, future.result(), data))

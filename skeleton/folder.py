@@ -67,9 +67,11 @@ class SkeletonFolder:
     def export(cls, model, tokenizer, keep: list, path: str | os.PathLike, meta: dict,
                heads: list | None = None) -> SkeletonFolder:
         """Write `model` (a PromptClassifier, sliced to `keep`: kept FFN neuron indices per layer, and `heads`: kept
-        head indices per layer when heads were pruned) with its tokenizer and meta, atomically."""
+        head indices per layer when heads were pruned) with its tokenizer and meta, atomically. A model on a GPU is
+        moved to the CPU first (in place): a folder loads on any machine."""
         from skeleton.backbones import family_of
 
+        model = model.cpu()
         with atomic_dir(path) as tmp:
             family_of(model.backbone).checkpoint_model(model.backbone).save_pretrained(tmp / BACKBONE)
             tokenizer.save_pretrained(tmp / BACKBONE)

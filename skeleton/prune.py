@@ -12,6 +12,7 @@ from skeleton.backbones import family_of
 
 
 def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
+    index = index.to(linear.weight.device)  # indices are made on the CPU; the model may be on a GPU
     linear.weight = nn.Parameter(linear.weight.detach().index_select(dim, index).clone(), requires_grad=False)
     if dim == 0:
         if linear.bias is not None:
@@ -69,7 +70,7 @@ def reconstruct_ffn(backbone: nn.Module, keep: list[torch.Tensor], moments: list
 
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Indices of the rows (of q/k/v) or columns (of the output projection) that hold `heads`."""
-    return (heads.long()[:, None] * head_dim + torch.arange(head_dim)).flatten()
+    return (heads.long()[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
 
 
 def _check_heads(blocks, heads: list[torch.Tensor]) -> None:

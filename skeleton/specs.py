@@ -13,7 +13,7 @@ Plain Python at import time (no torch): the command line and `prefect deploy` im
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
@@ -31,7 +31,15 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
-class ModelStage(StageSpec):
+class OnDevice(StageSpec):
+    """A stage that runs a model: where (skeleton.train.resolve_device's answer). Part of the cache key: a GPU's
+    results differ from the CPU's in the last bits, and bf16 autocast is the default there."""
+
+    device: str = field(default="cpu", kw_only=True)  # keyword-only: after the fields of every subclass
+
+
+@dataclass(frozen=True)
+class ModelStage(OnDevice):
     """A stage on an exported model (a skeleton folder) and the data it was made with."""
 
     data: str  # a DataSpec's folder
@@ -54,7 +62,7 @@ class DataSpec(StageSpec):
 
 
 @dataclass(frozen=True)
-class TuneSpec(StageSpec):
+class TuneSpec(OnDevice):
     """The full model: a prompt (and head) tuned on the frozen backbone, exported as a rate-0 skeleton. With
     train.finetune every backbone weight trains: the fine-tuned reference."""
 
@@ -67,7 +75,7 @@ class TuneSpec(StageSpec):
 
 
 @dataclass(frozen=True)
-class ProbeSpec(StageSpec):
+class ProbeSpec(OnDevice):
     """The linear probe: the head alone, trained to convergence on frozen, un-prompted features."""
 
     name, folder = "linear-probe", "probe"
@@ -122,7 +130,7 @@ class BuildSpec(ModelStage):
 
 
 @dataclass(frozen=True)
-class BenchmarkSpec(StageSpec):
+class BenchmarkSpec(OnDevice):
     """Interleaved latency of model folders against a reference and baselines, in a fresh process."""
 
     name, folder = "benchmark-latency", "benchmark"
@@ -132,7 +140,6 @@ class BenchmarkSpec(StageSpec):
     lengths: tuple[int, ...] = (64,)  # text tokens (each model's prompt comes on top)
     repeats: int = 20  # timed rounds, every model once per round
     baselines: tuple[str, ...] = ()  # other folders every model is also compared with
-    device: str = "cpu"
 
     def __post_init__(self):
         for name in ("skeletons", "batch_sizes", "lengths", "baselines"):  # lists given: kept as tuples

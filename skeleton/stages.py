@@ -75,7 +75,7 @@ def tune_prompt(out: Path, spec: TuneSpec) -> dict:
     adapter = AdapterConfig(len(info["label_names"]), spec.prompt_length, info["label_names"],
                             prompt_method=spec.prompt_method)
     model_backbone, tokenizer = load_backbone(spec.backbone)
-    model = PromptClassifier(model_backbone, adapter, seed=config.seed)
+    model = PromptClassifier(model_backbone, adapter, seed=config.seed).to(spec.device)
     start = time.perf_counter()
     record = train(model, dsd["train"], dsd["validation"], info["pad_id"], config)
     record["train_seconds"] = time.perf_counter() - start
@@ -89,7 +89,7 @@ def tune_prompt(out: Path, spec: TuneSpec) -> dict:
 def linear_probe(out: Path, spec: ProbeSpec) -> dict:
     """The probe's test metrics (it writes no files: `out` stays empty)."""
     dsd, info = load_data(spec.data)
-    model_backbone, _ = load_backbone(spec.backbone)
+    model_backbone, _ = load_backbone(spec.backbone, device=spec.device)
     return probe(model_backbone, dsd, info["pad_id"], len(info["label_names"]), seed=spec.seed,
                  precision=spec.precision)
 
@@ -100,14 +100,14 @@ def attribute(out: Path, spec: AttributeSpec) -> dict:
     neurons, "head" rows attention heads (neuron = head index). Files from before heads have no unit column:
     read_scores takes them as all "ffn"."""
     dsd, info = load_data(spec.data)
-    classifier, _, _ = SkeletonFolder(spec.model).load()
+    classifier = SkeletonFolder(spec.model).load()[0].to(spec.device)
     subset = dsd["train"].shuffle(seed=spec.seed).select(range(min(spec.examples, len(dsd["train"]))))
     with_heads = scores_heads(spec.method) and bool(attention_blocks(classifier.backbone))
     score = attribute_with_heads if with_heads else attribute_neurons
     start = time.perf_counter()
     scores = score(spec.method, classifier, subset, info["pad_id"], batch_size=spec.batch_size, seed=spec.seed)
     seconds = time.perf_counter() - start
-    units = {"ffn": scores[0], "head": scores[1]} if with_heads else {"ffn": scores}
+    units = {"ffn": scores[0], "head": scores[1]} if with_heads else {"ffn": scores}  # tolist(): any device
     table = pd.DataFrame([{"layer": i, "neuron": j, "score": float(s), "unit": unit} for unit, layers in units.items()
                           for i, layer in enumerate(layers) for j, s in enumerate(layer.tolist())])
     record = {"method": spec.method, "examples": len(subset), "seconds": seconds, "heads": with_heads}
@@ -129,7 +129,7 @@ def read_scores(path: str | Path, unit: str = "ffn") -> list[torch.Tensor]:
 def teacher_logits(out: Path, spec: TeacherSpec) -> dict:
     """The full model's logits on the training split: soft labels for re-tuning its skeletons."""
     dsd, info = load_data(spec.data)
-    classifier, _, _ = SkeletonFolder(spec.model).load()
+    classifier = SkeletonFolder(spec.model).load()[0].to(spec.device)
     logits = predict(classifier, dsd["train"], info["pad_id"])
     with atomic_dir(out) as tmp:
         save_file({"logits": logits.contiguous()}, str(tmp / "train_logits.safetensors"))
@@ -158,6 +158,7 @@ def build_skeleton(out: Path, spec: BuildSpec) -> dict:
                          "attribution with a method that scores heads (e.g. grad_x_act, activation, random)")
     dsd, info = load_data(spec.data)
     classifier, tokenizer, parent = SkeletonFolder(spec.model).load()
+    classifier = classifier.to(spec.device)
     ffn_scores = read_scores(spec.scores)
     joint = {}
     if spec.target_speedup:  # the achieved rates are recorded as this skeleton's rate and head_rate
@@ -183,7 +184,8 @@ def build_skeleton(out: Path, spec: BuildSpec) -> dict:
     if spec.teacher:
         train_set = train_set.add_column("teacher", load_file(spec.teacher)["logits"].tolist())
     start = time.perf_counter()
-    full = SkeletonFolder(spec.model).load()[0] if config.distill_hidden else None  # the layer-by-layer teacher
+    # the layer-by-layer teacher
+    full = SkeletonFolder(spec.model).load()[0].to(spec.device) if config.distill_hidden else None
     record = train(classifier, train_set, dsd["validation"], info["pad_id"], config, teacher=full)
     record["train_seconds"] = time.perf_counter() - start
     widths = [len(k) for k in keep]
@@ -201,7 +203,7 @@ def build_skeleton(out: Path, spec: BuildSpec) -> dict:
 def evaluate(out: Path, spec: EvalSpec) -> dict:
     """Test metrics of an exported model, loaded back from disk; saves the logits it was judged on."""
     dsd, info = load_data(spec.data)
-    classifier, _, _ = SkeletonFolder(spec.model).load()
+    classifier = SkeletonFolder(spec.model).load()[0].to(spec.device)
     logits = predict(classifier, dsd["test"], info["pad_id"])
     result = {**metrics(logits, dsd["test"]["label"], len(info["label_names"])),
               "parameters": classifier.num_parameters(), "model": spec.model}

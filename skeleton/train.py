@@ -67,9 +67,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} asked for, but torch {torch.__version__} sees no CUDA device")
+            raise ValueError(f"device {str(device)!r} asked for, but torch {torch.__version__} sees no CUDA device: "
+                             "use cpu, or auto (a GPU where there is one)")
         if (resolved.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+            raise ValueError(f"device {str(device)!r} asked for, but torch {torch.__version__} sees "
+                             f"{torch.cuda.device_count()} GPU(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}, "
+                             "or auto")
     return resolved
 
 

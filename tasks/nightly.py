@@ -169,27 +169,27 @@ def read_baseline() -> dict:
 
 
 @task(name="measure-reference")
-def measure_reference(baseline: dict, repeats: int = 20) -> list[dict]:
-    """Tonight's speed-up (interleaved, same process) and test accuracy of every reference skeleton, at the
-    baseline's batch size and sequence length (models as read_baseline found them by alias)."""
+def measure_reference(baseline: dict, repeats: int = 20, device: str = "cpu") -> list[dict]:
+    """Tonight's speed-up (interleaved, same process) and test accuracy of every reference skeleton on `device`, at
+    the baseline's batch size and sequence length (models as read_baseline found them by alias)."""
     from skeleton import stages
     from skeleton.specs import BenchmarkSpec, EvalSpec
 
     paths = {p["rate"]: p["model"] for p in baseline["points"]}
     night = nightly_dir() / "runs" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     speed = stages.benchmark(night, BenchmarkSpec(baseline["full"], tuple(paths.values()), (baseline["batch_size"],),
-                                                  (baseline["seq_len"],), repeats))
+                                                  (baseline["seq_len"],), repeats, device=device))
     speed = {r["model"]: r for r in speed["rows"]}
     measured = []
     for rate, path in paths.items():
-        result = stages.evaluate(night / f"p{rate}", EvalSpec(baseline["data_path"], path))
+        result = stages.evaluate(night / f"p{rate}", EvalSpec(baseline["data_path"], path, device=device))
         measured.append({"rate": rate, "accuracy": result["accuracy"], "speedup": speed[path]["speedup"],
                          "bound_ratio": speed[path]["bound_ratio"]})
     return measured
 
 
 @task(name="record-night", retries=2, retry_delay_seconds=2)
-def record_night(experiment: str, baseline: dict, measured: list[dict], found: list[str]) -> str:
+def record_night(experiment: str, baseline: dict, measured: list[dict], found: list[str], device: str = "cpu") -> str:
     """Append to the history, log the night to MLflow (tagged when it regressed) with the history plot."""
     import tempfile
 
@@ -219,6 +219,7 @@ def record_night(experiment: str, baseline: dict, measured: list[dict], found: l
         client.log_metric(run.info.run_id, f"bound_ratio_p{m['rate']}", m["bound_ratio"])
     client.log_param(run.info.run_id, "baseline_promoted_at", baseline["promoted_at"])
     client.log_param(run.info.run_id, "baseline_model", baseline["registered_model"])
+    client.log_param(run.info.run_id, "device", device)
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_history(history, Path(tmp) / "speedup_history.png")
         client.log_artifact(run.info.run_id, str(plot))

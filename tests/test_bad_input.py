@@ -35,6 +35,8 @@ SWEEP = [
     (["--distill", "2"], ["distill must be in [0, 1]"]),
     (["--target-speedups", "0.5"], ["target speed-up must be above 1, got 0.5"]),
     (["--text-column", "body"], ["column 'body' not found", "review"]),
+    (["--device", "cuda:7"], ["device 'cuda:7' asked for, but torch", "or auto"]),
+    (["--device", "tpu"], ["device must be auto, cpu, cuda or cuda:N, got 'tpu'"]),
 ]
 
 # (file name, content: text, bytes, or a DataFrame written in the file's format; words)

@@ -80,8 +80,13 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     import mlflow
 
     from flows.sweep import full_sweep
+    from tasks.results import Row
 
-    full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, experiment="tracked", tune_norms=True))
+    records = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, experiment="tracked", tune_norms=True,
+                                      device="cpu"))
+    models = [row.path for row in map(Row.of, records) if row.path]  # the probe has none
+    for path in models:  # every stage that made a model ran where it was asked to, and its cache key says so
+        assert json.loads((Path(path) / "inputs.json").read_text())["device"] == "cpu", path
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("tracked")
     parents = client.search_runs([experiment.experiment_id], "tags.`skeleton.kind` = 'sweep'")
@@ -89,6 +94,7 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     parent = parents[0]
     assert parent.data.params["backbone"] == str(tiny_backbone_dir) and "git_commit" in parent.data.params
     assert (parent.data.params["tune_norms"], parent.data.params["retune_norms"]) == ("True", "False")
+    assert parent.data.params["device"] == "cpu"
     assert {"full_accuracy", "linear_probe_accuracy", "full_parameters"} <= set(parent.data.metrics)
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"results.parquet", "accuracy_vs_sparsity.png", "attribution", "benchmark",

@@ -197,7 +197,9 @@ def test_two_workers_one_expert_without_task_field_and_sigterm_stops_every_proce
     (["alpha=/nonexistent"], "is not a skeleton folder"),
     (["@production"], "give it as TASK=@ALIAS"),
     (["a=/nonexistent", "--workers", "0"], "--workers must be at least 1"),
-], ids=["not-a-folder", "alias-without-task", "no-workers"])
+    (["a=/nonexistent", "--device", "cuda:7"], "device 'cuda:7' asked for, but torch"),
+    (["a=/nonexistent", "--device", "cpu", "--execution", "graph"], "'graph' replays CUDA graphs: it needs a CUDA"),
+], ids=["not-a-folder", "alias-without-task", "no-workers", "missing-gpu", "graph-on-cpu"])
 def test_bad_serve_options_stop_in_one_line(capsys, argv, message):
     from helpers import run_skeleton
 

@@ -122,6 +122,9 @@ def pick(found: list[Entry], task: str) -> Entry:
 
 def cmd_classify(args) -> int:
     from skeleton.serve import SkeletonServer
+    from skeleton.train import resolve_device
+
+    device = resolve_device(args.device)
 
     entry = pick(entries(args), args.task)
     backbone = args.backbone or entry.meta.get("backbone")
@@ -143,7 +146,7 @@ def cmd_classify(args) -> int:
 
             mlflow.set_tracking_uri(args.tracking_uri or tracking_uri())
             folder = download_skeleton(entry.source, tmp)
-        server = SkeletonServer.load(backbone, device=args.device)
+        server = SkeletonServer.load(backbone, device=device)
         name = server.add(folder, name=entry.name)
         predictions = server.classify(name, texts, batch_size=args.batch_size)
     for text, p in zip(texts, predictions):
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     classify = sub.choices["classify"]
     classify.add_argument("--task", required=True, help="expert name (see `list`) or a task with one expert")
     classify.add_argument("--backbone", help="backbone name or folder (default: the one the skeleton records)")
-    classify.add_argument("--device", default="cpu")
+    classify.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: the first GPU if torch "
+                          "sees one, else the CPU")
     classify.add_argument("--batch-size", type=int, default=32)
     classify.add_argument("--json", action="store_true", help="one JSON object per text")
     classify.add_argument("texts", nargs="*", help="texts to classify (default: one per line on stdin)")

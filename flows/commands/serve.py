@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -117,9 +118,10 @@ class ExpertsAPI(ls.LitAPI):
     """One worker: a SkeletonServer with every expert; a batch of requests is answered one padded batch per task."""
 
     def __init__(self, experts: dict[str, str], backbone: str, threads: int | None, stats: bool,
-                 max_batch_size: int, batch_timeout: float):
+                 max_batch_size: int, batch_timeout: float, device: str = "cpu", execution: str = "eager"):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/invocations")
         self.expert_folders, self.backbone_source, self.threads, self.stats = experts, backbone, threads, stats
+        self.device, self.execution = device, execution
 
     def setup(self, device):
         import torch
@@ -128,7 +130,8 @@ class ExpertsAPI(ls.LitAPI):
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.server = SkeletonServer.load(self.backbone_source, device=device)
+        # --device as resolved, not LitServe's `device` (which names cuda:0 for one GPU, whatever cuda:N was asked)
+        self.server = SkeletonServer.load(self.backbone_source, device=self.device, execution=self.execution)
         for task, folder in self.expert_folders.items():
             self.server.add(folder, name=task)
 
@@ -235,9 +238,28 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE, help="requests per batch at most")
     p.add_argument("--batch-timeout-ms", type=float, default=BATCH_TIMEOUT_MS,
                    help="how long the first request of a batch waits for others")
-    p.add_argument("--device", default="cpu", help="cpu, or cuda for the workers' GPU")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: the first GPU if torch sees one, "
+                   "else the CPU")
+    p.add_argument("--execution", default="eager", choices=["eager", "graph", "compile"],
+                   help="how the experts' passes run: eager, graph (CUDA-graph replay of padded shape buckets, a "
+                   "GPU's launch overhead gone) or compile (torch.compile); see docs/benchmark.md")
     p.add_argument("--stats", metavar="FILE", help="write how many requests each batch held to FILE (JSON)")
     return p
+
+
+def resolve_device(device: str, execution: str) -> str:
+    """skeleton.train.resolve_device's answer for --device, with --execution checked for it (a device this machine
+    lacks: one line now, not a worker's traceback). Asked in a child process: torch stays out of the HTTP process
+    (190 MB of it)."""
+    if device == "cpu" and execution != "graph":
+        return device
+    check = ("import sys\nfrom skeleton.execution import check_mode\nfrom skeleton.train import resolve_device\n"
+             "try:\n    device = resolve_device(sys.argv[1])\n    check_mode(sys.argv[2], device)\n    print(device)\n"
+             "except ValueError as e:\n    sys.exit(str(e))\n")
+    done = subprocess.run([sys.executable, "-c", check, device, execution], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"serve: {(done.stderr.strip().splitlines() or ['cannot resolve --device'])[-1]}")
+    return done.stdout.strip()
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -247,15 +269,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             raise SystemExit(f"serve: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.batch_timeout_ms < 0 or (args.threads is not None and args.threads < 1):
         raise SystemExit("serve: --batch-timeout-ms must be 0 or more and --threads at least 1")
+    device = resolve_device(args.device, args.execution)
     with tempfile.TemporaryDirectory(prefix="skeleton-serve-") as tmp:
         experts = resolve_experts(args.experts, Path(tmp))
         backbone = args.backbone or recorded_backbone(experts)
         Invocation.tasks = tuple(sorted(experts))
-        cuda = args.device.startswith("cuda")
+        cuda = device.startswith("cuda")
         workers = args.workers or (1 if cuda else os.cpu_count() or 1)
         threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
         api = ExpertsAPI(experts, backbone, threads, bool(args.stats), args.max_batch_size,
-                         args.batch_timeout_ms / 1000)
+                         args.batch_timeout_ms / 1000, device, args.execution)
         server = ls.LitServer(api, accelerator="cuda" if cuda else "cpu", workers_per_device=workers,
                               loggers=[BatchStats(args.stats)] if args.stats else None,
                               disable_openapi_url=True, fast_queue=True)
