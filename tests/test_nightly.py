@@ -77,7 +77,7 @@ def test_nightly_reads_the_registry_by_alias_and_fails_on_a_slower_model(prefect
     assert served == made != full
 
     # Tolerances sized for timing noise of a small model on a shared machine; the regression below is ~4x.
-    thresholds = dict(speedup_drop=0.5, accuracy_drop=0.01, repeats=30, experiment="nightly-test")
+    thresholds = dict(speedup_drop=0.5, accuracy_drop=0.01, repeats=30, experiment="nightly-test", device="cpu")
     state = nightly_benchmark(**thresholds, return_state=True)
     measured = state.result()
     assert measured[0]["accuracy"] == baseline["points"][0]["accuracy"]  # same split, same model
@@ -105,5 +105,6 @@ def test_nightly_reads_the_registry_by_alias_and_fails_on_a_slower_model(prefect
     assert len(regressed) == 1 and len(clean) == 1
     assert "speedup at rate 0.8" in regressed[0].data.tags["skeleton.regression_details"]
     assert {"speedup_p0.8", "accuracy_p0.8"} <= set(regressed[0].data.metrics)
+    assert regressed[0].data.params["device"] == clean[0].data.params["device"] == "cpu"
     nights = pd.read_parquet(nightly.nightly_dir() / "history.parquet")
     assert list(nights["regression"]) == [False, True]
