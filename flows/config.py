@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
+from flows.search import check_max_drop
 from skeleton.specs import AttributeSpec, BenchmarkSpec, BuildSpec, DataSpec, EvalSpec, ProbeSpec, TeacherSpec, TuneSpec
 from tasks.results import BENCHMARK_BATCH_SIZES, Measured
 
@@ -71,6 +72,9 @@ class SweepConfig:
     target_speedups: list[float] = option([], "joint-budget points: cut FFN neurons and heads until the "
                                           "multiply-adds fall by this factor (e.g. 2.0); the mix with the lowest "
                                           "validation loss before re-tuning is kept")
+    max_drop: float | None = option(None, "accuracy budget, in points of validation accuracy: also search the "
+                                    "pruning rate (and the prompt method) for the fastest skeleton at most this far "
+                                    "below the best full model, e.g. 1.0 (flows/search.py)")
     prompt_length: int = option(20, "prompt vectors (per layer for a prefix)")
     prompt_methods: list[str] | None = option(None, "prompt methods to compare, each with its own full model and "
                                               "skeletons: input (soft prompt vectors before the text) or prefix "
@@ -111,6 +115,7 @@ class SweepConfig:
         self.target_speedups = [check_target_speedup(t) for t in self.target_speedups]
         check_allocation(self.allocation)
         check_precision(self.precision)
+        check_max_drop(self.max_drop)
         if self.prompt_methods is not None and not self.prompt_methods:
             raise ValueError("prompt_methods must name at least one prompt method, e.g. [input] or [input, prefix]")
         for name in self.prompt_methods or []:

@@ -17,7 +17,8 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.config import SweepConfig, flow_parameters
+from flows import search
+from flows.config import Point, SweepConfig, flow_parameters
 from flows.settings import configure
 from tasks import pipeline, prefect_ui, tracking
 from tasks.paths import artifacts_dir
@@ -42,7 +43,7 @@ def full_sweep(**parameters) -> list[dict]:
     total = len(config.points()) * len(config.seeds) * len(config.prompt_methods)
     progress = prefect_ui.sweep_progress(config.task_name, total)  # the Prefect UI's progress bar
     try:
-        rows, scores = [], {}  # rows: every model of the sweep, references and points
+        rows, scores, done = [], {}, 0  # rows: every model of the sweep, references and points
         for seed in config.seeds:
             probe = pipeline.linear_probe(config.probe_spec(data["path"], seed))
             rows.append(Row.of_probe(seed, probe, data["path"]))
@@ -50,14 +51,18 @@ def full_sweep(**parameters) -> list[dict]:
                 rows.append(_reference(config, config.finetune_spec(data["path"], seed), seed, "-", FINETUNED))
             # The input-prompt full model (the paper's prompt tuning) is every sweep's reference, skeletons cut from it
             # or not: accuracies and speed-ups are also reported against it.
+            fulls = {}
             for prompt in dict.fromkeys(["input", *config.prompt_methods]):
-                full = _reference(config, config.tune_spec(data["path"], seed, prompt), seed, prompt, FULLS[prompt])
-                rows.append(full)
-                print(f"seed {seed}: full model ({prompt} prompt) accuracy {full.accuracy:.4f}; "
+                fulls[prompt] = _reference(config, config.tune_spec(data["path"], seed, prompt), seed, prompt,
+                                           FULLS[prompt])
+                print(f"seed {seed}: full model ({prompt} prompt) accuracy {fulls[prompt].accuracy:.4f}; "
                       f"linear probe {probe['accuracy']:.4f}")
-                if prompt in config.prompt_methods:
-                    done = sum(not row.is_reference for row in rows)
-                    rows += _skeletons(config, full, scores.setdefault(seed, {}), progress, done, total)
+            rows += fulls.values()
+            for prompt in config.prompt_methods:
+                grid = _skeletons(config, fulls[prompt], scores.setdefault(seed, {}), progress, done, total)
+                rows, done = rows + grid, done + len(grid)
+            if config.max_drop is not None:
+                rows += _search(config, fulls, rows, scores.setdefault(seed, {}))
 
         # Latency of each distinct model shape, in a fresh process, against the input-prompt full model (the paper's
         # baseline) and each prompt method's full model; seeds and methods that cut the same widths and heads
@@ -65,6 +70,7 @@ def full_sweep(**parameters) -> list[dict]:
         measured = to_measure(rows)
         bench = pipeline.benchmark(config.benchmark_spec(measured))
         set_speedups(rows, measured, bench, BENCHMARK_BATCH_SIZE, config.max_length)
+        chosen = search.choose_per_seed(rows, config.max_drop) if config.max_drop is not None else []
         records = results_table(rows).to_dict("records")
         logged = [tracking.log_point.submit(run_id, row, [b for b in bench["rows"]
                                                           if b["model"] == measured.measured_as[row.path]])
@@ -75,8 +81,11 @@ def full_sweep(**parameters) -> list[dict]:
         tracking.log_benchmark(run_id, bench, records)
         tracking.finish_sweep_run(run_id, records, summary.to_dict("records"), scores)
         prefect_ui.sweep_results(config.task_name, summary.to_dict("records"), run_id, config.experiment)
-        printed = summary.to_string(index=False, float_format="%.4f", na_rep="-")
+        shown = summary if chosen else summary.drop(columns="chosen")
+        printed = shown.to_string(index=False, float_format="%.4f", na_rep="-")
         print(f"data {data['path']}\nMLflow run {run_id} ({tracking.tracking_uri()})\n{printed}")
+        if chosen:
+            print(search.describe(rows, config.max_drop, config.methods[0]))
     except BaseException:
         tracking.fail_run(run_id)  # a crashed sweep must not look "running" in MLflow forever
         raise
@@ -113,6 +122,36 @@ def _skeletons(config: SweepConfig, full: Row, scores: dict[str, str], progress,
               f"(p={b['rate']:.3f} h={b['head_rate']:.3f}) accuracy {rows[-1].accuracy:.4f}")
         prefect_ui.point_finished(progress, done, total)
     return rows
+
+
+def _search(config: SweepConfig, fulls: dict[str, Row], rows: list[Row], scores: dict[str, str]) -> list[Row]:
+    """--max-drop's probes of one seed (flows/search.py): from each full model within the budget, skeletons cut by
+    the first selection method at the rates search.next_rate picks, one after another; the grid's points of that
+    method count as probes made. Attribution and teacher logits are the grid's (cached stages)."""
+    method, lowest = config.methods[0], search.floor(fulls.values(), config.max_drop)
+    probes = []
+    for prompt, full in fulls.items():
+        if not search.passes(full, lowest):
+            print(f"seed {full.seed}: no search from the {prompt}-prompt full model: its validation accuracy "
+                  f"{full.val_accuracy:.4f} is below the budget's floor {lowest:.4f}")
+            continue
+        data, seed = full.data, full.seed
+        known = [r for r in rows if (r.seed, r.prompt, r.method, r.head_rate) == (seed, prompt, method, 0.0)
+                 and r.point.startswith("p=")]
+        tried = {r.rate: search.passes(r, lowest) for r in known}
+        scores[f"{prompt}/{method}"] = pipeline.attribute(config.attribute_spec(data, full.path, method, seed))["path"]
+        teacher = pipeline.teacher_logits(config.teacher_spec(data, full.path))["path"] if config.distill else None
+        while (rate := search.next_rate(tried)) is not None:
+            spec = config.build_spec(data, full.path, scores[f"{prompt}/{method}"], Point(method, rate, 0.0), seed,
+                                     teacher)
+            built = pipeline.build_skeleton(spec)
+            row = Row.of_point(seed, prompt, method, None, built, pipeline.evaluate(config.eval_spec(data, built["path"])),
+                               data)
+            tried[rate] = search.passes(row, lowest)
+            probes.append(row)
+            print(f"seed {seed} search from the {prompt}-prompt full model (validation floor {lowest:.4f}): {method} "
+                  f"{row.point} validation {row.val_accuracy:.4f}, {'within' if tried[rate] else 'over'} the budget")
+    return probes
 
 
 def dask_runner(address: str):

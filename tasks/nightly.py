@@ -81,15 +81,16 @@ def sweep_records(experiment: str, run_id: str | None = None) -> tuple[list[Row]
 
 
 def first_seed(records: list[Row | dict], method: str) -> tuple[Row, list[Row]]:
-    """The `method` skeletons (FFN only) of the first seed, by rate, and the full model of their prompt method
-    (of the first prompt method, if the sweep compared several)."""
+    """The `method` skeletons (FFN only) of the first seed, by rate, and the full model of their prompt method: the
+    prompt method of the model --max-drop chose, else the first one, if the sweep cut skeletons from several."""
     rows = [Row.of(r) for r in records]
     rows = [r for r in rows if r.seed == rows[0].seed and not r.head_rate]  # several seeds: the first one's
     points = [r for r in rows if r.method == method]
     if not points:
         raise ValueError(f"no {method!r} rows in these results; methods present: {sorted({r.method for r in rows})}")
-    full = next(r for r in rows if r.method == FULLS[points[0].prompt])
-    return full, sorted((r for r in points if r.prompt == points[0].prompt), key=lambda r: r.rate)
+    prompt = next((r.prompt for r in rows if r.chosen and r.prompt in FULLS), points[0].prompt)
+    full = next(r for r in rows if r.method == FULLS[prompt])
+    return full, sorted((r for r in points if r.prompt == prompt), key=lambda r: r.rate)
 
 
 def promote(records: list[Row | dict], method: str = "grad_x_act", source: str = "",
@@ -116,18 +117,24 @@ def promote(records: list[Row | dict], method: str = "grad_x_act", source: str =
     return read_baseline()
 
 
-def promote_for_serving(records: list[Row | dict], rate: float, method: str = "grad_x_act",
-                        alias: str = "production") -> str:
-    """Register the first seed's `method` skeleton at `rate` with `alias` (serving reads @production)."""
+def promote_for_serving(records: list[Row | dict], rate: float | None, method: str = "grad_x_act",
+                        alias: str = "production") -> tuple[Row, str]:
+    """Register the first seed's `method` skeleton at `rate` with `alias` (serving reads @production); rate None:
+    the model the sweep's --max-drop chose (its first seed's). Returns (the model's row, its version)."""
     from mlflow import MlflowClient
 
     from tasks.tracking import tracking_uri
 
-    _, points = first_seed(records, method)
-    chosen = [p for p in points if abs(p.rate - rate) < 1e-9]
-    if not chosen:
-        raise ValueError(f"no {method} skeleton at rate {rate}; rates: {[p.rate for p in points]}")
-    return register(MlflowClient(tracking_uri()), chosen, alias)[chosen[0].rate]
+    if rate is None:
+        chosen = [r for r in map(Row.of, records) if r.chosen][:1]
+        if not chosen:
+            raise ValueError("this sweep chose no model (it ran without --max-drop): name one with --rate")
+    else:
+        _, points = first_seed(records, method)
+        chosen = [p for p in points if abs(p.rate - rate) < 1e-9]
+        if not chosen:
+            raise ValueError(f"no {method} skeleton at rate {rate}; rates: {[p.rate for p in points]}")
+    return chosen[0], register(MlflowClient(tracking_uri()), chosen, alias)[chosen[0].rate]
 
 
 def _download(uri: str, folder: Path) -> Path:

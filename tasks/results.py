@@ -54,6 +54,7 @@ class Row:
     kept_heads: list[int] | None = None  # only when heads were cut
     logits: str | None = None  # the test logits it was judged on
     data: str | None = None  # the data folder
+    chosen: bool = False  # the model --max-drop chose for its seed (flows/search.py)
     accuracy_std: float | None = None  # summary rows: the spread over seeds (empty with one seed)
     seeds: int | None = None  # summary rows: how many seeds the means are over
 
@@ -113,7 +114,7 @@ class Row:
 COLUMNS = [f.name for f in fields(Row) if f.name not in ("accuracy_std", "seeds")]  # the per-seed table
 SUMMARY = ["prompt", "method", "point", "rate", "head_rate", "kept_width", "accuracy", "accuracy_std", "macro_f1",
            "val_accuracy", "speedup", "speedup_bound", "bound_ratio", "speedup_vs_input", "bound_vs_input",
-           "parameters", "seeds", "path"]
+           "parameters", "seeds", "chosen", "path"]
 POINT = ["prompt", "method", "point"]  # a sweep point across seeds
 
 
@@ -161,7 +162,8 @@ def results_table(rows: Iterable[Row]):
 
 def summary_table(records: Iterable[Row | Mapping]):
     """One row per sweep point (and reference row): means over seeds, the accuracy's standard deviation across
-    them (empty with one seed), the number of seeds and the first seed's exported model."""
+    them (empty with one seed), the number of seeds, how many of them chose it (--max-drop) and the first seed's
+    exported model."""
     import pandas as pd
 
     table = pd.DataFrame(_records(records)).reindex(columns=COLUMNS)
@@ -172,12 +174,12 @@ def summary_table(records: Iterable[Row | Mapping]):
                           speedup=("speedup", "mean"), speedup_bound=("speedup_bound", "mean"),
                           bound_ratio=("bound_ratio", "mean"), speedup_vs_input=("speedup_vs_input", "mean"),
                           bound_vs_input=("bound_vs_input", "mean"), parameters=("parameters", "first"),
-                          seeds=("seed", "nunique"), path=("path", "first"))
+                          seeds=("seed", "nunique"), chosen=("chosen", "sum"), path=("path", "first"))
     summary = summary.reset_index()
     order = {name: i for i, name in enumerate(REFERENCES)}
     summary = summary.sort_values(["method", "prompt", "rate", "head_rate"], kind="stable",
                                   key=lambda col: col.map(order).fillna(len(order)) if col.name == "method" else col)
-    return summary[SUMMARY].astype({"kept_width": "Int64", "parameters": "Int64"}).reset_index(drop=True)
+    return summary[SUMMARY].astype({"kept_width": "Int64", "parameters": "Int64", "chosen": int}).reset_index(drop=True)
 
 
 # ---- the sweep's benchmark ------------------------------------------------------------------------------------

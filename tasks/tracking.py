@@ -195,13 +195,19 @@ def log_point(parent_run_id: str, row: Row | dict, benchmark_rows: list[dict] = 
     metrics.update(benchmark_metrics(benchmark_rows))
     tags = {"skeleton.kind": "skeleton", "skeleton.method": str(row.method), "skeleton.rate": str(row.rate),
             "skeleton.prompt": str(row.prompt or "input"), "skeleton.head_rate": str(row.head_rate),
-            "skeleton.task": parent.data.params.get("task", "")}
+            "skeleton.task": parent.data.params.get("task", ""), **_chosen(row)}
     # LoggedModel names allow no dots: rates in percent, e.g. grad_x_act-p65-h25 (a joint budget's 87.5: p87_5)
     model_id = store_model(run_id, row.path, row.name("slug"), tags)
     link_metrics(run_id, model_id, metrics)
-    client.set_tag(run_id, "skeleton.model_id", model_id)
+    for key, value in {"skeleton.model_id": model_id, **_chosen(row)}.items():
+        client.set_tag(run_id, key, value)
     client.set_terminated(run_id)
     return run_id
+
+
+def _chosen(row: Row) -> dict[str, str]:
+    """The tag of the model --max-drop chose (flows/search.py): what `skeleton promote` takes without --rate."""
+    return {"skeleton.chosen": "true"} if row.chosen else {}
 
 
 def fail_run(run_id: str) -> None:
@@ -262,6 +268,12 @@ def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict
             value = reference[name].get(key)
             if value is not None and value == value:  # a standard deviation over one seed is NaN: not logged
                 client.log_metric(parent_run_id, f"{prefix}_{key}", float(value))
+    rows = [Row.of(r) for r in records]
+    chosen = [r for r in rows if r.chosen]  # a seed's each, with --max-drop
+    for key in ("accuracy", "val_accuracy", "speedup_vs_input", "rate") if chosen else ():
+        client.log_metric(parent_run_id, f"chosen_{key}", sum(getattr(r, key) or 0.0 for r in chosen) / len(chosen))
+    if chosen:
+        client.set_tag(parent_run_id, "skeleton.chosen", chosen[0].key())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pd.DataFrame(records).to_parquet(tmp / "results.parquet", index=False)
@@ -274,7 +286,6 @@ def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict
             client.log_artifact(parent_run_id, path, f"attribution/seed{seed}/{method}")
     task_name = client.get_run(parent_run_id).data.params.get("task", "")
     linked = []  # (model id, metrics): linked once all models are stored, so each model gets only its own
-    rows = [Row.of(r) for r in records]
     for method in (FULL, FULL_PREFIX, FINETUNED):
         model = next((r for r in rows if r.method == method), None)  # the first seed's
         if model is None:
@@ -285,7 +296,8 @@ def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict
         metrics.update(rate=0.0, head_rate=0.0, size_mb=folder_bytes(model.path) / 2**20)
         model_id = store_model(parent_run_id, model.path, model.name("slug"),  # full, prefix-full, finetuned
                                {"skeleton.kind": "full", "skeleton.method": method, "skeleton.rate": "0.0",
-                                "skeleton.prompt": str(model.prompt or "none"), "skeleton.task": task_name})
+                                "skeleton.prompt": str(model.prompt or "none"), "skeleton.task": task_name,
+                                **_chosen(model)})
         linked.append((model_id, metrics))
         if method == FULL:
             client.set_tag(parent_run_id, "skeleton.model_id", model_id)  # the sweep's model: the full one

@@ -37,6 +37,9 @@ SWEEP = [
     (["--text-column", "body"], ["column 'body' not found", "review"]),
     (["--device", "cuda:7"], ["device 'cuda:7' asked for, but torch", "or auto"]),
     (["--device", "tpu"], ["device must be auto, cpu, cuda or cuda:N, got 'tpu'"]),
+    (["--max-drop", "-1"], ["max_drop must be a number of accuracy points from 0 to 100", "got -1.0"]),
+    (["--max-drop", "nan"], ["max_drop must be a number of accuracy points from 0 to 100", "got nan"]),
+    (["--max-drop", "101"], ["max_drop must be a number of accuracy points from 0 to 100", "got 101.0"]),
 ]
 
 # (file name, content: text, bytes, or a DataFrame written in the file's format; words)

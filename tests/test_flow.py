@@ -315,3 +315,46 @@ def test_sweep_compares_prompt_methods_beside_a_finetuned_reference(prefect_serv
         for key in ("speedup_vs_input", "parameters"):
             linked = [m.value for m in models[name].metrics if m.key == key]
             assert linked == pytest.approx([row[key]]), (name, key)
+
+
+def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server, tiny_backbone_dir, reviews_csv,
+                                                                 caplog):
+    """--max-drop: the search cuts skeletons at the rates bisection picks (the grid's reused), never chooses one over
+    the budget, says what it chose against validation and test; the choice is tagged in MLflow and is what
+    `skeleton promote` takes without a rate; a cached rerun recomputes nothing."""
+    import mlflow
+
+    from flows.search import LADDER, floor, passes
+    from flows.sweep import full_sweep
+    from tasks import nightly
+    from tasks.results import FULL, Row
+
+    args = sweep_args(tiny_backbone_dir, reviews_csv, methods=["grad_x_act"], max_drop=5.0, experiment="budget")
+    state = full_sweep(**args, return_state=True)
+    rows = [Row.of(r) for r in state.result()]
+    skeletons = [r for r in rows if not r.is_reference]
+    assert {r.rate for r in skeletons} <= {*LADDER, 0.5} and 1 < len(skeletons) < len(LADDER)
+    [chosen] = [r for r in rows if r.chosen]
+    lowest = floor([r for r in rows if r.method == FULL], 5.0)
+    assert passes(chosen, lowest)
+    assert all(r.speedup_vs_input <= chosen.speedup_vs_input for r in rows if r.path and passes(r, lowest))
+    out = caplog.text  # the flow's prints are its log records
+    assert "accuracy budget (--max-drop): at most 5 points of validation accuracy" in out
+    assert f"{len(skeletons)} grad_x_act skeletons built against a grid's {len(LADDER)}" in out
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("budget").experiment_id
+    [parent] = client.search_runs([experiment], "tags.`skeleton.kind` = 'sweep'")
+    assert parent.data.tags["skeleton.chosen"] == chosen.key()
+    assert parent.data.metrics["chosen_val_accuracy"] == pytest.approx(chosen.val_accuracy)
+    tagged = client.search_runs([experiment], "tags.`skeleton.chosen` = 'true'")
+    assert [float(r.data.params["rate"]) for r in tagged] == ([] if chosen.is_reference else [chosen.rate])
+    promoted, _ = nightly.promote_for_serving(state.result(), None)
+    assert promoted.path == chosen.path
+
+    again = full_sweep(**args, return_state=True)
+    runs = task_states(again.state_details.flow_run_id, expected=12 + 3 * len(skeletons))
+    heavy = {"prepare-data", "tune-prompt", "linear-probe", "attribute", "teacher-logits", "build-skeleton",
+             "evaluate", "benchmark-latency"}
+    assert [st for name, st in runs if name in heavy] == ["Cached"] * (9 + 2 * len(skeletons))
+    assert [r for r in map(Row.of, again.result()) if r.chosen][0].path == chosen.path

@@ -216,12 +216,15 @@ def test_served_from_registry_aliases(experts, tmp_path):
 
     tracking._client()  # the test store
     parent = tracking.start_sweep_run.fn("serving", {"task": "many", "backbone": "tiny"})
-    for task, folder in experts.items():
+    for i, (task, folder) in enumerate(experts.items()):
         record = {"seed": 0, "method": "grad_x_act", "rate": TASKS[task][1], "head_rate": 0.0, "accuracy": 0.5,
-                  "path": folder, "data": str(Path(folder).parent / "data")}
+                  "path": folder, "data": str(Path(folder).parent / "data"), "chosen": True}
         tracking.log_point.fn(parent, {**record, "point": task})
-        assert nightly.promote_for_serving([{**record, "method": "full (prompt tuning)", "rate": 0.0}, record],
-                                           record["rate"]) == 1
+        full = {**record, "method": "full (prompt tuning)", "rate": 0.0, "chosen": False}
+        promoted, version = nightly.promote_for_serving([full, record], record["rate"] if i % 2 else None)  # or --max-drop's
+        assert (promoted.path, version) == (folder, 1)
+    with pytest.raises(ValueError, match="this sweep chose no model .* name one with --rate"):
+        nightly.promote_for_serving([full], None)
     resolved = resolve_experts([f"{task}=@production" for task in TASKS], tmp_path)
     assert sorted(resolved) == sorted(TASKS)
     for task, folder in experts.items():

@@ -1,0 +1,91 @@
+"""`--max-drop D`: the fastest skeleton whose validation accuracy is at most D points below the best full model.
+
+    floor = best full model's validation accuracy (any prompt method) - D / 100
+    per full model within the budget: probe pruning rates on LADDER by bisection (next_rate), grid points known
+    after the benchmark, per seed: choose() the fastest model (skeleton or full) at or above the floor
+
+Why bisection: validation accuracy falls with the pruning rate (not strictly: re-tuning is noisy), so the highest
+passing rate is found in log2(len(LADDER)) ~ 4-5 builds instead of 19, each probe placed between the highest rate
+that passed and the lowest above it that failed. The sweep's grid points (--rates) count as probes already made.
+Validation decides, test only reports. Plain Python: no torch, no Prefect.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tasks.results import FULLS, Row
+
+LADDER = tuple(round(0.05 * i, 2) for i in range(1, 20))  # the rates a search considers: 0.05, 0.1, ..., 0.95
+
+
+def check_max_drop(points: float | None) -> float | None:
+    if points is not None and not 0 <= points <= 100:  # NaN fails too
+        raise ValueError(f"max_drop must be a number of accuracy points from 0 to 100 (e.g. 1.0: at most one point "
+                         f"of validation accuracy below the best full model), got {points}")
+    return points
+
+
+def floor(fulls: Iterable[Row], max_drop: float) -> float:
+    """The lowest validation accuracy within the budget: the best full model's minus max_drop points."""
+    return max(row.val_accuracy for row in fulls) - max_drop / 100
+
+
+def passes(row: Row, lowest: float) -> bool:
+    return row.val_accuracy >= lowest - 1e-9  # accuracies are ratios of counts: no rounding should fail a tie
+
+
+def next_rate(tried: dict[float, bool], ladder: Iterable[float] = LADDER) -> float | None:
+    """The rate to build next (None: the search is over), given the rates tried so far and whether each passed:
+    the middle untried ladder rate between the highest passing rate (0 if none) and the lowest failing one above
+    it (1 if none)."""
+    low = max((rate for rate, ok in tried.items() if ok), default=0.0)
+    high = min((rate for rate, ok in tried.items() if not ok and rate > low), default=1.0)
+    between = [rate for rate in ladder if low < rate < high and rate not in tried]
+    return between[len(between) // 2] if between else None
+
+
+def choose(rows: list[Row], max_drop: float) -> tuple[Row, float]:
+    """(the chosen model of one seed's rows, the floor): the fastest (speed-up over the input-prompt full model) of
+    the full models and skeletons whose validation accuracy passes the floor, the more accurate of equally fast
+    ones. A full model always passes, so there is always a choice: the best full model when no skeleton fits."""
+    fulls = [row for row in rows if row.method in FULLS.values()]
+    lowest = floor(fulls, max_drop)
+    candidates = [row for row in rows if (row.method in FULLS.values() or not row.is_reference) and passes(row, lowest)]
+    return max(candidates, key=lambda row: (row.speedup_vs_input or 1.0, row.val_accuracy)), lowest
+
+
+def choose_per_seed(rows: list[Row], max_drop: float) -> list[Row]:
+    """Each seed's choice (choose), marked Row.chosen, in seed order."""
+    chosen = []
+    for seed in dict.fromkeys(row.seed for row in rows):
+        row, _ = choose([r for r in rows if r.seed == seed], max_drop)
+        row.chosen = True
+        chosen.append(row)
+    return chosen
+
+
+def describe(rows: list[Row], max_drop: float, method: str) -> str:
+    """The choices against the budget, a line per seed (and their spread over seeds): validation drop (what chose),
+    test drop against the best full model on test (what a user gets), speed-up, and how many skeletons of `method`
+    the search had (a grid over LADDER would build len(LADDER) per full model)."""
+    lines = [f"accuracy budget (--max-drop): at most {max_drop:g} points of validation accuracy below the best full "
+             "model; test reported, never used to choose"]
+    drops, speeds = [], []
+    for row in (r for r in rows if r.chosen):
+        ours = [r for r in rows if r.seed == row.seed]
+        fulls = [r for r in ours if r.method in FULLS.values()]
+        best_val, best_test = max(r.val_accuracy for r in fulls), max(r.accuracy for r in fulls)
+        built = {(r.prompt, r.rate) for r in ours if r.method == method and not r.head_rate and r.point.startswith("p=")}
+        what = (f"{row.prompt}-prompt {row.method} {row.point}" if not row.is_reference else
+                f"the {row.method}: no skeleton was within the budget")
+        drops.append(100 * (best_test - row.accuracy))
+        speeds.append(row.speedup_vs_input or 1.0)
+        lines.append(f"  seed {row.seed}: {what}; validation {row.val_accuracy:.4f} ({100 * (best_val - row.val_accuracy):.2f} "
+                     f"points below the best full model's {best_val:.4f}), test {row.accuracy:.4f} ({drops[-1]:.2f} "
+                     f"below {best_test:.4f}), {speeds[-1]:.2f}x the input-prompt full model's speed; "
+                     f"{len(built)} {method} skeletons built against a grid's {len(LADDER)} per full model searched")
+    if len(drops) > 1:
+        lines.append(f"  over {len(drops)} seeds: test drop {sum(drops) / len(drops):.2f} points "
+                     f"({min(drops):.2f} to {max(drops):.2f}), speed-up {sum(speeds) / len(speeds):.2f}x "
+                     f"({min(speeds):.2f} to {max(speeds):.2f})")
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""--max-drop's search (flows/search.py): bisection over the ladder of rates, the choice per seed, bad budgets.
+The flow's search end to end on a tiny model: tests/test_flow.py."""
+import math
+
+import pytest
+
+from flows.search import LADDER, check_max_drop, choose, choose_per_seed, describe, next_rate
+from tasks.results import FULL, FULL_PREFIX, Row
+
+
+def search(passes, tried=None) -> tuple[dict[float, bool], list[float]]:
+    """Run the bisection against `passes(rate)`: (every rate tried and whether it passed, the rates built)."""
+    tried, built = dict(tried or {}), []
+    while (rate := next_rate(tried)) is not None:
+        assert rate not in tried and rate in LADDER
+        tried[rate] = passes(rate)
+        built.append(rate)
+    return tried, built
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 0.3, 0.5, 0.62, 0.8, 0.95, 1.0])
+def test_bisection_finds_the_highest_passing_rate_in_a_few_builds(threshold):
+    tried, built = search(lambda rate: rate <= threshold)
+    highest = max((r for r in LADDER if r <= threshold), default=None)
+    assert max((r for r, ok in tried.items() if ok), default=None) == highest
+    assert len(built) <= math.ceil(math.log2(len(LADDER) + 1)) < len(LADDER)
+
+
+def test_the_grid_points_count_as_probes_already_made():
+    grid = {0.5: True, 0.65: True, 0.8: True}
+    tried, built = search(lambda rate: rate <= 0.85, grid)
+    assert built == [0.9, 0.85]  # above the highest passing grid rate only
+    # Not monotone (re-tuning is noisy): the search still ends, above the highest rate that passed.
+    tried, built = search(lambda rate: rate <= 0.85, {0.5: True, 0.65: False, 0.8: True})
+    assert built == [0.9, 0.85] and max(r for r, ok in tried.items() if ok) == 0.85
+
+
+def rows(*points, seed=0):
+    """Two full models (input val 0.80, prefix val 0.82, 1.1x) and skeletons (prompt, rate, val, test, speed-up)."""
+    fulls = [Row(seed=seed, prompt="input", method=FULL, val_accuracy=0.80, accuracy=0.78, speedup_vs_input=1.0),
+             Row(seed=seed, prompt="prefix", method=FULL_PREFIX, val_accuracy=0.82, accuracy=0.79,
+                 speedup_vs_input=1.1)]
+    return fulls + [Row(seed=seed, prompt=prompt, method="grad_x_act", point=f"p={rate:g} h=0", rate=rate,
+                        val_accuracy=val, accuracy=test, speedup_vs_input=speed)
+                    for prompt, rate, val, test, speed in points]
+
+
+def test_the_fastest_model_within_the_budget_is_chosen_never_one_over_it():
+    seed = rows(("prefix", 0.5, 0.815, 0.78, 1.6), ("prefix", 0.8, 0.811, 0.77, 2.1),
+                ("prefix", 0.9, 0.80, 0.70, 2.5), ("input", 0.9, 0.81, 0.76, 2.3))
+    chosen, lowest = choose(seed, 1.0)
+    assert lowest == pytest.approx(0.81)
+    assert (chosen.prompt, chosen.rate) == ("input", 0.9)  # a tie with the floor passes
+    for budget in (0.0, 0.5, 1.0, 1.5, 3.0, 100.0):
+        chosen, lowest = choose(seed, budget)
+        assert chosen.val_accuracy >= lowest - 1e-9
+        assert all(r.speedup_vs_input <= chosen.speedup_vs_input for r in seed if r.val_accuracy >= lowest - 1e-9)
+
+
+def test_no_skeleton_within_the_budget_chooses_the_best_full_model_and_says_so():
+    seed = rows(("prefix", 0.5, 0.79, 0.78, 1.6))
+    chosen, _ = choose(seed, 0.5)
+    assert chosen.method == FULL_PREFIX
+    both = seed + rows(("prefix", 0.5, 0.819, 0.785, 1.6), seed=1)
+    assert [(r.seed, r.method) for r in choose_per_seed(both, 0.5)] == [(0, FULL_PREFIX), (1, "grad_x_act")]
+    report = describe(both, 0.5, "grad_x_act")
+    assert "seed 0: the full (prefix tuning): no skeleton was within the budget" in report
+    assert "seed 1: prefix-prompt grad_x_act p=0.5 h=0" in report and "over 2 seeds" in report
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), 100.5])
+def test_bad_budgets_are_refused(bad):
+    with pytest.raises(ValueError, match="max_drop must be a number of accuracy points from 0 to 100"):
+        check_max_drop(bad)
+    assert check_max_drop(None) is None and check_max_drop(0.0) == 0.0
