@@ -80,8 +80,8 @@ def full_sweep(**parameters) -> list[dict]:
         prefect_ui.sweep_results(config.task_name, summary.to_dict("records"), run_id, config.experiment)
         printed = summary.to_string(index=False, float_format="%.4f", na_rep="-")
         print(f"data {data['path']}\nMLflow run {run_id} ({tracking.tracking_uri()})\n{printed}")
-    except BaseException:
-        tracking.fail_run(run_id)  # a crashed sweep must not look "running" in MLflow forever
+    except BaseException as e:
+        tracking.fail_run(run_id, e)  # a crashed or killed sweep must not look "running" in MLflow forever
         raise
     return records
 
