@@ -6,7 +6,8 @@
 `ended_by_signals`: SIGTERM, SIGHUP and SIGINT raise KeyboardInterrupt in the main thread, so the flow, its MLflow
 run and the server are closed as on Ctrl-C; the first signal also starts a watchdog that kills the server and ends
 the process GRACE_SECONDS later, should that cleanup hang (Prefect's event worker retries a stopped server's
-websocket for minutes).
+websocket for minutes) or the KeyboardInterrupt be lost (one raised in a weakref callback during an import is only
+printed).
 
 `sweep_server`: without PREFECT_API_URL, Prefect would start an ephemeral server of its own (SubprocessASGIServer in
 prefect/server/api/server.py), which a killed sweep leaves running. The command starts the same server itself (the
@@ -50,6 +51,10 @@ def ended_by_signals() -> Iterator[None]:
     previous = {signum: signal.signal(signum, interrupt) for signum in SIGNALS}
     try:
         yield
+    except Exception as e:
+        if watchdog:  # the KeyboardInterrupt, turned into an error of its own by a library it went through (pydantic)
+            raise KeyboardInterrupt(str(e)) from e
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -334,8 +334,11 @@ def test_the_command_ended_by_a_signal_leaves_nothing_running_and_resumes(tiny_b
     training = r"step 1/\d+"
 
     command = Command(options, env)
-    time.sleep(1.5)
-    assert command.end(signal.SIGTERM) in (130, -signal.SIGTERM)  # -15: before the command's handlers were in place
+    time.sleep(1.5)  # importing
+    # 130 as a rule; -15 before the command's handlers are in place; 143 when an import swallowed the interrupt and
+    # the watchdog ended the command; -2 now and then: CPython, after a clean exit (atexit ran), ends a process that
+    # caught an interrupt during its imports by SIGINT all the same
+    assert command.end(signal.SIGTERM) in (130, -signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGINT)
 
     command = Command(options, env)
     command.wait_for("Prefect server for this sweep")
