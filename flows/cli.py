@@ -45,9 +45,9 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sweep = sub.add_parser("sweep", help="run the sweep: prompt tuning, attribution, skeletons, benchmark, MLflow",
-                           description="Run the Skeleton sweep as a Prefect flow (an ephemeral server unless "
-                           "PREFECT_API_URL is set). Options left out take their defaults; those marked 'the "
-                           "backbone family's' depend on the backbone (docs/methods.md).")
+                           description="Run the Skeleton sweep as a Prefect flow (on a server of its own, which ends "
+                           "with it, unless PREFECT_API_URL is set). Options left out take their defaults; those marked "
+                           "'the backbone family's' depend on the backbone (docs/methods.md).")
     add_options(sweep, SweepConfig)
     sweep.add_argument("--dask", metavar="ADDRESS", help="run sweep points on a Dask cluster: a scheduler address "
                        "(tcp://host:8786), or 'local:N' for a local cluster of N workers")
@@ -71,14 +71,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def sweep(args) -> int:
-    from flows.sweep import dask_runner, full_sweep
-    from skeleton.data import check_source
+    from flows.server import ended_by_signals, sweep_server
 
-    config = from_options(SweepConfig, args)
-    config.resolved()  # unknown backbone or method: one line now, not a failed flow run
-    check_source(config.task, config.data_file, config.text_column, config.label_column)  # bad data: the same
-    flow = full_sweep.with_options(task_runner=dask_runner(args.dask)) if args.dask else full_sweep
-    flow(**dataclasses.asdict(config))
+    with ended_by_signals():  # from here on a SIGTERM or SIGHUP cleans up as Ctrl-C does
+        from flows.sweep import dask_runner, full_sweep
+        from skeleton.data import check_source
+
+        config = from_options(SweepConfig, args)
+        config.resolved()  # unknown backbone or method: one line now, not a failed flow run
+        check_source(config.task, config.data_file, config.text_column, config.label_column)  # bad data: the same
+        flow = full_sweep.with_options(task_runner=dask_runner(args.dask)) if args.dask else full_sweep
+        with sweep_server():
+            flow(**dataclasses.asdict(config))
     return 0
 
 

@@ -122,6 +122,13 @@ class SweepConfig:
             check_prompt_method(name)
         if not self.seeds:
             raise ValueError("seeds must name at least one seed, e.g. [0] or [0, 1, 2]")
+        if any(seed < 0 for seed in self.seeds):
+            raise ValueError(f"seeds must be non-negative, got {min(self.seeds)}: e.g. [0] or [0, 1, 2]")
+        if not self.data_file:  # a packaged task has its own columns: a column named for it would be ignored
+            for f in fields(self):
+                if f.name in ("text_column", "label_column") and getattr(self, f.name) != f.default:
+                    raise ValueError(f"{f.name} names a column of data_file, and no data_file is given: drop "
+                                     f"{f.name}, or give data_file")
         for name in ("train_evals", "retune_evals", "prompt_length", "max_length", "benchmark_repeats"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -131,7 +138,7 @@ class SweepConfig:
         names checked against their registries and every stage spec built once (each checks its values): an
         unknown backbone or method, or a bad budget, fails here, before any work."""
         from skeleton.attribution import METHODS, scores_heads
-        from skeleton.backbones import family_name
+        from skeleton.backbones import backbone_config, family_name
         from skeleton.train import resolve_device, resolve_precision
 
         family = family_name(self.backbone)
@@ -139,6 +146,11 @@ class SweepConfig:
             raise ValueError(f"no sweep defaults for the {family!r} backbone family: add them to FAMILY_DEFAULTS in "
                              "flows/config.py")
         defaults = FAMILY_DEFAULTS[family]
+        positions = backbone_config(self.backbone).get("max_position_embeddings")
+        if positions and self.max_length + self.prompt_length > positions:
+            raise ValueError(f"max_length {self.max_length} + prompt_length {self.prompt_length} exceed the {positions} "
+                             f"positions of backbone {self.backbone!r}: use max_length "
+                             f"{positions - self.prompt_length} or less")
         config = dataclasses.replace(self, **{f.name: copy.deepcopy(defaults[f.name]) for f in fields(self)
                                               if f.metadata["family"] and getattr(self, f.name) is None})
         # this machine's: the sweep's runs record what ran

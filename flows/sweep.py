@@ -14,6 +14,9 @@ or deployed: `prefect deployment run skeleton/full-sweep -p task=reuters_r8`.
 """
 from __future__ import annotations
 
+import socket
+from urllib.parse import urlsplit
+
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -86,8 +89,8 @@ def full_sweep(**parameters) -> list[dict]:
         print(f"data {data['path']}\nMLflow run {run_id} ({tracking.tracking_uri()})\n{printed}")
         if chosen:
             print(search.describe(rows, config.max_drop, config.methods[0]))
-    except BaseException:
-        tracking.fail_run(run_id)  # a crashed sweep must not look "running" in MLflow forever
+    except BaseException as e:
+        tracking.fail_run(run_id, e)  # a crashed or killed sweep must not look "running" in MLflow forever
         raise
     return records
 
@@ -155,11 +158,27 @@ def _search(config: SweepConfig, fulls: dict[str, Row], rows: list[Row], scores:
 
 
 def dask_runner(address: str):
-    """A prefect-dask task runner: an existing cluster's scheduler address, or 'local:N' (N workers)."""
+    """A prefect-dask task runner: an existing cluster's scheduler address, or 'local:N' (N workers). A scheduler
+    that does not answer, or N < 1, fails here, before any work."""
     from prefect_dask import DaskTaskRunner
 
     if address.startswith("local:"):
-        workers = int(address.split(":", 1)[1])
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+        workers = address.split(":", 1)[1]
+        if not workers.isdigit() or int(workers) < 1:
+            raise ValueError(f"--dask local:N needs N >= 1 workers, got {address!r}: e.g. local:2")
+        return DaskTaskRunner(cluster_kwargs={"n_workers": int(workers), "threads_per_worker": 1, "processes": True})
+    _check_scheduler(address)
     return DaskTaskRunner(address=address)
 
+
+def _check_scheduler(address: str, timeout: float = 2.0) -> None:
+    """A TCP connection to the scheduler at a tcp:// or tls:// address (or host:port, as Dask reads it; Dask's
+    default port 8786); other transports are Dask's to check."""
+    url = urlsplit(address if "://" in address else f"tcp://{address}")
+    if url.scheme not in ("tcp", "tls"):
+        return
+    try:
+        socket.create_connection((url.hostname, url.port or 8786), timeout=timeout).close()
+    except (OSError, ValueError) as e:  # ValueError: a port that is not a number
+        raise ValueError(f"no Dask scheduler answers at {address} ({getattr(e, 'strerror', None) or e}): start one "
+                         "there (`dask scheduler`), or use --dask local:N") from None

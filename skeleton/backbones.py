@@ -248,12 +248,17 @@ def resolve_backbone(name_or_path: str) -> Path:
     )
 
 
+def backbone_config(name_or_path: str) -> dict:
+    """A backbone's config.json, as read from its checkpoint folder: no weights loaded."""
+    return json.loads((resolve_backbone(name_or_path) / "config.json").read_text())
+
+
 def family_name(name_or_path: str) -> str:
     """The FAMILIES name of a backbone's family: a registered entry's, or a local folder's by its config.json
     model_type (so a local LLaMA checkpoint is of the "llama" family, as smollm2 is). Loads no weights."""
     if name_or_path in BACKBONES:
         return BACKBONES[name_or_path].family
-    family = family_for(json.loads((resolve_backbone(name_or_path) / "config.json").read_text()).get("model_type"))
+    family = family_for(backbone_config(name_or_path).get("model_type"))
     return next(name for name in FAMILIES if FAMILIES[name] is family)
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param
 from prefect import task
 
 from tasks.paths import ROOT, tracking_uri
@@ -76,8 +76,12 @@ def start_sweep_run(experiment: str, params: dict) -> str:
     run = client.create_run(experiment_id, run_name=f"sweep-{params['task']}-{params['backbone']}",
                             tags={"skeleton.kind": "sweep", "skeleton.sweep_key": stable_hash(params),
                                   "skeleton.host": socket.gethostname(), "skeleton.pid": str(os.getpid())})
-    for key, value in {**params, "git_commit": git_commit()}.items():
-        client.log_param(run.info.run_id, key, str(value)[:6000])
+    try:  # a sweep interrupted here must not leave its run RUNNING: the flow only knows of it once it is returned
+        client.log_batch(run.info.run_id, params=[Param(key, str(value)[:6000])
+                                                  for key, value in {**params, "git_commit": git_commit()}.items()])
+    except BaseException as e:
+        fail_run(run.info.run_id, e)
+        raise
     return run.info.run_id
 
 
@@ -95,6 +99,12 @@ def _killed(run) -> bool:
     return False
 
 
+def running_children(client: mlflow.MlflowClient, run) -> list:
+    """The child runs of `run` still RUNNING."""
+    return client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and "
+                              "attributes.status = 'RUNNING'")
+
+
 def close_killed_attempts(client: mlflow.MlflowClient, run_id: str) -> list[str]:
     """Mark earlier attempts at this sweep whose process died KILLED (their running child runs too), each tagged
     skeleton.finished_by = run_id. Returns their run ids."""
@@ -108,9 +118,7 @@ def close_killed_attempts(client: mlflow.MlflowClient, run_id: str) -> list[str]
     for other in earlier:
         if other.info.run_id == run_id or not _killed(other):
             continue
-        children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{other.info.run_id}' "
-                                      "and attributes.status = 'RUNNING'")
-        for r in [*children, other]:
+        for r in [*running_children(client, other), other]:
             client.set_tag(r.info.run_id, "skeleton.finished_by", run_id)
             client.set_terminated(r.info.run_id, "KILLED")
         closed.append(other.info.run_id)
@@ -210,9 +218,15 @@ def _chosen(row: Row) -> dict[str, str]:
     return {"skeleton.chosen": "true"} if row.chosen else {}
 
 
-def fail_run(run_id: str) -> None:
-    """Mark a sweep's parent run FAILED, so the MLflow UI never shows a crashed sweep as still running."""
-    _client().set_terminated(run_id, "FAILED")
+def fail_run(run_id: str, error: BaseException) -> None:
+    """Close a sweep's parent run and its unfinished child runs, so the MLflow UI never shows a crashed sweep as
+    still running: FAILED by an error, KILLED by anything else (a signal: KeyboardInterrupt, Prefect's
+    TerminationSignal; an exit)."""
+    client = _client()
+    status = "FAILED" if isinstance(error, Exception) else "KILLED"
+    parent = client.get_run(run_id)
+    for run in [*running_children(client, parent), parent]:
+        client.set_terminated(run.info.run_id, status)
 
 
 @task(name="log-benchmark", retries=2, retry_delay_seconds=2)

@@ -157,6 +157,14 @@ def sweep_args(backbone, data_file, /, **overrides) -> dict:
     return args
 
 
+def sweep_options(parameters: dict) -> list[str]:
+    """`skeleton sweep`'s options for sweep parameters (sweep_args' dict)."""
+    options = []
+    for name, value in parameters.items():
+        options += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    return options
+
+
 def run_fresh(code: str):
     """Run `code` in a fresh Python process (nothing imported, nothing registered); it prints a JSON value last,
     which is returned. A failing process fails the test with its stderr."""

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROGRESS = re.compile(r"\d+/\d+ \[")  # a progress bar on stderr (loading weights) is not a message
 
-# (argv after the data options, words the one line must hold)
+# (argv after the data options, words the one line must hold); argv that names a --task goes without the data file
 SWEEP = [
     (["--rates", "0.5", "1.5"], ["pruning rate must be in [0, 1), got 1.5"]),
     (["--rates", "-0.1"], ["pruning rate must be in [0, 1), got -0.1"]),
@@ -40,6 +40,13 @@ SWEEP = [
     (["--max-drop", "-1"], ["max_drop must be a number of accuracy points from 0 to 100", "got -1.0"]),
     (["--max-drop", "nan"], ["max_drop must be a number of accuracy points from 0 to 100", "got nan"]),
     (["--max-drop", "101"], ["max_drop must be a number of accuracy points from 0 to 100", "got 101.0"]),
+    (["--max-length", "100000"], ["max_length 100000 + prompt_length 20 exceed the 128 positions of backbone",
+                                  "use max_length 108 or less"]),
+    (["--dask", "tcp://127.0.0.1:1"], ["no Dask scheduler answers at tcp://127.0.0.1:1", "--dask local:N"]),
+    (["--dask", "local:0"], ["--dask local:N needs N >= 1 workers, got 'local:0'"]),
+    (["--seeds", "0", "-1"], ["seeds must be non-negative, got -1"]),
+    (["--task", "rotten_tomatoes", "--text-column", "foo"], ["text_column names a column of data_file",
+                                                              "drop text_column, or give data_file"]),
 ]
 
 # (file name, content: text, bytes, or a DataFrame written in the file's format; words)
@@ -120,8 +127,9 @@ def cli(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv, words", SWEEP, ids=[" ".join(a) for a, _ in SWEEP])
 def test_command_line(cli, tiny_backbone_dir, reviews_csv, argv, words):
-    line = cli("sweep", "--backbone", str(tiny_backbone_dir), "--data-file", str(reviews_csv), "--text-column",
-               "review", "--label-column", "sentiment", *argv)
+    data = [] if "--task" in argv else ["--data-file", str(reviews_csv), "--text-column", "review", "--label-column",
+                                        "sentiment"]
+    line = cli("sweep", "--backbone", str(tiny_backbone_dir), *data, *argv)
     assert line.startswith("skeleton sweep: error: ") and all(w in line for w in words), line
 
 

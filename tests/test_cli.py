@@ -93,12 +93,11 @@ def test_sweep_command_runs_the_flow_with_the_options_given(prefect_server, tiny
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    from helpers import sweep_args
+    from helpers import sweep_args, sweep_options
     from flows.config import FAMILY_DEFAULTS
 
-    argv = [str(Path(sys.executable).with_name("skeleton")), "sweep"]
-    for name, value in sweep_args(tiny_backbone_dir, reviews_csv, methods=["random"], experiment="cli").items():
-        argv += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    argv = [str(Path(sys.executable).with_name("skeleton")), "sweep",
+            *sweep_options(sweep_args(tiny_backbone_dir, reviews_csv, methods=["random"], experiment="cli"))]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
     assert out.returncode == 0, out.stderr[-3000:]

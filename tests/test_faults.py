@@ -1,23 +1,30 @@
-"""Faults: a sweep killed anywhere resumes, two at once share the work, the cache refuses what it cannot trust.
+"""Faults: a sweep killed anywhere resumes, two at once share the work, the cache refuses what it cannot trust, and
+the `skeleton sweep` command killed by a signal leaves nothing running.
 
 The kill tests run sweeps in their own processes (tests/sweep_runner.py) against this session's Prefect server,
 each killed with SIGKILL at a failpoint (skeleton.io.failpoint); their tables are compared with an uninterrupted
-sweep run here, on its own artifacts folder.
+sweep run here, on its own artifacts folder. The command's own tests run `skeleton sweep` itself, with the Prefect
+server it starts, in a session of its own, and send it signals.
 """
 import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 
-from helpers import sweep_args
+from helpers import sweep_args, sweep_options
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ["prepare-data", "tune-prompt", "evaluate", "linear-probe", "attribute", "teacher-logits", "build-skeleton",
@@ -253,3 +260,132 @@ def test_no_pickle_in_what_a_sweep_or_a_server_runs():
              for path in sorted((ROOT / folder).rglob("*.py"))
              for n, line in enumerate(path.read_text().splitlines(), 1) if loaders.search(line)]
     assert found == []
+
+
+# ---- the `skeleton sweep` command, ended by a signal: its own handlers and its own Prefect server ---------------
+
+def session(sid: int) -> list[int]:
+    """The live processes of session `sid` (a zombie has ended: only its exit status is left to collect)."""
+    def alive_in_session(process):
+        try:
+            return os.getsid(process.pid) == sid and process.status() != psutil.STATUS_ZOMBIE
+        except (OSError, psutil.Error):  # gone meanwhile
+            return False
+    return [process.pid for process in psutil.process_iter() if alive_in_session(process)]
+
+
+class Command:
+    """`skeleton sweep OPTIONS` in a session of its own, its output collected as it comes."""
+
+    def __init__(self, options: list[str], env: dict[str, str]):
+        self.process = subprocess.Popen([sys.executable, "-m", "flows.cli", "sweep", *options], cwd=ROOT, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        start_new_session=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self.lines.extend, args=(self.process.stdout,), daemon=True).start()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.output):
+            assert self.process.poll() is None and time.monotonic() < deadline, f"no {pattern!r}:\n{self.output[-3000:]}"
+            time.sleep(0.05)
+
+    def processes(self) -> list[int]:
+        """Every process of its session: the command's and whatever it started (its server too)."""
+        return session(self.process.pid)
+
+    def port(self) -> int | None:
+        found = re.search(r"Prefect server for this sweep: http://127\.0\.0\.1:(\d+)", self.output)
+        return found and int(found.group(1))
+
+    def end(self, signum: int) -> int:
+        """Send `signum` to the command (not to its group); its exit code, once nothing of it is left."""
+        self.process.send_signal(signum)
+        deadline = time.monotonic() + 10
+        while self.processes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not self.processes(), f"still running 10 s after {signum!r}:\n{self.output[-3000:]}"
+        code = self.process.wait()
+        if self.port():  # nothing listens where its server did
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", self.port()), timeout=2)
+        return code
+
+
+def sweeps(experiment: str) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def test_the_command_ended_by_a_signal_leaves_nothing_running_and_resumes(tiny_backbone_dir, reviews_csv, tmp_path):
+    """SIGTERM in its first seconds, SIGHUP as its server starts, SIGTERM and SIGKILL while it trains: within 10 s no
+    process of it is left, its server included, and nothing listens on its server's port; the run a signal ended is
+    KILLED in MLflow; then the same command finishes, reusing the stages the killed attempts had finished."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SKELETON_ARTIFACTS": str(tmp_path / "artifacts"),
+           "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)  # the command starts its own server
+    options = sweep_options(args(tiny_backbone_dir, reviews_csv) | {"experiment": "signals"})
+    training = r"step 1/\d+"
+
+    command = Command(options, env)
+    time.sleep(1.5)  # importing
+    # 130 as a rule; -15 before the command's handlers are in place; 143 when an import swallowed the interrupt and
+    # the watchdog ended the command; -2 now and then: CPython, after a clean exit (atexit ran), ends a process that
+    # caught an interrupt during its imports by SIGINT all the same
+    assert command.end(signal.SIGTERM) in (130, -signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGINT)
+
+    command = Command(options, env)
+    command.wait_for("Prefect server for this sweep")
+    assert command.end(signal.SIGHUP) == 130
+
+    command = Command(options, env)
+    command.wait_for(training)
+    assert command.end(signal.SIGTERM) == 130
+    assert [run.info.status for run in sweeps("signals")] == ["KILLED"]  # closed by the command itself
+
+    command = Command(options, env)
+    command.wait_for(training)
+    assert command.end(signal.SIGKILL) == -signal.SIGKILL
+    assert "/data/" not in " ".join(computed(command.output))  # resumed: the data prepared before
+
+    command = Command(options, env)
+    assert command.process.wait(timeout=300) == 0, command.output[-3000:]
+    assert not [f for f in computed(command.output) if re.search("/(data|probe)/", f)], computed(command.output)
+    runs = sweeps("signals")
+    assert not [run for run in runs if run.info.status == "RUNNING"]
+    # the SIGKILLed attempt, which could not close its run, is closed by the one that finished
+    assert sorted(run.info.status for run in runs if run.data.tags["skeleton.kind"] == "sweep") == [
+        "FINISHED", "KILLED", "KILLED"]
+
+
+def test_a_cleanup_that_hangs_is_cut_short():
+    """After a signal the command exits by itself, whatever hangs (Prefect's event worker retrying a stopped server
+    did, for minutes): the watchdog kills the servers it started and ends the process."""
+    code = """
+        import subprocess, time
+        from flows import server
+        server.GRACE_SECONDS = 1
+        server._servers.add(subprocess.Popen(["sleep", "60"]))  # a server that would outlive us
+        with server.ended_by_signals():
+            try:
+                print("ready", flush=True)
+                time.sleep(60)
+            except KeyboardInterrupt:
+                time.sleep(60)  # a cleanup that hangs
+    """
+    process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert process.stdout.readline() == "ready\n"
+    start = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 128 + signal.SIGTERM and time.monotonic() - start < 5
+    assert "exiting now" in process.stderr.read()
+    time.sleep(0.5)
+    assert session(process.pid) == []  # the "server" too

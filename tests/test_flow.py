@@ -137,7 +137,10 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     ({"head_rates": [0.5], "methods": ["wanda"]}, ValueError, "head rates > 0 need methods that score attention heads"),
     ({"label_column": "stars"}, DataError, "column 'stars' not found"),
     ({"data_file": "missing.csv"}, DataError, "data file not found"),
-    ({"data_file": None, "task": "sst3"}, DataError, "unknown task 'sst3'.*rotten_tomatoes"),
+    ({"data_file": None, "text_column": "text", "label_column": "label", "task": "sst3"}, DataError,
+     "unknown task 'sst3'.*rotten_tomatoes"),
+    ({"data_file": None, "task": "rotten_tomatoes"}, ValueError, "text_column names a column of data_file"),
+    ({"max_length": 200}, ValueError, "max_length 200 \\+ prompt_length 4 exceed the 128 positions"),
 ])
 def test_bad_input_fails_before_training(prefect_server, tiny_backbone_dir, reviews_csv, overrides, error, message):
     import os
