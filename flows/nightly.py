@@ -38,7 +38,7 @@ def nightly_benchmark(**parameters) -> list[dict]:
     measured = nightly.measure_reference(baseline, repeats=config.repeats, device=device)
     found = regressions(baseline["points"], measured, Thresholds(config.speedup_drop, config.accuracy_drop))
     run_id = nightly.record_night(config.experiment, baseline, measured, found, device)
-    prefect_ui.nightly_verdict(measured, found, run_id, config.experiment)  # on the flow run, in the Prefect UI
+    prefect_ui.nightly_verdict(measured, found, run_id)  # on the flow run, in the Prefect UI
     for m in measured:
         print(f"rate {m['rate']}: speedup {m['speedup']:.3f}x, accuracy {m['accuracy']:.4f}")
     if found:

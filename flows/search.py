@@ -65,27 +65,35 @@ def choose_per_seed(rows: list[Row], max_drop: float) -> list[Row]:
 
 
 def describe(rows: list[Row], max_drop: float, method: str) -> str:
-    """The choices against the budget, a line per seed (and their spread over seeds): validation drop (what chose),
-    test drop against the best full model on test (what a user gets), speed-up, and how many skeletons of `method`
-    the search had (a grid over LADDER would build len(LADDER) per full model)."""
-    lines = [f"accuracy budget (--max-drop): at most {max_drop:g} points of validation accuracy below the best full "
-             "model; test reported, never used to choose"]
-    drops, speeds = [], []
+    """The choices against the budget, a line per seed (and their spread over seeds): the model, its speed-up, test
+    drop against the best full model on test (what a user gets), validation drop (what chose), and how many
+    skeletons of `method` the search had (a grid over LADDER would build len(LADDER) per full model); then what the
+    budget means. Markdown (a list, then a paragraph), as printed by the sweep and shown in its Prefect artifact and
+    its MLflow run's description: the choice comes first, where a folded description still shows it."""
+    lines, drops, speeds = [], [], []
     for row in (r for r in rows if r.chosen):
         ours = [r for r in rows if r.seed == row.seed]
         fulls = [r for r in ours if r.method in FULLS.values()]
         best_val, best_test = max(r.val_accuracy for r in fulls), max(r.accuracy for r in fulls)
         built = {(r.prompt, r.rate) for r in ours if r.method == method and not r.head_rate and r.point.startswith("p=")}
-        what = (f"{row.prompt}-prompt {row.method} {row.point}" if not row.is_reference else
-                f"the {row.method}: no skeleton was within the budget")
-        drops.append(100 * (best_test - row.accuracy))
+        what = (f"{row.prompt}-prompt {row.method} {row.point} within --max-drop {max_drop:g}" if not row.is_reference
+                else f"the {row.method}, as no skeleton was within --max-drop {max_drop:g}")
+        test_drop = best_test - row.accuracy
+        drops.append(100 * test_drop)
         speeds.append(row.speedup_vs_input or 1.0)
-        lines.append(f"  seed {row.seed}: {what}; validation {row.val_accuracy:.4f} ({100 * (best_val - row.val_accuracy):.2f} "
-                     f"points below the best full model's {best_val:.4f}), test {row.accuracy:.4f} ({drops[-1]:.2f} "
-                     f"below {best_test:.4f}), {speeds[-1]:.2f}x the input-prompt full model's speed; "
+        lines.append(f"- seed {row.seed} chose {what}: {speeds[-1]:.2f}x the input-prompt full model's speed, test "
+                     f"accuracy {row.accuracy:.4f} ({_below(test_drop)} the best full model's {best_test:.4f}), "
+                     f"validation {row.val_accuracy:.4f} ({_below(best_val - row.val_accuracy)} {best_val:.4f}); "
                      f"{len(built)} {method} skeletons built against a grid's {len(LADDER)} per full model searched")
     if len(drops) > 1:
-        lines.append(f"  over {len(drops)} seeds: test drop {sum(drops) / len(drops):.2f} points "
+        lines.append(f"- over {len(drops)} seeds: test drop {sum(drops) / len(drops):.2f} points "
                      f"({min(drops):.2f} to {max(drops):.2f}), speed-up {sum(speeds) / len(speeds):.2f}x "
                      f"({min(speeds):.2f} to {max(speeds):.2f})")
-    return "\n".join(lines)
+    budget = (f"accuracy budget (--max-drop {max_drop:g}): the fastest model whose validation accuracy is at most "
+              f"{max_drop:g} points below the best full model's; test accuracy reported, never used to choose")
+    return "\n".join(lines) + "\n\n" + budget
+
+
+def _below(drop: float) -> str:
+    """An accuracy difference (a ratio) in points: a skeleton can beat the full model it was cut from."""
+    return f"{100 * drop:.2f} points below" if drop >= 0 else f"{-100 * drop:.2f} points above"

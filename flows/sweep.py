@@ -81,18 +81,28 @@ def full_sweep(**parameters) -> list[dict]:
         for future in logged:
             future.result()
         summary = summary_table(records)
-        tracking.log_benchmark(run_id, bench, records)
-        tracking.finish_sweep_run(run_id, records, summary.to_dict("records"), scores)
-        prefect_ui.sweep_results(config.task_name, summary.to_dict("records"), run_id, config.experiment)
+        report = search.describe(rows, config.max_drop, config.methods[0]) if chosen else ""
+        tracking.log_references(run_id, records)
+        tracking.log_benchmark(run_id, bench, records, config.max_drop)
+        tracking.finish_sweep_run(run_id, records, summary.to_dict("records"), scores, report)
+        prefect_ui.sweep_results(config.task_name, summary.to_dict("records"), run_id, report)
         shown = summary if chosen else summary.drop(columns="chosen")
         printed = shown.to_string(index=False, float_format="%.4f", na_rep="-")
         print(f"data {data['path']}\nMLflow run {run_id} ({tracking.tracking_uri()})\n{printed}")
-        if chosen:
-            print(search.describe(rows, config.max_drop, config.methods[0]))
+        if report:
+            print(report)
+        print(_where(run_id))
     except BaseException as e:
         tracking.fail_run(run_id, e)  # a crashed or killed sweep must not look "running" in MLflow forever
         raise
     return records
+
+
+def _where(run_id: str) -> str:
+    """Where to look next: the sweep's pages in the MLflow UI (tasks.tracking.ui_pages), a line each."""
+    base, start = tracking.ui_base()
+    lines = [f"In the MLflow UI{f' (start it: {start})' if start else ''}:"]
+    return "\n".join(lines + [f"  {label}: {base}/{page}" for label, page in tracking.ui_pages(run_id).items()])
 
 
 def _reference(config: SweepConfig, spec, seed: int, prompt: str, method: str) -> Row:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from skeleton.folder import model_name
-from tasks.results import FINETUNED, FULL, FULL_PREFIX, PROBE, REFERENCES, Row, main_full, summary_table
+from tasks.results import FINETUNED, FULL, FULL_PREFIX, FULLS, PROBE, REFERENCES, Row, main_full, summary_table
 
 
 def _label(record: dict) -> str:
@@ -96,11 +96,13 @@ def plot_speedup(records: list[dict], out: Path) -> Path:
     return _save(fig, out)
 
 
-def plot_frontier(records: list[dict], out: Path) -> Path:
+def plot_frontier(records: list[dict], out: Path, max_drop: float | None = None) -> Path:
     """The accuracy-speed frontier: test accuracy (mean, bar +- one standard deviation over seeds) against the
     measured speed-up over the input-prompt full model (the paper's baseline), a line per selection method x prompt
     method through its rates, the full models and the fine-tuned reference as labelled points, the linear probe as
-    a horizontal line. Results from before speedup_vs_input existed are drawn against their own full model."""
+    a horizontal line. With --max-drop, the chosen models ringed and the budget as a line `max_drop` points below the
+    best full model's test accuracy (the choice read validation accuracy: a chosen point may sit just below it).
+    Results from before speedup_vs_input existed are drawn against their own full model."""
     summary = summary_table(records).to_dict("records")
     def known(value) -> bool:
         return value is not None and value == value  # not missing, not NaN
@@ -119,10 +121,21 @@ def plot_frontier(records: list[dict], out: Path) -> Path:
     probe = next((r for r in summary if r["method"] == PROBE), None)
     if probe:
         ax.axhline(probe["accuracy"], color="grey", linestyle=":", label=PROBE)
+    chosen = [r for r in measured if r.get("chosen")]
     seeds = main_full(summary).seeds
+    if chosen:
+        ax.scatter([r[x] for r in chosen], [r["accuracy"] for r in chosen], s=260, facecolors="none",
+                   edgecolors="red", linewidths=2, zorder=3, label="chosen (--max-drop)")
+        for row in chosen if seeds > 1 else ():  # each seed chooses its own: how many chose this one
+            ax.annotate(f"{row['chosen']}/{seeds}", (row[x], row["accuracy"]), textcoords="offset points",
+                        xytext=(9, 6), fontsize=8, color="red")
+    if max_drop is not None:
+        best = max(r["accuracy"] for r in summary if r["method"] in FULLS.values())
+        ax.axhline(best - max_drop / 100, color="red", linestyle="--", linewidth=1,
+                   label=f"--max-drop {max_drop:g}: best full model - {max_drop:g} pts")
     base = "the input-prompt full model" if x == "speedup_vs_input" else "the full model"  # older results
     ax.set_xlabel(f"measured speed-up over {base}")
     ax.set_ylabel("test accuracy" + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
     ax.set_title("Accuracy-speed frontier")
-    ax.legend(loc="lower left", fontsize=7)
+    ax.legend(loc="best", fontsize=7)
     return _save(fig, out)

@@ -11,9 +11,14 @@ sweep that were killed (status KILLED, tag skeleton.finished_by naming the run t
 
 The active MLflow run is per thread, and Prefect tasks may run on other threads or machines, so every call
 names its run id explicitly.
+
+Where users look (docs/mlflow.md): the parent run's description (the first thing its page shows) says what
+--max-drop chose and links to the chosen skeleton's run and to the sweep's points compared in the runs table
+(compare_view); ui_pages are those links, for the Prefect artifact and the sweep's printed output too.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -53,8 +58,11 @@ def client_and_experiment(name: str) -> tuple[mlflow.MlflowClient, str]:
                                             tags={EXPERIMENT_KIND: CUSTOM_MODELS})
 
 
-# The MLflow UI opens an experiment on its runs and models (not a GenAI traces overview) when it carries this tag.
+# What the experiment is, for MLflow's clients. The UI (3.17.2) does not read it: it opens an experiment in its GenAI
+# view (a traces overview, a "Detect Issues" pop-up) unless the link asks for the Model training view (ML_VIEW) or
+# the user switched to it once in that browser.
 EXPERIMENT_KIND, CUSTOM_MODELS = "mlflow.experimentKind", "custom_model_development"
+ML_VIEW = "workflowType=machine_learning"
 
 
 def artifact_location() -> str | None:
@@ -174,6 +182,10 @@ def link_metrics(run_id: str, model_id: str, metrics: dict[str, float]) -> None:
                                          for key, value in metrics.items()])
 
 
+# A model's figures that --max-drop weighs, linked first: the Models page's chart view draws its metrics in that order.
+HEADLINE = ("accuracy", "val_accuracy", "speedup_vs_input")
+
+
 @task(name="log-sweep-point", retries=2, retry_delay_seconds=2)
 def log_point(parent_run_id: str, row: Row | dict, benchmark_rows: list[dict] = ()) -> str:
     """A child run with the point's metrics (its benchmark per configuration too) and its skeleton as a
@@ -195,9 +207,8 @@ def log_point(parent_run_id: str, row: Row | dict, benchmark_rows: list[dict] = 
     for param in ("prompt", "method", "rate", "head_rate", "seed", "kept_width", "kept_widths", "kept_heads"):
         if getattr(row, param) is not None:
             client.log_param(run_id, param, getattr(row, param))
-    metrics = {k: float(getattr(row, k)) for k in ("accuracy", "macro_f1", "speedup", "speedup_bound", "bound_ratio",
-                                                   "speedup_vs_input", "bound_vs_input", "parameters", "kept_width",
-                                                   "rate", "head_rate", "val_accuracy")
+    metrics = {k: float(getattr(row, k)) for k in (*HEADLINE, "macro_f1", "speedup", "speedup_bound", "bound_ratio",
+                                                   "bound_vs_input", "parameters", "kept_width", "rate", "head_rate")
                if getattr(row, k) is not None}
     metrics["size_mb"] = folder_bytes(row.path) / 2**20
     metrics.update(benchmark_metrics(benchmark_rows))
@@ -229,11 +240,39 @@ def fail_run(run_id: str, error: BaseException) -> None:
         client.set_terminated(run.info.run_id, status)
 
 
+@task(name="log-references", retries=2, retry_delay_seconds=2)
+def log_references(parent_run_id: str, records: list[dict]) -> None:
+    """The first seed's reference models with a folder (full models, the fine-tuned one) as LoggedModels of the parent
+    run, each with its own row's figures. Stored before any metric of the parent run is logged: MLflow's log_model
+    links the run's metrics logged so far to the model it creates (a full model would carry the sweep's figures)."""
+    client = _client()
+    rows = [Row.of(r) for r in records]
+    task_name = client.get_run(parent_run_id).data.params.get("task", "")
+    linked = []  # (model id, metrics): linked once all models are stored, so each model gets only its own
+    for method in (FULL, FULL_PREFIX, FINETUNED):
+        model = next((r for r in rows if r.method == method), None)  # the first seed's
+        if model is None:
+            continue
+        metrics = {k: float(getattr(model, k)) for k in (*HEADLINE, "macro_f1", "parameters", "speedup",
+                                                          "bound_vs_input")
+                   if getattr(model, k) is not None}
+        metrics.update(rate=0.0, head_rate=0.0, size_mb=folder_bytes(model.path) / 2**20)
+        model_id = store_model(parent_run_id, model.path, model.name("slug"),  # full, prefix-full, finetuned
+                               {"skeleton.kind": "full", "skeleton.method": method, "skeleton.rate": "0.0",
+                                "skeleton.prompt": str(model.prompt or "none"), "skeleton.task": task_name,
+                                **_chosen(model)})
+        linked.append((model_id, metrics))
+        if method == FULL:
+            client.set_tag(parent_run_id, "skeleton.model_id", model_id)  # the sweep's model: the full one
+    for model_id, metrics in linked:
+        link_metrics(parent_run_id, model_id, metrics)
+
+
 @task(name="log-benchmark", retries=2, retry_delay_seconds=2)
-def log_benchmark(parent_run_id: str, result: dict, records: list[dict]) -> None:
+def log_benchmark(parent_run_id: str, result: dict, records: list[dict], max_drop: float | None = None) -> None:
     """The latency benchmark on the parent run: its report (benchmark.md / .csv / .json, models named by method
-    and rate), the speed-up-vs-rate plot with the arithmetic bound, the full model's latencies as metrics and
-    where it ran as params."""
+    and rate), the speed-up-vs-rate plot with the arithmetic bound, the accuracy-speed frontier (with --max-drop's
+    choice and budget), the full model's latencies as metrics and where it ran as params."""
     from skeleton.benchmark import write_report
     from tasks.report import plot_frontier, plot_speedup
 
@@ -255,7 +294,7 @@ def log_benchmark(parent_run_id: str, result: dict, records: list[dict]) -> None
         tmp = Path(tmp)
         write_report(named, tmp / "benchmark", title="Sweep latency: full model vs skeletons")
         plot_speedup(records, tmp / "speedup_vs_rate.png")
-        plot_frontier(records, tmp / "accuracy_vs_speedup.png")  # the frontier: the sweep's headline plot
+        plot_frontier(records, tmp / "accuracy_vs_speedup.png", max_drop)  # the frontier: the sweep's headline plot
         client.log_artifacts(parent_run_id, str(tmp / "benchmark"), "benchmark")
         client.log_artifact(parent_run_id, str(tmp / "speedup_vs_rate.png"))
         client.log_artifact(parent_run_id, str(tmp / "accuracy_vs_speedup.png"))
@@ -263,10 +302,10 @@ def log_benchmark(parent_run_id: str, result: dict, records: list[dict]) -> None
 
 @task(name="finish-sweep-run", retries=2, retry_delay_seconds=2)
 def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict],
-                     scores: dict[int, dict[str, str]]) -> None:
+                     scores: dict[int, dict[str, str]], report: str = "") -> None:
     """Reference metrics (means over seeds), the per-seed results and the summary (Parquet), the
-    accuracy-vs-sparsity plot, the attribution scores and the first seed's full model (a LoggedModel); then
-    earlier killed attempts at this sweep are closed."""
+    accuracy-vs-sparsity plot, the attribution scores, the compare view of the points and the run's description
+    (--max-drop's `report`, search.describe, and the links); then earlier killed attempts at this sweep are closed."""
     import pandas as pd
 
     from tasks.report import plot_accuracy
@@ -298,24 +337,51 @@ def finish_sweep_run(parent_run_id: str, records: list[dict], summary: list[dict
     for seed, by_method in scores.items():
         for method, path in by_method.items():
             client.log_artifact(parent_run_id, path, f"attribution/seed{seed}/{method}")
-    task_name = client.get_run(parent_run_id).data.params.get("task", "")
-    linked = []  # (model id, metrics): linked once all models are stored, so each model gets only its own
-    for method in (FULL, FULL_PREFIX, FINETUNED):
-        model = next((r for r in rows if r.method == method), None)  # the first seed's
-        if model is None:
-            continue
-        metrics = {k: float(getattr(model, k)) for k in ("accuracy", "macro_f1", "parameters", "speedup",
-                                                          "speedup_vs_input", "bound_vs_input", "val_accuracy")
-                   if getattr(model, k) is not None}
-        metrics.update(rate=0.0, head_rate=0.0, size_mb=folder_bytes(model.path) / 2**20)
-        model_id = store_model(parent_run_id, model.path, model.name("slug"),  # full, prefix-full, finetuned
-                               {"skeleton.kind": "full", "skeleton.method": method, "skeleton.rate": "0.0",
-                                "skeleton.prompt": str(model.prompt or "none"), "skeleton.task": task_name,
-                                **_chosen(model)})
-        linked.append((model_id, metrics))
-        if method == FULL:
-            client.set_tag(parent_run_id, "skeleton.model_id", model_id)  # the sweep's model: the full one
-    for model_id, metrics in linked:
-        link_metrics(parent_run_id, model_id, metrics)
+    compare_view(client, parent_run_id)
+    links = [f"[{label}]({path})" for label, path in ui_pages(parent_run_id).items() if label != RUN]
+    frontier = f"![accuracy vs speed-up](get-artifact?path=accuracy_vs_speedup.png&run_uuid={parent_run_id})"
+    # The run page shows its description first, folded after a few lines: the links, then the report, then the plot.
+    client.set_tag(parent_run_id, "mlflow.note.content", "\n\n".join([" · ".join(links), report, frontier]))
     close_killed_attempts(client, parent_run_id)
     client.set_terminated(parent_run_id)
+
+
+# The points' columns in the compare view, in this order: the choice first, then what it weighed.
+COMPARED = ("tags.`skeleton.chosen`", *(f"metrics.`{key}`" for key in HEADLINE), "attributes.`Models`")
+
+
+def compare_view(client: mlflow.MlflowClient, parent_run_id: str) -> None:
+    """A view of the runs table that compares the sweep's points: its child runs, fastest first, with COMPARED's
+    columns. A link picks a view by its viewStateShareKey (ui_pages); the UI keeps the view itself, as its own
+    "Share" button does, in the experiment tag mlflow.sharedViewState.<key>: a URL alone can filter and sort the
+    table but not choose its columns. Our key is the parent run's id."""
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    view = {"searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'", "orderByKey": "metrics.`speedup_vs_input`",
+            "orderByAsc": False, "selectedColumns": list(COMPARED), "columnOrder": list(COMPARED)}
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{parent_run_id}", json.dumps(view))
+
+
+RUN, POINTS = "the run", "every point, fastest first"
+
+
+def ui_pages(run_id: str) -> dict[str, str]:
+    """Where to look in the MLflow UI, relative to its root (ui_base), in its Model training view: the run, and for a
+    sweep each chosen skeleton's run (by name) and its points compared (compare_view)."""
+    client = _client()
+    run = client.get_run(run_id)
+    experiment = f"#/experiments/{run.info.experiment_id}"
+    pages = {RUN: f"{experiment}/runs/{run_id}?{ML_VIEW}"}
+    if run.data.tags.get("skeleton.kind") == "sweep":
+        for child in client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and "
+                                        "tags.`skeleton.chosen` = 'true'"):
+            pages[f"chosen: {child.info.run_name}"] = f"{experiment}/runs/{child.info.run_id}?{ML_VIEW}"
+        pages[POINTS] = f"{experiment}/runs?viewStateShareKey={run_id}&{ML_VIEW}"
+    return pages
+
+
+def ui_base() -> tuple[str, str]:
+    """(the MLflow UI's root URL, how to start it: empty on a tracking server). A local store's UI is `mlflow ui`'s."""
+    uri = tracking_uri()
+    if uri.startswith("http"):
+        return uri.rstrip("/"), ""
+    return "http://127.0.0.1:5000", f"mlflow ui --backend-store-uri {uri}"

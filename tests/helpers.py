@@ -199,3 +199,15 @@ def run_skeleton(capsys, *argv, stdin: str = "") -> tuple[int, str, str]:
         os.environ.update(saved)
     out = capsys.readouterr()
     return exit.value.code, out.out, out.err
+
+
+def artifacts_of(state) -> dict[str, object]:
+    """The Prefect artifacts of a flow run (its final State), read back through Prefect's API: type -> artifact
+    (latest)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    return {a.type: a for a in found}

@@ -7,11 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import TINY_SWEEP, run_fresh, sweep_args
+from helpers import TINY_SWEEP, artifacts_of, run_fresh, sweep_args
 from skeleton.data import DataError
 
 
-def task_states(flow_run_id, expected=16):
+def task_states(flow_run_id, expected=17):
     """(task name, final state name) of a flow run's task runs, once the server has recorded them all."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -68,7 +68,7 @@ def test_sweep_end_to_end_then_cached(prefect_server, tiny_backbone_dir, reviews
     # A new rate recomputes only what depends on it.
     more = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, retune_norms=True, rates=[0.5, 0.75]),
                       return_state=True)
-    runs = task_states(more.state_details.flow_run_id, expected=22)
+    runs = task_states(more.state_details.flow_run_id, expected=23)
     fresh = {name for name, st in runs if st != "Cached"}
     assert {"prepare-data", "tune-prompt", "linear-probe", "attribute", "teacher-logits"}.isdisjoint(fresh)
     assert {"build-skeleton", "benchmark-latency"} <= fresh
@@ -324,7 +324,9 @@ def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server,
                                                                  caplog):
     """--max-drop: the search cuts skeletons at the rates bisection picks (the grid's reused), never chooses one over
     the budget, says what it chose against validation and test; the choice is tagged in MLflow and is what
-    `skeleton promote` takes without a rate; a cached rerun recomputes nothing."""
+    `skeleton promote` takes without a rate; where users look (the sweep's output, its Prefect artifact, its MLflow
+    run's description) the choice comes first, with links to the chosen run and to the points compared, fastest
+    first; a cached rerun recomputes nothing."""
     import mlflow
 
     from flows.search import LADDER, floor, passes
@@ -342,7 +344,7 @@ def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server,
     assert passes(chosen, lowest)
     assert all(r.speedup_vs_input <= chosen.speedup_vs_input for r in rows if r.path and passes(r, lowest))
     out = caplog.text  # the flow's prints are its log records
-    assert "accuracy budget (--max-drop): at most 5 points of validation accuracy" in out
+    assert "accuracy budget (--max-drop 5): the fastest model whose validation accuracy is at most 5 points" in out
     assert f"{len(skeletons)} grad_x_act skeletons built against a grid's {len(LADDER)}" in out
 
     client = mlflow.MlflowClient()
@@ -355,8 +357,32 @@ def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server,
     promoted, _ = nightly.promote_for_serving(state.result(), None)
     assert promoted.path == chosen.path
 
+    # The run's description (the first thing its page shows): links to the chosen run and the compare view, then
+    # what was chosen against the budget. Every link asks for the UI's Model training view.
+    note = parent.data.tags["mlflow.note.content"]
+    pid, ml = parent.info.run_id, "workflowType=machine_learning"
+    compared = f"#/experiments/{experiment}/runs?viewStateShareKey={pid}&{ml}"
+    assert note.index(f"({compared})") < note.index("- seed 0 chose ") < note.index("accuracy budget (--max-drop 5)")
+    for run in tagged:
+        assert f"[chosen: {run.info.run_name}](#/experiments/{experiment}/runs/{run.info.run_id}?{ml})" in note
+    # The compare view: the sweep's points, fastest first, the choice and what it weighed in the first columns.
+    view = json.loads(client.get_experiment(experiment).tags[f"mlflow.sharedViewState.{pid}"])
+    assert view["columnOrder"][:4] == ["tags.`skeleton.chosen`", "metrics.`accuracy`", "metrics.`val_accuracy`",
+                                       "metrics.`speedup_vs_input`"]
+    shown = client.search_runs([experiment], view["searchFilter"], order_by=["metrics.speedup_vs_input DESC"])
+    assert sorted(r.info.run_id for r in shown) == sorted(r.info.run_id for r in client.search_runs(
+        [experiment], f"tags.mlflow.parentRunId = '{pid}'")) and len(shown) == len(skeletons)
+    # The full model carries its own figures only, not the sweep's (chosen_*, full_*, linear_probe_*).
+    full = client.get_logged_model(parent.data.tags["skeleton.model_id"])
+    assert [m.key for m in full.metrics][:3] == ["accuracy", "val_accuracy", "speedup_vs_input"]
+    assert not [m.key for m in full.metrics if m.key.startswith(("chosen_", "full_", "linear_probe_"))]
+    # The sweep's printed output and its Prefect artifact lead with the same report and links.
+    assert f"every point, fastest first: http://127.0.0.1:5000/{compared}" in out
+    headline = artifacts_of(state)["markdown"].data
+    assert headline.index("- seed 0 chose ") < headline.index(f"(http://127.0.0.1:5000/{compared})")
+
     again = full_sweep(**args, return_state=True)
-    runs = task_states(again.state_details.flow_run_id, expected=12 + 3 * len(skeletons))
+    runs = task_states(again.state_details.flow_run_id, expected=13 + 3 * len(skeletons))
     heavy = {"prepare-data", "tune-prompt", "linear-probe", "attribute", "teacher-logits", "build-skeleton",
              "evaluate", "benchmark-latency"}
     assert [st for name, st in runs if name in heavy] == ["Cached"] * (9 + 2 * len(skeletons))

@@ -1,6 +1,6 @@
 """Exported models as MLflow LoggedModels: a fresh process loads one by model URI and predicts what the folder
-does; metrics are linked to the model; a folder already stored is never uploaded again; the experiment opens on
-its runs and models."""
+does; metrics are linked to the model; a folder already stored is never uploaded again; the experiment is tagged
+a custom-model one (the UI does not read the tag: its links choose the view, tests/test_flow.py)."""
 import json
 import os
 import subprocess

@@ -64,8 +64,26 @@ def test_no_skeleton_within_the_budget_chooses_the_best_full_model_and_says_so()
     both = seed + rows(("prefix", 0.5, 0.819, 0.785, 1.6), seed=1)
     assert [(r.seed, r.method) for r in choose_per_seed(both, 0.5)] == [(0, FULL_PREFIX), (1, "grad_x_act")]
     report = describe(both, 0.5, "grad_x_act")
-    assert "seed 0: the full (prefix tuning): no skeleton was within the budget" in report
-    assert "seed 1: prefix-prompt grad_x_act p=0.5 h=0" in report and "over 2 seeds" in report
+    assert "seed 0 chose the full (prefix tuning), as no skeleton was within --max-drop 0.5" in report
+    assert "seed 1 chose prefix-prompt grad_x_act p=0.5 h=0 within --max-drop 0.5" in report
+    assert "over 2 seeds" in report and report.index("over 2 seeds") < report.index("accuracy budget")
+
+
+def test_the_frontier_plot_rings_the_choice_and_draws_the_budget(tmp_path, monkeypatch):
+    from tasks import report
+    from tasks.results import results_table
+
+    seed = rows(("input", 0.5, 0.80, 0.77, 1.4), ("input", 0.8, 0.75, 0.70, 1.9))
+    choose_per_seed(seed, 2.0)
+    drawn = []
+    monkeypatch.setattr(report, "_save", lambda fig, out: drawn.append(fig) or out)
+    report.plot_frontier(results_table(seed).to_dict("records"), tmp_path / "frontier.png", max_drop=2.0)
+    ax = drawn[0].axes[0]
+    handles, labels = ax.get_legend_handles_labels()
+    ring = handles[labels.index("chosen (--max-drop)")]
+    assert ring.get_offsets().tolist() == [[1.4, 0.77]]  # the p=0.5 skeleton: the p=0.8 one is over the budget
+    budget = handles[labels.index("--max-drop 2: best full model - 2 pts")]
+    assert budget.get_ydata()[0] == pytest.approx(0.79 - 0.02)  # below the best full model's test accuracy
 
 
 @pytest.mark.parametrize("bad", [-0.5, float("nan"), 100.5])
