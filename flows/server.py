@@ -79,20 +79,24 @@ def sweep_server() -> Iterator[str]:
         yield PREFECT_API_URL.value()
         return
     process, url = _start()
+    wait = GRACE_SECONDS / 2  # for each drain, then for the server to stop
     try:
         print(f"Prefect server for this sweep: {url} (it ends with the sweep)", flush=True)
         _wait_until_healthy(process, url)
         with temporary_settings({PREFECT_API_URL: f"{url}/api"}):
             try:
                 yield f"{url}/api"
+            except KeyboardInterrupt:  # a signal: cleanup must fit the watchdog's grace on a busy machine too
+                wait = GRACE_SECONDS / 5
+                raise
             finally:  # task states and logs reach the server from these workers: before it stops
-                EventsWorker.drain_all(timeout=GRACE_SECONDS / 2)
-                APILogWorker.drain_all(timeout=GRACE_SECONDS / 2)
+                EventsWorker.drain_all(timeout=wait)
+                APILogWorker.drain_all(timeout=wait)
     finally:
         _servers.discard(process)
         process.terminate()
         try:
-            process.wait(timeout=GRACE_SECONDS)
+            process.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

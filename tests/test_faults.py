@@ -340,13 +340,15 @@ def test_the_command_ended_by_a_signal_leaves_nothing_running_and_resumes(tiny_b
     # caught an interrupt during its imports by SIGINT all the same
     assert command.end(signal.SIGTERM) in (130, -signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGINT)
 
+    # From here on 130, or 128 + the signal where a busy machine made the cleanup outlast the watchdog's grace (CI saw
+    # 143 once): what must hold (nothing left, the port free, the run closed, the rerun resuming) holds either way
     command = Command(options, env)
     command.wait_for("Prefect server for this sweep")
-    assert command.end(signal.SIGHUP) == 130
+    assert command.end(signal.SIGHUP) in (130, 128 + signal.SIGHUP)
 
     command = Command(options, env)
     command.wait_for(training)
-    assert command.end(signal.SIGTERM) == 130
+    assert command.end(signal.SIGTERM) in (130, 128 + signal.SIGTERM)
     assert [run.info.status for run in sweeps("signals")] == ["KILLED"]  # closed by the command itself
 
     command = Command(options, env)
