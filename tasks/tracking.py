@@ -186,6 +186,11 @@ def link_metrics(run_id: str, model_id: str, metrics: dict[str, float]) -> None:
 HEADLINE = ("accuracy", "val_accuracy", "speedup_vs_input")
 
 
+def _row_metrics(row: Row, keys: tuple[str, ...]) -> dict[str, float]:
+    """The row's figures named by `keys`, as MLflow metrics; the ones a row lacks are left out."""
+    return {k: float(getattr(row, k)) for k in keys if getattr(row, k) is not None}
+
+
 @task(name="log-sweep-point", retries=2, retry_delay_seconds=2)
 def log_point(parent_run_id: str, row: Row | dict, benchmark_rows: list[dict] = ()) -> str:
     """A child run with the point's metrics (its benchmark per configuration too) and its skeleton as a
@@ -207,9 +212,8 @@ def log_point(parent_run_id: str, row: Row | dict, benchmark_rows: list[dict] = 
     for param in ("prompt", "method", "rate", "head_rate", "seed", "kept_width", "kept_widths", "kept_heads"):
         if getattr(row, param) is not None:
             client.log_param(run_id, param, getattr(row, param))
-    metrics = {k: float(getattr(row, k)) for k in (*HEADLINE, "macro_f1", "speedup", "speedup_bound", "bound_ratio",
-                                                   "bound_vs_input", "parameters", "kept_width", "rate", "head_rate")
-               if getattr(row, k) is not None}
+    metrics = _row_metrics(row, (*HEADLINE, "macro_f1", "speedup", "speedup_bound", "bound_ratio", "bound_vs_input",
+                                 "parameters", "kept_width", "rate", "head_rate"))
     metrics["size_mb"] = folder_bytes(row.path) / 2**20
     metrics.update(benchmark_metrics(benchmark_rows))
     tags = {"skeleton.kind": "skeleton", "skeleton.method": str(row.method), "skeleton.rate": str(row.rate),
@@ -253,9 +257,7 @@ def log_references(parent_run_id: str, records: list[dict]) -> None:
         model = next((r for r in rows if r.method == method), None)  # the first seed's
         if model is None:
             continue
-        metrics = {k: float(getattr(model, k)) for k in (*HEADLINE, "macro_f1", "parameters", "speedup",
-                                                          "bound_vs_input")
-                   if getattr(model, k) is not None}
+        metrics = _row_metrics(model, (*HEADLINE, "macro_f1", "parameters", "speedup", "bound_vs_input"))
         metrics.update(rate=0.0, head_rate=0.0, size_mb=folder_bytes(model.path) / 2**20)
         model_id = store_model(parent_run_id, model.path, model.name("slug"),  # full, prefix-full, finetuned
                                {"skeleton.kind": "full", "skeleton.method": method, "skeleton.rate": "0.0",
