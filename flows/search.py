@@ -7,7 +7,8 @@
 Why bisection: validation accuracy falls with the pruning rate (not strictly: re-tuning is noisy), so the highest
 passing rate is found in log2(len(LADDER)) ~ 4-5 builds instead of 19, each probe placed between the highest rate
 that passed and the lowest above it that failed. The sweep's grid points (--rates) count as probes already made.
-Validation decides, test only reports. Plain Python: no torch, no Prefect.
+Validation decides, test only reports, with the interval a split of its size allows (drop_interval_on_test). Plain
+Python at import time (torch loads to read the test logits); no Prefect.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from collections.abc import Iterable
 from tasks.results import FULLS, Row
 
 LADDER = tuple(round(0.05 * i, 2) for i in range(1, 20))  # the rates a search considers: 0.05, 0.1, ..., 0.95
+CONFIDENCE = 0.9  # of the test drop's interval in the report
 
 
 def check_max_drop(points: float | None) -> float | None:
@@ -70,28 +72,64 @@ def describe(rows: list[Row], max_drop: float, method: str) -> str:
     skeletons of `method` the search had (a grid over LADDER would build len(LADDER) per full model); then what the
     budget means. Markdown (a list, then a paragraph), as printed by the sweep and shown in its Prefect artifact and
     its MLflow run's description: the choice comes first, where a folded description still shows it."""
-    lines, drops, speeds = [], [], []
+    lines, drops, speeds, verdicts = [], [], [], []
     for row in (r for r in rows if r.chosen):
         ours = [r for r in rows if r.seed == row.seed]
         fulls = [r for r in ours if r.method in FULLS.values()]
-        best_val, best_test = max(r.val_accuracy for r in fulls), max(r.accuracy for r in fulls)
+        best = max(fulls, key=lambda r: r.accuracy)  # on test: what a user would have had instead
+        best_val, best_test = max(r.val_accuracy for r in fulls), best.accuracy
         built = {(r.prompt, r.rate) for r in ours if r.method == method and not r.head_rate and r.point.startswith("p=")}
         what = (f"{row.prompt}-prompt {row.method} {row.point} within --max-drop {max_drop:g}" if not row.is_reference
                 else f"the {row.method}, as no skeleton was within --max-drop {max_drop:g}")
         test_drop = best_test - row.accuracy
         drops.append(100 * test_drop)
         speeds.append(row.speedup_vs_input or 1.0)
+        interval, read = drop_interval_on_test(best, row) if row is not best else None, ""
+        if interval:
+            verdicts.append(_verdict(interval, max_drop))
+            read = f"; {CONFIDENCE:.0%} interval {100 * interval[0]:.2f} to {100 * interval[1]:.2f}: {verdicts[-1]}"
         lines.append(f"- seed {row.seed} chose {what}: {speeds[-1]:.2f}x the input-prompt full model's speed, test "
-                     f"accuracy {row.accuracy:.4f} ({_below(test_drop)} the best full model's {best_test:.4f}), "
+                     f"accuracy {row.accuracy:.4f} ({_below(test_drop)} the best full model's {best_test:.4f}{read}), "
                      f"validation {row.val_accuracy:.4f} ({_below(best_val - row.val_accuracy)} {best_val:.4f}); "
                      f"{len(built)} {method} skeletons built against a grid's {len(LADDER)} per full model searched")
     if len(drops) > 1:
         lines.append(f"- over {len(drops)} seeds: test drop {sum(drops) / len(drops):.2f} points "
                      f"({min(drops):.2f} to {max(drops):.2f}), speed-up {sum(speeds) / len(speeds):.2f}x "
-                     f"({min(speeds):.2f} to {max(speeds):.2f})")
+                     f"({min(speeds):.2f} to {max(speeds):.2f})"
+                     + (f"; on test, {_tally(verdicts)}" if verdicts else ""))
     budget = (f"accuracy budget (--max-drop {max_drop:g}): the fastest model whose validation accuracy is at most "
               f"{max_drop:g} points below the best full model's; test accuracy reported, never used to choose")
+    if verdicts:
+        budget += (f". The test drop's {CONFIDENCE:.0%} interval is a paired bootstrap over the test examples: where it "
+                   f"spans {max_drop:g} points, the test split is too small to say which side of the budget the "
+                   "choice is on")
     return "\n".join(lines) + "\n\n" + budget
+
+
+def drop_interval_on_test(reference: Row, row: Row) -> tuple[float, float] | None:
+    """The CONFIDENCE interval of row's test drop below `reference` (skeleton.evaluate.drop_interval, a ratio), from
+    the test logits each model was judged on; None when either has none."""
+    if not (reference.logits and row.logits and row.data):
+        return None
+    from safetensors.torch import load_file
+
+    from skeleton.evaluate import drop_interval
+    from skeleton.stages import load_data
+
+    labels = load_data(row.data)[0]["test"]["label"]
+    return drop_interval(labels, load_file(reference.logits)["logits"], load_file(row.logits)["logits"], CONFIDENCE)
+
+
+WITHIN, OVER, UNRESOLVED = "within the budget", "over the budget", "the test split cannot tell"
+
+
+def _verdict(interval: tuple[float, float], max_drop: float) -> str:
+    low, high = (100 * end for end in interval)
+    return WITHIN if high <= max_drop else OVER if low > max_drop else UNRESOLVED
+
+
+def _tally(verdicts: list[str]) -> str:
+    return ", ".join(f"{verdicts.count(v)} {v}" for v in (WITHIN, UNRESOLVED, OVER) if v in verdicts)
 
 
 def _below(drop: float) -> str:

@@ -26,6 +26,20 @@ def metrics(logits: torch.Tensor, labels, num_labels: int) -> dict[str, float]:
     return {"accuracy": accuracy(logits, labels), "macro_f1": macro_f1(logits, labels, num_labels)}
 
 
+def drop_interval(labels, reference_logits: torch.Tensor, logits: torch.Tensor, confidence: float = 0.9,
+                  resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """How far apart two models' accuracies on one split can be read: the paired bootstrap interval of the drop
+    (reference's accuracy minus the model's, a ratio). The examples are resampled with replacement `resamples`
+    times, both models judged on the same draw; the central `confidence` share of the drops is returned. Paired,
+    because the two models err on many of the same examples: the interval is narrower than two separate ones."""
+    gold = torch.as_tensor(labels)
+    diff = (reference_logits.argmax(-1) == gold).float() - (logits.argmax(-1) == gold).float()
+    draws = torch.randint(len(diff), (resamples, len(diff)), generator=torch.Generator().manual_seed(seed))
+    tail = (1 - confidence) / 2
+    low, high = torch.quantile(diff[draws].mean(1), torch.tensor([tail, 1 - tail])).tolist()
+    return low, high
+
+
 @torch.no_grad()
 def frozen_states(model: PromptClassifier, dataset, pad_id: int, batch_size: int = 64,
                   precision: str = "fp32") -> list[tuple[torch.Tensor, ...]]:

@@ -1,6 +1,7 @@
 """The sweep flow end to end on a tiny BERT and a small user CSV: table, exports, MLflow, caching, bad input."""
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -346,6 +347,9 @@ def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server,
     out = caplog.text  # the flow's prints are its log records
     assert "accuracy budget (--max-drop 5): the fastest model whose validation accuracy is at most 5 points" in out
     assert f"{len(skeletons)} grad_x_act skeletons built against a grid's {len(LADDER)}" in out
+    # ... and how far test can be read: the drop's interval, from the test logits the models were judged on.
+    assert not chosen.is_reference and re.search(r"; 90% interval -?[\d.]+ to -?[\d.]+: (within the budget|over "
+                                                 r"the budget|the test split cannot tell)\), validation", out)
 
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("budget").experiment_id

@@ -1,8 +1,10 @@
 """--max-drop's search (flows/search.py): bisection over the ladder of rates, the choice per seed, bad budgets.
 The flow's search end to end on a tiny model: tests/test_flow.py."""
 import math
+import re
 
 import pytest
+import torch
 
 from flows.search import LADDER, check_max_drop, choose, choose_per_seed, describe, next_rate
 from tasks.results import FULL, FULL_PREFIX, Row
@@ -91,3 +93,58 @@ def test_bad_budgets_are_refused(bad):
     with pytest.raises(ValueError, match="max_drop must be a number of accuracy points from 0 to 100"):
         check_max_drop(bad)
     assert check_max_drop(None) is None and check_max_drop(0.0) == 0.0
+
+
+def test_the_drop_interval_is_paired_and_brackets_the_drop():
+    from skeleton.evaluate import drop_interval
+
+    gold = torch.arange(2000) % 2
+    def answers(wrong):  # one-hot logits, wrong on the examples `wrong`
+        pred = gold.clone()
+        pred[wrong] = 1 - pred[wrong]
+        return torch.nn.functional.one_hot(pred, 2).float()
+
+    assert drop_interval(gold, answers(slice(0, 300)), answers(slice(0, 300))) == (0.0, 0.0)
+    # Both wrong on the same 300 examples, the model on 100 more: a 5-point drop, read from those 100 alone.
+    low, high = drop_interval(gold, answers(slice(0, 300)), answers(slice(0, 400)))
+    assert 0.04 < low < 0.05 < high < 0.06
+    # The same accuracies with errors on other examples: the interval is much wider.
+    apart_low, apart_high = drop_interval(gold, answers(slice(0, 300)), answers(slice(1600, 2000)))
+    assert apart_low < 0.05 < apart_high and apart_high - apart_low > 2 * (high - low)
+    assert drop_interval(gold, answers(slice(0, 400)), answers(slice(0, 300)))[1] < 0  # the model is better
+
+
+def test_the_report_reads_each_test_drop_against_the_budget_with_its_interval(tmp_path):
+    """Each seed's test drop with its interval, from the test logits the models were judged on: within the budget,
+    over it, or too close to tell on a split this size."""
+    from datasets import Dataset, DatasetDict
+    from safetensors.torch import save_file
+
+    from skeleton.stages import INFO
+
+    gold = torch.arange(2000) % 2
+    DatasetDict({"test": Dataset.from_dict({"label": gold.tolist()})}).save_to_disk(str(tmp_path / "tokenized"))
+    (tmp_path / INFO).write_text("{}")
+
+    def judged(row, wrong):  # the row, judged on logits wrong on its first `wrong` test examples
+        pred = gold.clone()
+        pred[:wrong] = 1 - pred[:wrong]
+        row.logits = str(tmp_path / f"{row.seed}-{row.method}.safetensors")
+        save_file({"logits": torch.nn.functional.one_hot(pred, 2).float()}, row.logits)
+        row.accuracy, row.data = 1 - wrong / 2000, str(tmp_path)
+        return row
+
+    seeds = []
+    for seed, extra in ((0, 4), (1, 60), (2, 20)):  # 0.2, 3 and 1 point below the best full model
+        full, prefix, skeleton = rows(("prefix", 0.5, 0.815, 0.0, 2.0), seed=seed)
+        seeds += [judged(full, 500), judged(prefix, 420), judged(skeleton, 420 + extra)]
+    choose_per_seed(seeds, 1.0)
+    report = describe(seeds, 1.0, "grad_x_act")
+    for seed, drop, verdict in ((0, 0.2, "within the budget"), (1, 3.0, "over the budget"),
+                                (2, 1.0, "the test split cannot tell")):
+        line = next(line for line in report.splitlines() if line.startswith(f"- seed {seed} chose prefix-prompt"))
+        low, high = map(float, re.search(r"90% interval (-?[\d.]+) to (-?[\d.]+): ", line).groups())
+        assert f"{drop:.2f} points below the best full model's 0.7900" in line and low < drop < high
+        assert line.index(f"interval {low:.2f} to {high:.2f}: {verdict})") > 0
+    assert "on test, 1 within the budget, 1 the test split cannot tell, 1 over the budget" in report
+    assert "paired bootstrap over the test examples" in report
