@@ -75,14 +75,14 @@ def full_sweep(**parameters) -> list[dict]:
         set_speedups(rows, measured, bench, BENCHMARK_BATCH_SIZE, config.max_length)
         chosen = search.choose_per_seed(rows, config.max_drop) if config.max_drop is not None else []
         records = results_table(rows).to_dict("records")
+        # a child run per model: every seed's skeletons, the first seed's reference models (the probe has none)
         logged = [tracking.log_point.submit(run_id, row, [b for b in bench["rows"]
                                                           if b["model"] == measured.measured_as[row.path]])
-                  for row in rows if not row.is_reference]
+                  for row in rows if row.path and (not row.is_reference or row.seed == rows[0].seed)]
         for future in logged:
             future.result()
         summary = summary_table(records)
         report = search.describe(rows, config.max_drop, config.methods[0]) if chosen else ""
-        tracking.log_references(run_id, records)
         tracking.log_benchmark(run_id, bench, records, config.max_drop)
         tracking.finish_sweep_run(run_id, records, summary.to_dict("records"), scores, report)
         prefect_ui.sweep_results(config.task_name, summary.to_dict("records"), run_id, report)

@@ -191,10 +191,13 @@ def _row_metrics(row: Row, keys: tuple[str, ...]) -> dict[str, float]:
     return {k: float(getattr(row, k)) for k in keys if getattr(row, k) is not None}
 
 
-@task(name="log-sweep-point", retries=2, retry_delay_seconds=2)
+@task(name="log-sweep-model", retries=2, retry_delay_seconds=2)
 def log_point(parent_run_id: str, row: Row | dict, benchmark_rows: list[dict] = ()) -> str:
-    """A child run with the point's metrics (its benchmark per configuration too) and its skeleton as a
-    LoggedModel with those metrics. Idempotent: a retry finds the child run of the same point and completes it."""
+    """A child run of the sweep for one model (a sweep point's skeleton, or a reference: a full or the fine-tuned
+    model) with its metrics (its benchmark per configuration too), and the model as a LoggedModel with those metrics.
+    References get runs of their own too: metrics linked to several models of one run would share its run-level keys,
+    and the parent run's `accuracy` would show whichever was logged last. Idempotent: a retry finds the child run of
+    the same model and completes it."""
     row = Row.of(row)
     client = _client()
     parent = client.get_run(parent_run_id)
@@ -203,11 +206,14 @@ def log_point(parent_run_id: str, row: Row | dict, benchmark_rows: list[dict] = 
                                f"tags.`skeleton.point` = '{key}'")
     if any(r.info.status == "FINISHED" for r in found):
         return next(r.info.run_id for r in found if r.info.status == "FINISHED")
+    kind = ("reference", "full") if row.is_reference else ("point", "skeleton")  # (the run's, the model's)
     if found:
         run_id = found[0].info.run_id
     else:
-        run_id = client.create_run(parent.info.experiment_id, run_name=f"{row.name('expert')}-seed{row.seed}",
-                                   tags={"mlflow.parentRunId": parent_run_id, "skeleton.kind": "point",
+        # run names: a point's expert name (grad_x_act-p0.5-seed0); a reference's slug (prefix-full-seed0)
+        name = row.name("slug" if row.is_reference else "expert")
+        run_id = client.create_run(parent.info.experiment_id, run_name=f"{name}-seed{row.seed}",
+                                   tags={"mlflow.parentRunId": parent_run_id, "skeleton.kind": kind[0],
                                          "skeleton.point": key}).info.run_id
     for param in ("prompt", "method", "rate", "head_rate", "seed", "kept_width", "kept_widths", "kept_heads"):
         if getattr(row, param) is not None:
@@ -216,7 +222,7 @@ def log_point(parent_run_id: str, row: Row | dict, benchmark_rows: list[dict] = 
                                  "parameters", "kept_width", "rate", "head_rate"))
     metrics["size_mb"] = folder_bytes(row.path) / 2**20
     metrics.update(benchmark_metrics(benchmark_rows))
-    tags = {"skeleton.kind": "skeleton", "skeleton.method": str(row.method), "skeleton.rate": str(row.rate),
+    tags = {"skeleton.kind": kind[1], "skeleton.method": str(row.method), "skeleton.rate": str(row.rate),
             "skeleton.prompt": str(row.prompt or "input"), "skeleton.head_rate": str(row.head_rate),
             "skeleton.task": parent.data.params.get("task", ""), **_chosen(row)}
     # LoggedModel names allow no dots: rates in percent, e.g. grad_x_act-p65-h25 (a joint budget's 87.5: p87_5)
@@ -242,32 +248,6 @@ def fail_run(run_id: str, error: BaseException) -> None:
     parent = client.get_run(run_id)
     for run in [*running_children(client, parent), parent]:
         client.set_terminated(run.info.run_id, status)
-
-
-@task(name="log-references", retries=2, retry_delay_seconds=2)
-def log_references(parent_run_id: str, records: list[dict]) -> None:
-    """The first seed's reference models with a folder (full models, the fine-tuned one) as LoggedModels of the parent
-    run, each with its own row's figures. Stored before any metric of the parent run is logged: MLflow's log_model
-    links the run's metrics logged so far to the model it creates (a full model would carry the sweep's figures)."""
-    client = _client()
-    rows = [Row.of(r) for r in records]
-    task_name = client.get_run(parent_run_id).data.params.get("task", "")
-    linked = []  # (model id, metrics): linked once all models are stored, so each model gets only its own
-    for method in (FULL, FULL_PREFIX, FINETUNED):
-        model = next((r for r in rows if r.method == method), None)  # the first seed's
-        if model is None:
-            continue
-        metrics = _row_metrics(model, (*HEADLINE, "macro_f1", "parameters", "speedup", "bound_vs_input"))
-        metrics.update(rate=0.0, head_rate=0.0, size_mb=folder_bytes(model.path) / 2**20)
-        model_id = store_model(parent_run_id, model.path, model.name("slug"),  # full, prefix-full, finetuned
-                               {"skeleton.kind": "full", "skeleton.method": method, "skeleton.rate": "0.0",
-                                "skeleton.prompt": str(model.prompt or "none"), "skeleton.task": task_name,
-                                **_chosen(model)})
-        linked.append((model_id, metrics))
-        if method == FULL:
-            client.set_tag(parent_run_id, "skeleton.model_id", model_id)  # the sweep's model: the full one
-    for model_id, metrics in linked:
-        link_metrics(parent_run_id, model_id, metrics)
 
 
 @task(name="log-benchmark", retries=2, retry_delay_seconds=2)
@@ -353,7 +333,7 @@ COMPARED = ("tags.`skeleton.chosen`", *(f"metrics.`{key}`" for key in HEADLINE),
 
 
 def compare_view(client: mlflow.MlflowClient, parent_run_id: str) -> None:
-    """A view of the runs table that compares the sweep's points: its child runs, fastest first, with COMPARED's
+    """A view of the runs table that compares the sweep's models: its child runs, fastest first, with COMPARED's
     columns. A link picks a view by its viewStateShareKey (ui_pages); the UI keeps the view itself, as its own
     "Share" button does, in the experiment tag mlflow.sharedViewState.<key>: a URL alone can filter and sort the
     table but not choose its columns. Our key is the parent run's id."""
@@ -363,7 +343,7 @@ def compare_view(client: mlflow.MlflowClient, parent_run_id: str) -> None:
     client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{parent_run_id}", json.dumps(view))
 
 
-RUN, POINTS = "the run", "every point, fastest first"
+RUN, POINTS = "the run", "every model, fastest first"
 
 
 def ui_pages(run_id: str) -> dict[str, str]:

@@ -105,8 +105,19 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     measured = json.loads(Path(client.download_artifacts(parent.info.run_id, "benchmark/benchmark.json")).read_text())
     assert {r["repeats"] for r in measured["rows"]} == {TINY_SWEEP["benchmark_repeats"]}  # the sweep's parameter
     assert parent.data.params["benchmark_threads"].isdigit() and "full_latency_ms_b32_t24" in parent.data.metrics
-    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                                  "tags.`skeleton.kind` = 'point'")
     assert sorted(c.data.params["method"] for c in children) == ["grad_x_act", "random"]
+    # The reference models have child runs of their own, so the parent run's figures are the sweep's only: an
+    # unprefixed `accuracy` there would be one reference model's, whichever was logged last.
+    references = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
+                                    "and tags.`skeleton.kind` = 'reference'")
+    assert [r.info.run_name for r in references] == ["full-seed0"]  # the probe has no model
+    assert not {"accuracy", "val_accuracy", "speedup_vs_input", "parameters", "rate"} & set(parent.data.metrics)
+    for reference in references:
+        row = next(r for r in records if r["path"] and Row.of(r).key() == reference.data.tags["skeleton.point"])
+        assert reference.data.metrics["accuracy"] == pytest.approx(row["accuracy"])
+        assert reference.data.metrics["speedup_b32_t24"] > 0  # its benchmark, as the points have theirs
 
     # skeleton benchmark --from-sweep finds this sweep's models through its results table.
     from flows.commands import benchmark as script
@@ -121,7 +132,8 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
                 "peak_mem_mb_b32_t24"} <= set(child.data.metrics)
         model = client.get_logged_model(child.data.tags["skeleton.model_id"])  # the skeleton, as an MLflow model
         assert model.source_run_id == child.info.run_id and model.tags["skeleton.method"] == child.data.params["method"]
-    full = client.get_logged_model(parent.data.tags["skeleton.model_id"])  # the full model, from the parent run
+    full = client.get_logged_model(next(r.data.tags["skeleton.model_id"] for r in references
+                                        if r.info.run_name == "full-seed0"))
     assert full.name == "full" and {m.key for m in full.metrics} >= {"accuracy", "macro_f1", "parameters"}
 
 
@@ -180,7 +192,8 @@ def test_sweep_on_local_dask_cluster_matches_default_runner(prefect_server, tiny
     parents = client.search_runs([experiment_id], "tags.`skeleton.kind` = 'sweep'")
     assert len(parents) == 2
     for parent in parents:
-        children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                                      "tags.`skeleton.kind` = 'point'")
         assert sorted((c.data.params["method"], c.data.metrics["rate"]) for c in children) == [
             ("grad_x_act", 0.5), ("grad_x_act", 0.75), ("random", 0.5), ("random", 0.75)]
 
@@ -230,7 +243,10 @@ def test_sweep_over_seeds_head_rates_and_a_joint_budget(prefect_server, tiny_bac
     assert {"summary.parquet", "results.parquet"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert "full_accuracy_std" in parent.data.metrics
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 6 and {c.data.params["seed"] for c in children} == {"0", "1"}
+    points = [c for c in children if c.data.tags["skeleton.kind"] == "point"]
+    assert len(points) == 6 and {c.data.params["seed"] for c in points} == {"0", "1"}
+    # the first seed's full model: the reference models are stored once, not per seed
+    assert [c.info.run_name for c in children if c.data.tags["skeleton.kind"] == "reference"] == ["full-seed0"]
 
 
 def test_unset_parameters_take_the_backbone_familys_defaults(tiny_backbone_dir, tmp_path):
@@ -308,7 +324,9 @@ def test_sweep_compares_prompt_methods_beside_a_finetuned_reference(prefect_serv
     assert "accuracy_vs_speedup.png" in {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"full_prefix_accuracy", "finetuned_accuracy", "full_prefix_speedup_vs_input"} <= set(parent.data.metrics)
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert [c.data.params["prompt"] for c in children] == ["prefix"]
+    assert sorted((c.data.tags["skeleton.kind"], c.info.run_name) for c in children) == [
+        ("point", "grad_x_act-p0.5-prefix-seed0"), ("reference", "finetuned-seed0"), ("reference", "full-seed0"),
+        ("reference", "prefix-full-seed0")]
     assert all("speedup_vs_input" in c.data.metrics for c in children)
     # Every exported model is an MLflow model: the three reference models beside the skeleton.
     models = {m.name: m for m in client.search_logged_models([experiment.experiment_id])}
@@ -326,7 +344,7 @@ def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server,
     """--max-drop: the search cuts skeletons at the rates bisection picks (the grid's reused), never chooses one over
     the budget, says what it chose against validation and test; the choice is tagged in MLflow and is what
     `skeleton promote` takes without a rate; where users look (the sweep's output, its Prefect artifact, its MLflow
-    run's description) the choice comes first, with links to the chosen run and to the points compared, fastest
+    run's description) the choice comes first, with links to the chosen run and to the models compared, fastest
     first; a cached rerun recomputes nothing."""
     import mlflow
 
@@ -357,7 +375,7 @@ def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server,
     assert parent.data.tags["skeleton.chosen"] == chosen.key()
     assert parent.data.metrics["chosen_val_accuracy"] == pytest.approx(chosen.val_accuracy)
     tagged = client.search_runs([experiment], "tags.`skeleton.chosen` = 'true'")
-    assert [float(r.data.params["rate"]) for r in tagged] == ([] if chosen.is_reference else [chosen.rate])
+    assert [float(r.data.params["rate"]) for r in tagged] == [chosen.rate]  # a full model chosen has its run too
     promoted, _ = nightly.promote_for_serving(state.result(), None)
     assert promoted.path == chosen.path
 
@@ -369,19 +387,22 @@ def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server,
     assert note.index(f"({compared})") < note.index("- seed 0 chose ") < note.index("accuracy budget (--max-drop 5)")
     for run in tagged:
         assert f"[chosen: {run.info.run_name}](#/experiments/{experiment}/runs/{run.info.run_id}?{ml})" in note
-    # The compare view: the sweep's points, fastest first, the choice and what it weighed in the first columns.
+    # The compare view: the sweep's models (its points and the full model), fastest first, the choice and what it
+    # weighed in the first columns.
     view = json.loads(client.get_experiment(experiment).tags[f"mlflow.sharedViewState.{pid}"])
     assert view["columnOrder"][:4] == ["tags.`skeleton.chosen`", "metrics.`accuracy`", "metrics.`val_accuracy`",
                                        "metrics.`speedup_vs_input`"]
     shown = client.search_runs([experiment], view["searchFilter"], order_by=["metrics.speedup_vs_input DESC"])
     assert sorted(r.info.run_id for r in shown) == sorted(r.info.run_id for r in client.search_runs(
-        [experiment], f"tags.mlflow.parentRunId = '{pid}'")) and len(shown) == len(skeletons)
+        [experiment], f"tags.mlflow.parentRunId = '{pid}'")) and len(shown) == len(skeletons) + 1
+    [reference] = [r for r in shown if r.data.tags["skeleton.kind"] == "reference"]
+    assert reference.info.run_name == "full-seed0" and reference.data.metrics["speedup_vs_input"] == 1.0
     # The full model carries its own figures only, not the sweep's (chosen_*, full_*, linear_probe_*).
-    full = client.get_logged_model(parent.data.tags["skeleton.model_id"])
+    full = client.get_logged_model(reference.data.tags["skeleton.model_id"])
     assert [m.key for m in full.metrics][:3] == ["accuracy", "val_accuracy", "speedup_vs_input"]
     assert not [m.key for m in full.metrics if m.key.startswith(("chosen_", "full_", "linear_probe_"))]
     # The sweep's printed output and its Prefect artifact lead with the same report and links.
-    assert f"every point, fastest first: http://127.0.0.1:5000/{compared}" in out
+    assert f"every model, fastest first: http://127.0.0.1:5000/{compared}" in out
     headline = artifacts_of(state)["markdown"].data
     assert headline.index("- seed 0 chose ") < headline.index(f"(http://127.0.0.1:5000/{compared})")
 

@@ -296,13 +296,17 @@ def test_cli_lists_and_serves_experts_logged_to_mlflow(capsys, server, expert_di
     import mlflow
 
     from tasks import tracking
+    from tasks.results import FULL
 
     parent = tracking.start_sweep_run.fn("test-serve", {"task": "news", "backbone": str(backbone_dir)})
     point = tracking.log_point.fn(parent, {"seed": 0, "method": "random", "rate": 0.5, "head_rate": 0.0, "kept_width": 32,
                                            "path": str(expert_dirs["news-random-p0.5"]), "val_accuracy": 0.5})
+    # a sweep's reference model has a child run too (tracking.log_point): listed by the sweep, never an expert
+    tracking.log_point.fn(parent, {"seed": 0, "method": FULL, "path": str(expert_dirs["topic-random-p0.8"])})
     listing = run_cli(capsys, "list", "--run", parent)
     model_id = mlflow.MlflowClient().get_run(point).data.tags["skeleton.model_id"]
     assert "news-random-p0.5" in listing and f"models:/{model_id}" in listing, listing
+    assert len(listing.strip().splitlines()) == 2, listing  # the header and the one skeleton: no full model
     assert "news-random-p0.5" in run_cli(capsys, "list", "--mlflow", "--experiment", "test-serve")
     out = run_cli(capsys, "classify", "--run", point, "--task", "news-random-p0.5", "--json", TEXTS[0])
     assert json.loads(out)["label"] == server.classify("news-random-p0.5", TEXTS[:1])[0].label

@@ -167,7 +167,7 @@ def test_full_sweep_deployment_runs_and_is_tracked_in_mlflow(stack, tiny_backbon
     (parent,) = search("tags.`skeleton.kind` = 'sweep'")
     assert parent["params"]["backbone"] == str(tiny_backbone_dir) and parent["params"]["train_steps"] == "6"
     assert {"full_accuracy", "linear_probe_accuracy", "full_parameters"} <= set(parent["metrics"])
-    children = search(f"tags.mlflow.parentRunId = '{parent['info']['run_id']}'")
+    children = search(f"tags.mlflow.parentRunId = '{parent['info']['run_id']}' and tags.`skeleton.kind` = 'point'")
     assert sorted(c["params"]["method"] for c in children) == ["grad_x_act", "random"]
     for child in children:
         assert {"accuracy", "speedup", "parameters", "kept_width", "rate"} <= set(child["metrics"])

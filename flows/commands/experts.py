@@ -46,7 +46,8 @@ def mlflow_entries(tracking_uri: str, run_id: str | None, experiment: str | None
         if run.data.tags.get("skeleton.kind") == "point":
             runs = [run]
         else:
-            runs = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+            runs = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and "
+                                      "tags.`skeleton.kind` = 'point'")  # its skeletons, not its full models
     else:
         if experiment:
             found = client.get_experiment_by_name(experiment)
