@@ -31,7 +31,7 @@ from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param
 from prefect import task
 
 from tasks.paths import ROOT, tracking_uri
-from tasks.results import FINETUNED, FULL, FULL_PREFIX, PROBE, Row, main_full
+from tasks.results import FINETUNED, FULL_PREFIX, PROBE, Row, main_full
 
 
 def _client() -> mlflow.MlflowClient:
