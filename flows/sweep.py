@@ -75,10 +75,11 @@ def full_sweep(**parameters) -> list[dict]:
         set_speedups(rows, measured, bench, BENCHMARK_BATCH_SIZE, config.max_length)
         chosen = search.choose_per_seed(rows, config.max_drop) if config.max_drop is not None else []
         records = results_table(rows).to_dict("records")
-        # a child run per model: every seed's skeletons, the first seed's reference models (the probe has none)
+        # a child run per model of every seed (the probe has none): a seed's skeletons, its full models (what a
+        # seed's choice is judged against, and what it returns when no rate fits) and its fine-tuned one
         logged = [tracking.log_point.submit(run_id, row, [b for b in bench["rows"]
                                                           if b["model"] == measured.measured_as[row.path]])
-                  for row in rows if row.path and (not row.is_reference or row.seed == rows[0].seed)]
+                  for row in rows if row.path]
         for future in logged:
             future.result()
         summary = summary_table(records)

@@ -107,10 +107,21 @@ def _killed(run) -> bool:
     return False
 
 
-def running_children(client: mlflow.MlflowClient, run) -> list:
-    """The child runs of `run` still RUNNING."""
-    return client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and "
-                              "attributes.status = 'RUNNING'")
+# search clauses for child_runs and search_runs
+IS_RUNNING = "attributes.status = 'RUNNING'"
+IS_POINT = "tags.`skeleton.kind` = 'point'"  # a sweep's skeletons, not its reference (full, fine-tuned) models
+IS_REFERENCE = "tags.`skeleton.kind` = 'reference'"
+
+
+def _children_filter(run_id: str, where: str = "") -> str:
+    """The MLflow search filter for the child runs of `run_id`, narrowed by the clause `where` if one is given."""
+    children = f"tags.mlflow.parentRunId = '{run_id}'"
+    return f"{children} and {where}" if where else children
+
+
+def child_runs(client: mlflow.MlflowClient, run, where: str = "") -> list:
+    """The child runs of `run` (an MLflow Run), those matching the search clause `where` if one is given."""
+    return client.search_runs([run.info.experiment_id], _children_filter(run.info.run_id, where))
 
 
 def close_killed_attempts(client: mlflow.MlflowClient, run_id: str) -> list[str]:
@@ -120,13 +131,12 @@ def close_killed_attempts(client: mlflow.MlflowClient, run_id: str) -> list[str]
     key = run.data.tags.get("skeleton.sweep_key")
     if not key:
         return []
-    earlier = client.search_runs([run.info.experiment_id], f"tags.`skeleton.sweep_key` = '{key}' and "
-                                 "attributes.status = 'RUNNING'")
+    earlier = client.search_runs([run.info.experiment_id], f"tags.`skeleton.sweep_key` = '{key}' and {IS_RUNNING}")
     closed = []
     for other in earlier:
         if other.info.run_id == run_id or not _killed(other):
             continue
-        for r in [*running_children(client, other), other]:
+        for r in [*child_runs(client, other, IS_RUNNING), other]:
             client.set_tag(r.info.run_id, "skeleton.finished_by", run_id)
             client.set_terminated(r.info.run_id, "KILLED")
         closed.append(other.info.run_id)
@@ -202,8 +212,7 @@ def log_point(parent_run_id: str, row: Row | dict, benchmark_rows: list[dict] = 
     client = _client()
     parent = client.get_run(parent_run_id)
     key = row.key()
-    found = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
-                               f"tags.`skeleton.point` = '{key}'")
+    found = child_runs(client, parent, f"tags.`skeleton.point` = '{key}'")
     if any(r.info.status == "FINISHED" for r in found):
         return next(r.info.run_id for r in found if r.info.status == "FINISHED")
     kind = ("reference", "full") if row.is_reference else ("point", "skeleton")  # (the run's, the model's)
@@ -246,7 +255,7 @@ def fail_run(run_id: str, error: BaseException) -> None:
     client = _client()
     status = "FAILED" if isinstance(error, Exception) else "KILLED"
     parent = client.get_run(run_id)
-    for run in [*running_children(client, parent), parent]:
+    for run in [*child_runs(client, parent, IS_RUNNING), parent]:
         client.set_terminated(run.info.run_id, status)
 
 
@@ -338,7 +347,7 @@ def compare_view(client: mlflow.MlflowClient, parent_run_id: str) -> None:
     "Share" button does, in the experiment tag mlflow.sharedViewState.<key>: a URL alone can filter and sort the
     table but not choose its columns. Our key is the parent run's id."""
     experiment_id = client.get_run(parent_run_id).info.experiment_id
-    view = {"searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'", "orderByKey": "metrics.`speedup_vs_input`",
+    view = {"searchFilter": _children_filter(parent_run_id), "orderByKey": "metrics.`speedup_vs_input`",
             "orderByAsc": False, "selectedColumns": list(COMPARED), "columnOrder": list(COMPARED)}
     client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{parent_run_id}", json.dumps(view))
 
@@ -354,8 +363,7 @@ def ui_pages(run_id: str) -> dict[str, str]:
     experiment = f"#/experiments/{run.info.experiment_id}"
     pages = {RUN: f"{experiment}/runs/{run_id}?{ML_VIEW}"}
     if run.data.tags.get("skeleton.kind") == "sweep":
-        for child in client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and "
-                                        "tags.`skeleton.chosen` = 'true'"):
+        for child in child_runs(client, run, "tags.`skeleton.chosen` = 'true'"):
             pages[f"chosen: {child.info.run_name}"] = f"{experiment}/runs/{child.info.run_id}?{ML_VIEW}"
         pages[POINTS] = f"{experiment}/runs?viewStateShareKey={run_id}&{ML_VIEW}"
     return pages

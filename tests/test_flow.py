@@ -82,6 +82,7 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
 
     from flows.sweep import full_sweep
     from tasks.results import Row
+    from tasks.tracking import IS_POINT, IS_REFERENCE, child_runs
 
     records = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, experiment="tracked", tune_norms=True,
                                       device="cpu"))
@@ -105,13 +106,11 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
     measured = json.loads(Path(client.download_artifacts(parent.info.run_id, "benchmark/benchmark.json")).read_text())
     assert {r["repeats"] for r in measured["rows"]} == {TINY_SWEEP["benchmark_repeats"]}  # the sweep's parameter
     assert parent.data.params["benchmark_threads"].isdigit() and "full_latency_ms_b32_t24" in parent.data.metrics
-    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
-                                  "tags.`skeleton.kind` = 'point'")
+    children = child_runs(client, parent, IS_POINT)
     assert sorted(c.data.params["method"] for c in children) == ["grad_x_act", "random"]
     # The reference models have child runs of their own, so the parent run's figures are the sweep's only: an
     # unprefixed `accuracy` there would be one reference model's, whichever was logged last.
-    references = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
-                                    "and tags.`skeleton.kind` = 'reference'")
+    references = child_runs(client, parent, IS_REFERENCE)
     assert [r.info.run_name for r in references] == ["full-seed0"]  # the probe has no model
     assert not {"accuracy", "val_accuracy", "speedup_vs_input", "parameters", "rate"} & set(parent.data.metrics)
     for reference in references:
@@ -187,13 +186,14 @@ def test_sweep_on_local_dask_cluster_matches_default_runner(prefect_server, tiny
     # Child runs logged from the Dask workers nest under their sweep's parent run.
     import mlflow
 
+    from tasks.tracking import IS_POINT, child_runs
+
     client = mlflow.MlflowClient()
     experiment_id = client.get_experiment_by_name("dask").experiment_id
     parents = client.search_runs([experiment_id], "tags.`skeleton.kind` = 'sweep'")
     assert len(parents) == 2
     for parent in parents:
-        children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
-                                      "tags.`skeleton.kind` = 'point'")
+        children = child_runs(client, parent, IS_POINT)
         assert sorted((c.data.params["method"], c.data.metrics["rate"]) for c in children) == [
             ("grad_x_act", 0.5), ("grad_x_act", 0.75), ("random", 0.5), ("random", 0.75)]
 
@@ -223,6 +223,7 @@ def test_sweep_over_seeds_head_rates_and_a_joint_budget(prefect_server, tiny_bac
 
     from flows.sweep import full_sweep
     from tasks.results import summary_table
+    from tasks.tracking import child_runs
 
     records = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, methods=["grad_x_act"], head_rates=[0.0, 0.5],
                                       target_speedups=[1.5], reconstruct=True, seeds=[0, 1], experiment="seeds"))
@@ -242,11 +243,12 @@ def test_sweep_over_seeds_head_rates_and_a_joint_budget(prefect_server, tiny_bac
     parent = client.search_runs([experiment.experiment_id], "tags.`skeleton.kind` = 'sweep'")[0]
     assert {"summary.parquet", "results.parquet"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert "full_accuracy_std" in parent.data.metrics
-    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = child_runs(client, parent)
     points = [c for c in children if c.data.tags["skeleton.kind"] == "point"]
     assert len(points) == 6 and {c.data.params["seed"] for c in points} == {"0", "1"}
-    # the first seed's full model: the reference models are stored once, not per seed
-    assert [c.info.run_name for c in children if c.data.tags["skeleton.kind"] == "reference"] == ["full-seed0"]
+    # every seed's full model has its run: a choice on any seed can be the full model
+    assert sorted(c.info.run_name for c in children if c.data.tags["skeleton.kind"] == "reference") == [
+        "full-seed0", "full-seed1"]
 
 
 def test_unset_parameters_take_the_backbone_familys_defaults(tiny_backbone_dir, tmp_path):
@@ -301,6 +303,7 @@ def test_sweep_compares_prompt_methods_beside_a_finetuned_reference(prefect_serv
 
     from flows.sweep import full_sweep
     from tasks.results import FINETUNED, FULL, FULL_PREFIX, PROBE, summary_table
+    from tasks.tracking import child_runs
 
     records = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, methods=["grad_x_act"], distill=0.0,
                                       prompt_methods=["prefix"], finetune=True, experiment="prompts"))
@@ -323,7 +326,7 @@ def test_sweep_compares_prompt_methods_beside_a_finetuned_reference(prefect_serv
     parent = client.search_runs([experiment.experiment_id], "tags.`skeleton.kind` = 'sweep'")[0]
     assert "accuracy_vs_speedup.png" in {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"full_prefix_accuracy", "finetuned_accuracy", "full_prefix_speedup_vs_input"} <= set(parent.data.metrics)
-    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = child_runs(client, parent)
     assert sorted((c.data.tags["skeleton.kind"], c.info.run_name) for c in children) == [
         ("point", "grad_x_act-p0.5-prefix-seed0"), ("reference", "finetuned-seed0"), ("reference", "full-seed0"),
         ("reference", "prefix-full-seed0")]
@@ -352,6 +355,7 @@ def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server,
     from flows.sweep import full_sweep
     from tasks import nightly
     from tasks.results import FULL, Row
+    from tasks.tracking import child_runs
 
     args = sweep_args(tiny_backbone_dir, reviews_csv, methods=["grad_x_act"], max_drop=5.0, experiment="budget")
     state = full_sweep(**args, return_state=True)
@@ -393,8 +397,8 @@ def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server,
     assert view["columnOrder"][:4] == ["tags.`skeleton.chosen`", "metrics.`accuracy`", "metrics.`val_accuracy`",
                                        "metrics.`speedup_vs_input`"]
     shown = client.search_runs([experiment], view["searchFilter"], order_by=["metrics.speedup_vs_input DESC"])
-    assert sorted(r.info.run_id for r in shown) == sorted(r.info.run_id for r in client.search_runs(
-        [experiment], f"tags.mlflow.parentRunId = '{pid}'")) and len(shown) == len(skeletons) + 1
+    assert sorted(r.info.run_id for r in shown) == sorted(r.info.run_id for r in child_runs(client, parent)) and len(
+        shown) == len(skeletons) + 1
     [reference] = [r for r in shown if r.data.tags["skeleton.kind"] == "reference"]
     assert reference.info.run_name == "full-seed0" and reference.data.metrics["speedup_vs_input"] == 1.0
     # The full model carries its own figures only, not the sweep's (chosen_*, full_*, linear_probe_*).

@@ -45,7 +45,7 @@ def test_logged_skeleton_predicts_like_its_folder_and_is_stored_once(skeleton_di
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("models")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert len(client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")) == 1
+    assert len(tracking.child_runs(client, client.get_run(parent))) == 1
 
     model_id = client.get_run(run_id).data.tags["skeleton.model_id"]
     model = client.get_logged_model(model_id)

@@ -40,7 +40,7 @@ def test_identical_rerun_stores_nothing_twice(prefect_server, tiny_backbone_dir,
     parents = client.search_runs([experiment.experiment_id], "tags.`skeleton.kind` = 'sweep'")
     assert len(parents) == 2 and {p.info.status for p in parents} == {"FINISHED"}
     for parent in parents:  # each run refers to the same stored models, one child run per point
-        children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        children = tracking.child_runs(client, parent)
         assert sorted(points(children)) == [("seed0", "grad_x_act", "p=0.5 h=0"), ("seed0", "random", "p=0.5 h=0")]
         assert {c.data.tags["skeleton.model_id"] for c in children} == set(models)  # the full model's run too
 
@@ -64,7 +64,7 @@ def test_a_rerun_closes_the_runs_of_a_killed_attempt(tiny_backbone_dir):
 
     assert tracking.close_killed_attempts(client, rerun) == [killed]
     experiment_id = client.get_run(killed).info.experiment_id
-    (child,) = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{killed}'")
+    (child,) = tracking.child_runs(client, client.get_run(killed))
     for run in (client.get_run(killed), child):
         assert run.info.status == "KILLED" and run.data.tags["skeleton.finished_by"] == rerun
     assert {client.get_run(r).info.status for r in (live, other, rerun)} == {"RUNNING"}
@@ -108,6 +108,6 @@ def test_a_sweep_killed_mid_build_then_rerun_leaves_one_finished_sweep(prefect_s
     finished = next(run for run in sweeps if run.info.status == "FINISHED")
     killed = next(run for run in sweeps if run.info.status == "KILLED")
     assert killed.data.tags["skeleton.finished_by"] == finished.info.run_id
-    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{finished.info.run_id}'")
+    children = tracking.child_runs(client, finished)
     assert sorted(points(children)) == [("seed0", "grad_x_act", "p=0.5 h=0"), ("seed0", "random", "p=0.5 h=0")]
     assert {c.info.status for c in children} == {"FINISHED"}

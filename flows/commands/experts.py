@@ -39,6 +39,7 @@ def mlflow_entries(tracking_uri: str, run_id: str | None, experiment: str | None
     import mlflow
 
     from skeleton.folder import model_name
+    from tasks.tracking import IS_POINT, child_runs
 
     client = mlflow.MlflowClient(tracking_uri)
     if run_id:
@@ -46,8 +47,7 @@ def mlflow_entries(tracking_uri: str, run_id: str | None, experiment: str | None
         if run.data.tags.get("skeleton.kind") == "point":
             runs = [run]
         else:
-            runs = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and "
-                                      "tags.`skeleton.kind` = 'point'")  # its skeletons, not its full models
+            runs = child_runs(client, run, IS_POINT)
     else:
         if experiment:
             found = client.get_experiment_by_name(experiment)
@@ -56,7 +56,7 @@ def mlflow_entries(tracking_uri: str, run_id: str | None, experiment: str | None
             ids = [found.experiment_id]
         else:
             ids = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(ids, "tags.`skeleton.kind` = 'point'") if ids else []
+        runs = client.search_runs(ids, IS_POINT) if ids else []
     parents: dict[str, dict] = {}
     entries = []
     for run in runs:
