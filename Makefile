@@ -28,8 +28,11 @@ $(VENV)/.installed: pyproject.toml requirements-data.txt
 sweep: setup
 	$(VENV)/bin/skeleton sweep $(ARGS)
 
+# Test files run on TEST_WORKERS processes (pytest-xdist), each file whole on one worker, in order: a file's tests
+# share its module fixtures and some follow on each other. 2 fits a 2-core machine (CI's); timing tests assert ratios.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Local stack on 127.0.0.1 (Prefect server + worker + deployments, MLflow server); state and logs in .stack/.
 .PHONY: stack-up stack-down stack-status

@@ -154,6 +154,27 @@ def test_killed_at_every_stage_resumes_with_the_same_table(reference, runner, ti
     states = heavy_states(re.search(r"flow run id (\S+)", output).group(1))
     assert sum(states.values()) == HEAVY_RUNS and {state for _, state in states} == {"Cached"}, states
     pd.testing.assert_frame_equal(comparable(pd.read_parquet(results)), comparable(reference), check_dtype=False)
+    assert_tracked_once(artifacts)
+
+
+def assert_tracked_once(artifacts: Path):
+    """MLflow after the chain: one FINISHED sweep run with one FINISHED child run per model; every killed attempt
+    that had started its run is KILLED (none left RUNNING), closed by the one that finished."""
+    import mlflow
+
+    from tasks.tracking import child_runs
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id],
+                              f"tags.`skeleton.kind` = 'sweep' and params.artifacts = '{artifacts}'")
+    *attempts, finished = sorted(runs, key=lambda run: run.info.start_time)
+    # every attempt but the first, killed while preparing the data, before the sweep's run starts
+    assert len(attempts) == len(CHAIN) - 1 and {run.info.status for run in attempts} == {"KILLED"}
+    assert finished.info.status == "FINISHED"
+    assert {run.data.tags["skeleton.finished_by"] for run in attempts} == {finished.info.run_id}
+    children = child_runs(client, finished)
+    assert sorted(c.data.tags["skeleton.kind"] for c in children) == ["point", "reference"]
+    assert {c.info.status for c in children} == {"FINISHED"}
 
 
 def test_two_sweeps_at_once_share_the_work(reference, runner, tiny_backbone_dir, reviews_csv, tmp_path):
