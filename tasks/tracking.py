@@ -111,6 +111,7 @@ def _killed(run) -> bool:
 IS_RUNNING = "attributes.status = 'RUNNING'"
 IS_POINT = "tags.`skeleton.kind` = 'point'"  # a sweep's skeletons, not its reference (full, fine-tuned) models
 IS_REFERENCE = "tags.`skeleton.kind` = 'reference'"
+IS_CHOSEN = "tags.`skeleton.chosen` = 'true'"  # the model --max-drop chose (_chosen)
 
 
 def _children_filter(run_id: str, where: str = "") -> str:
@@ -363,7 +364,7 @@ def ui_pages(run_id: str) -> dict[str, str]:
     experiment = f"#/experiments/{run.info.experiment_id}"
     pages = {RUN: f"{experiment}/runs/{run_id}?{ML_VIEW}"}
     if run.data.tags.get("skeleton.kind") == "sweep":
-        for child in child_runs(client, run, "tags.`skeleton.chosen` = 'true'"):
+        for child in child_runs(client, run, IS_CHOSEN):
             pages[f"chosen: {child.info.run_name}"] = f"{experiment}/runs/{child.info.run_id}?{ML_VIEW}"
         pages[POINTS] = f"{experiment}/runs?viewStateShareKey={run_id}&{ML_VIEW}"
     return pages

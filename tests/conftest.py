@@ -54,6 +54,19 @@ def tiny_backbone_dir(tmp_path_factory, minilm_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def wide_backbone_dir(tmp_path_factory, minilm_tokenizer):
+    """A small BERT whose FFN dominates the work, so pruning it gives a clear, measurable speed-up (on the tiny one
+    a skeleton's speed-up is within timing noise of 1, and a busy machine can measure the full model faster)."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("wide-bert")
+    BertModel(tiny_bert_config(hidden_size=64, intermediate_size=8192)).save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A tiny random LlamaForCausalLM checkpoint folder with a word-level tokenizer: a local backbone path."""
     from transformers import LlamaForCausalLM

@@ -342,7 +342,7 @@ def test_sweep_compares_prompt_methods_beside_a_finetuned_reference(prefect_serv
             assert linked == pytest.approx([row[key]]), (name, key)
 
 
-def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server, tiny_backbone_dir, reviews_csv,
+def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server, wide_backbone_dir, reviews_csv,
                                                                  caplog):
     """--max-drop: the search cuts skeletons at the rates bisection picks (the grid's reused), never chooses one over
     the budget, says what it chose against validation and test; the choice is tagged in MLflow and is what
@@ -355,9 +355,9 @@ def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server,
     from flows.sweep import full_sweep
     from tasks import nightly
     from tasks.results import FULL, Row
-    from tasks.tracking import child_runs
+    from tasks.tracking import IS_CHOSEN, child_runs
 
-    args = sweep_args(tiny_backbone_dir, reviews_csv, methods=["grad_x_act"], max_drop=5.0, experiment="budget")
+    args = sweep_args(wide_backbone_dir, reviews_csv, methods=["grad_x_act"], max_drop=5.0, experiment="budget")
     state = full_sweep(**args, return_state=True)
     rows = [Row.of(r) for r in state.result()]
     skeletons = [r for r in rows if not r.is_reference]
@@ -378,7 +378,7 @@ def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server,
     [parent] = client.search_runs([experiment], "tags.`skeleton.kind` = 'sweep'")
     assert parent.data.tags["skeleton.chosen"] == chosen.key()
     assert parent.data.metrics["chosen_val_accuracy"] == pytest.approx(chosen.val_accuracy)
-    tagged = client.search_runs([experiment], "tags.`skeleton.chosen` = 'true'")
+    tagged = child_runs(client, parent, IS_CHOSEN)
     assert [float(r.data.params["rate"]) for r in tagged] == [chosen.rate]  # a full model chosen has its run too
     promoted, _ = nightly.promote_for_serving(state.result(), None)
     assert promoted.path == chosen.path

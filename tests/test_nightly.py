@@ -5,7 +5,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from helpers import artifacts_of, sweep_args, tiny_bert_config
+from helpers import artifacts_of, sweep_args
 from skeleton.folder import SkeletonFolder
 from skeleton.regression import Thresholds, regressions
 from tasks import nightly
@@ -20,19 +20,6 @@ def test_regression_rules():
     assert regressions(base, [], Thresholds()) == ["rate 0.5: no measurement tonight"]
     with pytest.raises(ValueError, match="thresholds"):
         Thresholds(speedup_drop=1.5)
-
-
-@pytest.fixture(scope="module")
-def wide_backbone_dir(tmp_path_factory, minilm_tokenizer):
-    """A small BERT whose FFN dominates the work, so pruning it gives a clear, measurable speed-up."""
-    import torch
-    from transformers import BertModel
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("wide-bert")
-    BertModel(tiny_bert_config(hidden_size=64, intermediate_size=8192)).save_pretrained(folder)
-    minilm_tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_nightly_reads_the_registry_by_alias_and_fails_on_a_slower_model(prefect_server, wide_backbone_dir,
