@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from skeleton.folder import model_name
+from tasks.queries import IS_FINISHED, IS_SWEEP
 
 FULL, FULL_PREFIX, FINETUNED, PROBE = "full (prompt tuning)", "full (prefix tuning)", "fine-tuned", "linear probe"
 FULLS = {"input": FULL, "prefix": FULL_PREFIX}  # prompt method -> its full model's row
@@ -250,7 +251,7 @@ def latest_sweep(experiment: str = "skeleton", run_id: str | None = None) -> tup
     if run_id is None:
         found = client.get_experiment_by_name(experiment)
         runs = found and client.search_runs([found.experiment_id],
-                                            "tags.`skeleton.kind` = 'sweep' and attributes.status = 'FINISHED'",
+                                            f"{IS_SWEEP} and {IS_FINISHED}",
                                             order_by=["attributes.start_time DESC"], max_results=1)
         if not runs:
             return None

@@ -31,6 +31,7 @@ from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param
 from prefect import task
 
 from tasks.paths import ROOT, tracking_uri
+from tasks.queries import IS_CHOSEN, IS_RUNNING
 from tasks.results import FINETUNED, FULL_PREFIX, PROBE, Row, main_full
 
 
@@ -105,13 +106,6 @@ def _killed(run) -> bool:
     except PermissionError:  # alive, another user's
         pass
     return False
-
-
-# search clauses for child_runs and search_runs
-IS_RUNNING = "attributes.status = 'RUNNING'"
-IS_POINT = "tags.`skeleton.kind` = 'point'"  # a sweep's skeletons, not its reference (full, fine-tuned) models
-IS_REFERENCE = "tags.`skeleton.kind` = 'reference'"
-IS_CHOSEN = "tags.`skeleton.chosen` = 'true'"  # the model --max-drop chose (_chosen)
 
 
 def _children_filter(run_id: str, where: str = "") -> str:

@@ -11,6 +11,7 @@ import pytest
 from flows.cli import main
 from helpers import run_fresh
 from helpers import run_skeleton as skeleton
+from tasks.queries import IS_SWEEP
 
 HELP = [["sweep"], ["nightly"], ["nightly", "run"], ["nightly", "promote"], ["benchmark"], ["list"], ["classify"],
         ["serve"], ["promote"], ["serve-bench"], ["load-bench"], ["stack"], ["verify"], ["gc"]]
@@ -103,7 +104,7 @@ def test_sweep_command_runs_the_flow_with_the_options_given(prefect_server, tiny
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LOAD_FAST" not in out.stdout + out.stderr  # no bytecode listings (datasets' dill) in the sweep's logs
     client = mlflow.MlflowClient()
-    (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id], "tags.`skeleton.kind` = 'sweep'")
+    (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id], IS_SWEEP)
     assert run.info.status == "FINISHED"
     assert (run.data.params["train_steps"], run.data.params["methods"]) == ("6", "['random']")
     assert run.data.params["retune_evals"] == str(FAMILY_DEFAULTS["bert"]["retune_evals"])

@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from helpers import sweep_args, sweep_options
+from tasks.queries import IS_SWEEP
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ["prepare-data", "tune-prompt", "evaluate", "linear-probe", "attribute", "teacher-logits", "build-skeleton",
@@ -166,7 +167,7 @@ def assert_tracked_once(artifacts: Path):
 
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id],
-                              f"tags.`skeleton.kind` = 'sweep' and params.artifacts = '{artifacts}'")
+                              f"{IS_SWEEP} and params.artifacts = '{artifacts}'")
     *attempts, finished = sorted(runs, key=lambda run: run.info.start_time)
     # every attempt but the first, killed while preparing the data, before the sweep's run starts
     assert len(attempts) == len(CHAIN) - 1 and {run.info.status for run in attempts} == {"KILLED"}
@@ -194,8 +195,7 @@ def test_two_sweeps_at_once_share_the_work(reference, runner, tiny_backbone_dir,
     for _, _, results in runs:
         pd.testing.assert_frame_equal(comparable(pd.read_parquet(results)), comparable(reference), check_dtype=False)
     client = mlflow.MlflowClient()
-    sweeps = client.search_runs([client.get_experiment_by_name("concurrent").experiment_id],
-                                "tags.`skeleton.kind` = 'sweep'")
+    sweeps = client.search_runs([client.get_experiment_by_name("concurrent").experiment_id], IS_SWEEP)
     assert [run.info.status for run in sweeps] == ["FINISHED", "FINISHED"]
 
 

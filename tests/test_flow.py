@@ -10,6 +10,7 @@ import pytest
 
 from helpers import TINY_SWEEP, artifacts_of, run_fresh, sweep_args
 from skeleton.data import DataError
+from tasks.queries import IS_CHOSEN, IS_POINT, IS_REFERENCE, IS_SWEEP
 
 
 def task_states(flow_run_id, expected=17):
@@ -82,7 +83,7 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
 
     from flows.sweep import full_sweep
     from tasks.results import Row
-    from tasks.tracking import IS_POINT, IS_REFERENCE, child_runs
+    from tasks.tracking import child_runs
 
     records = full_sweep(**sweep_args(tiny_backbone_dir, reviews_csv, experiment="tracked", tune_norms=True,
                                       device="cpu"))
@@ -91,7 +92,7 @@ def test_sweep_is_tracked_in_mlflow(prefect_server, tiny_backbone_dir, reviews_c
         assert json.loads((Path(path) / "inputs.json").read_text())["device"] == "cpu", path
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("tracked")
-    parents = client.search_runs([experiment.experiment_id], "tags.`skeleton.kind` = 'sweep'")
+    parents = client.search_runs([experiment.experiment_id], IS_SWEEP)
     assert len(parents) == 1
     parent = parents[0]
     assert parent.data.params["backbone"] == str(tiny_backbone_dir) and "git_commit" in parent.data.params
@@ -186,11 +187,11 @@ def test_sweep_on_local_dask_cluster_matches_default_runner(prefect_server, tiny
     # Child runs logged from the Dask workers nest under their sweep's parent run.
     import mlflow
 
-    from tasks.tracking import IS_POINT, child_runs
+    from tasks.tracking import child_runs
 
     client = mlflow.MlflowClient()
     experiment_id = client.get_experiment_by_name("dask").experiment_id
-    parents = client.search_runs([experiment_id], "tags.`skeleton.kind` = 'sweep'")
+    parents = client.search_runs([experiment_id], IS_SWEEP)
     assert len(parents) == 2
     for parent in parents:
         children = child_runs(client, parent, IS_POINT)
@@ -240,7 +241,7 @@ def test_sweep_over_seeds_head_rates_and_a_joint_budget(prefect_server, tiny_bac
 
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("seeds")
-    parent = client.search_runs([experiment.experiment_id], "tags.`skeleton.kind` = 'sweep'")[0]
+    parent = client.search_runs([experiment.experiment_id], IS_SWEEP)[0]
     assert {"summary.parquet", "results.parquet"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert "full_accuracy_std" in parent.data.metrics
     children = child_runs(client, parent)
@@ -323,7 +324,7 @@ def test_sweep_compares_prompt_methods_beside_a_finetuned_reference(prefect_serv
 
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("prompts")
-    parent = client.search_runs([experiment.experiment_id], "tags.`skeleton.kind` = 'sweep'")[0]
+    parent = client.search_runs([experiment.experiment_id], IS_SWEEP)[0]
     assert "accuracy_vs_speedup.png" in {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"full_prefix_accuracy", "finetuned_accuracy", "full_prefix_speedup_vs_input"} <= set(parent.data.metrics)
     children = child_runs(client, parent)
@@ -355,7 +356,7 @@ def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server,
     from flows.sweep import full_sweep
     from tasks import nightly
     from tasks.results import FULL, Row
-    from tasks.tracking import IS_CHOSEN, child_runs
+    from tasks.tracking import child_runs
 
     args = sweep_args(wide_backbone_dir, reviews_csv, methods=["grad_x_act"], max_drop=5.0, experiment="budget")
     state = full_sweep(**args, return_state=True)
@@ -375,7 +376,7 @@ def test_max_drop_chooses_the_fastest_skeleton_within_the_budget(prefect_server,
 
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("budget").experiment_id
-    [parent] = client.search_runs([experiment], "tags.`skeleton.kind` = 'sweep'")
+    [parent] = client.search_runs([experiment], IS_SWEEP)
     assert parent.data.tags["skeleton.chosen"] == chosen.key()
     assert parent.data.metrics["chosen_val_accuracy"] == pytest.approx(chosen.val_accuracy)
     tagged = child_runs(client, parent, IS_CHOSEN)

@@ -9,6 +9,7 @@ from helpers import artifacts_of, sweep_args
 from skeleton.folder import SkeletonFolder
 from skeleton.regression import Thresholds, regressions
 from tasks import nightly
+from tasks.queries import IS_SWEEP
 
 
 def test_regression_rules():
@@ -36,8 +37,7 @@ def test_nightly_reads_the_registry_by_alias_and_fails_on_a_slower_model(prefect
     assert {"table", "markdown", "progress"} <= set(sweep_artifacts)
     assert sweep_artifacts["progress"].data == 100.0
     client = mlflow.MlflowClient()
-    [sweep] = client.search_runs([client.get_experiment_by_name("nightly-source").experiment_id],
-                                 "tags.`skeleton.kind` = 'sweep'")
+    [sweep] = client.search_runs([client.get_experiment_by_name("nightly-source").experiment_id], IS_SWEEP)
     headline = sweep_artifacts["markdown"].data
     assert "grad_x_act p=0.8" in headline
     # links that open the UI's Model training view: the run, and its points compared (tasks.tracking.compare_view)

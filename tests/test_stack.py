@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.queries import IS_POINT, IS_SWEEP
+
 pytestmark = pytest.mark.stack
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,10 +166,10 @@ def test_full_sweep_deployment_runs_and_is_tracked_in_mlflow(stack, tiny_backbon
             r["metrics"] = {m["key"]: m["value"] for m in r["data"].get("metrics", [])}
         return runs
 
-    (parent,) = search("tags.`skeleton.kind` = 'sweep'")
+    (parent,) = search(IS_SWEEP)
     assert parent["params"]["backbone"] == str(tiny_backbone_dir) and parent["params"]["train_steps"] == "6"
     assert {"full_accuracy", "linear_probe_accuracy", "full_parameters"} <= set(parent["metrics"])
-    children = search(f"tags.mlflow.parentRunId = '{parent['info']['run_id']}' and tags.`skeleton.kind` = 'point'")
+    children = search(f"tags.mlflow.parentRunId = '{parent['info']['run_id']}' and {IS_POINT}")
     assert sorted(c["params"]["method"] for c in children) == ["grad_x_act", "random"]
     for child in children:
         assert {"accuracy", "speedup", "parameters", "kept_width", "rate"} <= set(child["metrics"])

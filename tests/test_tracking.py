@@ -10,6 +10,7 @@ import mlflow
 
 from helpers import sweep_args
 from tasks import tracking
+from tasks.queries import IS_SWEEP
 
 
 def store_bytes(location: str) -> int:
@@ -38,7 +39,7 @@ def test_identical_rerun_stores_nothing_twice(prefect_server, tiny_backbone_dir,
     print(f"store: {before} bytes after the first sweep, +{growth} bytes after the identical rerun")
     assert growth < 5 * 2**20 and growth < before / 4, (growth, before)
     assert {m.model_id for m in client.search_logged_models([experiment.experiment_id])} == set(models)
-    parents = client.search_runs([experiment.experiment_id], "tags.`skeleton.kind` = 'sweep'")
+    parents = client.search_runs([experiment.experiment_id], IS_SWEEP)
     assert len(parents) == 2 and {p.info.status for p in parents} == {"FINISHED"}
     for parent in parents:  # each run refers to the same stored models, one child run per point
         children = tracking.child_runs(client, parent)

@@ -39,7 +39,8 @@ def mlflow_entries(tracking_uri: str, run_id: str | None, experiment: str | None
     import mlflow
 
     from skeleton.folder import model_name
-    from tasks.tracking import IS_POINT, child_runs
+    from tasks.queries import IS_POINT
+    from tasks.tracking import child_runs
 
     client = mlflow.MlflowClient(tracking_uri)
     if run_id:
