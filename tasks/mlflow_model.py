@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
@@ -29,9 +30,9 @@ class SkeletonModel(PythonModel):
         # loaded as it was saved, on its own backbone
         self.server, self.name = SkeletonServer.of_folder(context.artifacts["skeleton"])
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    # A DataFrame hint keeps the explicit `text` signature below (MLflow infers no schema from it, and warns
+    # without a hint); list[str] would change the request format that `mlflow models serve` clients send.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         from skeleton.inputs import check_texts
 
         if not isinstance(model_input, pd.DataFrame):
@@ -61,7 +62,10 @@ def skeleton_model(folder: str | Path) -> dict:
             "code_paths": [str(Path(skeleton.__file__).parent)],
             "pip_requirements": [f"{p}=={md.version(p)}" for p in ("mlflow", "torch", "transformers", "safetensors",
                                                                    "pandas")],
-            "signature": ModelSignature(inputs=Schema([ColSpec("string", "text")]))}
+            "signature": ModelSignature(inputs=Schema([ColSpec("string", "text")])),
+            # shown in the UI as the request to send; MLflow also serves it once from the logged copy, so a model
+            # that cannot load or answer fails here, at logging time, not at a user's first request
+            "input_example": pd.DataFrame({"text": ["a moving, funny and well made film"]})}
 
 
 def skeleton_in(model_dir: str | Path) -> Path:
