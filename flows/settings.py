@@ -2,7 +2,8 @@
 the start of every flow (a deployment's run too). Importing a module of this project never sets any of it.
 
     environment defaults    what `make` exports (HF offline, no telemetry, Prefect's home and start-up timeout), so
-                            `skeleton ...` behaves as `make sweep` does; an environment that sets one wins
+                            `skeleton ...` behaves as `make sweep` does, and no per-model progress bars; an
+                            environment that sets one wins
     Prefect                 results stored as plain JSON wherever a task names no serializer of its own; the
                             library's logger ("skeleton") among Prefect's extra loggers, at INFO: training and
                             attribution progress in the flow's logs and the Prefect UI (outside a flow run: the
@@ -26,7 +27,10 @@ ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", 
                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_HOME": str(ROOT / ".prefect"),
                "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json", "PREFECT_LOGGING_EXTRA_LOGGERS": LOGGER,
                # the library's records outside a flow run (a command, a test) go to the console, without a warning
-               "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}
+               "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+               # no bar per model loaded, saved (transformers) or logged (MLflow): each is under a second, and a
+               # default sweep printed 44 lines of them; training and attribution log their own progress
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 def configure() -> None:

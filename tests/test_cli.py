@@ -103,6 +103,8 @@ def test_sweep_command_runs_the_flow_with_the_options_given(prefect_server, tiny
                          env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LOAD_FAST" not in out.stdout + out.stderr  # no bytecode listings (datasets' dill) in the sweep's logs
+    for bar in ("Loading weights", "Writing model shards", "Downloading artifacts"):  # a bar per model load or log
+        assert bar not in out.stderr, f"{bar!r} progress bars in the sweep's output"
     client = mlflow.MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id], IS_SWEEP)
     assert run.info.status == "FINISHED"
