@@ -287,7 +287,11 @@ def test_load_bench_measures_a_sweeps_served_speed_up_and_logs_it_to_the_sweep(e
     assert all(r["requests"] > 0 and r["errors"] == 0 and r["rss_mib"] > 0 for r in result["rows"])
     assert [s["clients"] for s in result["speedups"]] == [1, 4]
     assert all(s["served_speedup"] > 0 and s["harness_speedup"] > 0 for s in result["speedups"])
+    assert result["environment"]["models"] == {
+        "experts": {"p0.5": experts["alpha"], "p0.75": experts["beta"]}, "alone": experts["alpha"],
+        "full": experts["delta"]}
     assert (out / "load.png").stat().st_size > 0 and "served speed-up" in (out / "load.md").read_text()
+    assert f"- alone: {experts['alpha']}\n- full: {experts['delta']}" in (out / "load.md").read_text()
     run = mlflow.MlflowClient().get_run(run_id)
     assert run.data.metrics["served_speedup_c4"] == pytest.approx(result["speedups"][1]["served_speedup"])
     assert "served_full_model_throughput_c1" in run.data.metrics

@@ -356,8 +356,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if args.experts:
             experts = dict(e.split("=", 1) for e in args.experts)
             alone, full = args.alone, args.full
+            models = {"experts": experts, "alone": alone, "full": full}
         else:
             experts, alone, full = synthetic(tmp / "experts")
+            alone_name = next(t for t, f in experts.items() if f == alone)
+            models = {"synthetic": f"MiniLM experts with random neurons {', '.join(experts)}, alone {alone_name}"}
         setups = {f"skeleton server, {len(experts)} experts": ([f"{t}={f}" for t, f in experts.items()], list(experts)),
                   "skeleton alone": ([f"alone={alone}"], ["alone"]), "full model": ([f"full={full}"], ["full"])}
         runs = measure(setups, texts, args, tmp)
@@ -374,14 +377,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                      min(ratios[c]), max(ratios[c])],
                  "batch_alone": by["skeleton alone", c]["mean_batch"], "batch_full": by["full model", c]["mean_batch"],
                  "harness_batch": sizes[c], "harness_speedup": measured[sizes[c]]} for c in args.clients]
-    table = report(rows, speedups)
+    # which folders were measured, so a report read later (or on the MLflow run) says what it compares
+    table = "\n".join(f"- {name}: {v if isinstance(v, str) else ', '.join(f'{t}={f}' for t, f in v.items())}"
+                      for name, v in models.items()) + "\n\n" + report(rows, speedups)
     print(f"\ntexts: {args.task} test split, {length} tokens on average; {os.cpu_count()} CPUs\n\n{table}")
     out = args.out or (Path(tempfile.mkdtemp(prefix="load-bench-")) if args.mlflow_run else None)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         environment = {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "seconds": args.seconds,
                        "max_requests": args.max_requests, "rounds": args.rounds, "task": args.task, "text_tokens": length,
-                       "serve_options": args.serve_options}
+                       "serve_options": args.serve_options, "models": models}
         (out / "load.json").write_text(json.dumps({"environment": environment, "rows": rows, "runs": runs,
                                                    "speedups": speedups}, indent=1))
         (out / "load.md").write_text(table + "\n")
