@@ -256,8 +256,11 @@ def synthetic(folder: Path) -> tuple[dict[str, str], str, str]:
     return experts, experts["p0.8"], str(folders[-1])
 
 
-def report(rows: list[dict], speedups: list[dict]) -> str:
-    lines = ["| setup | clients | req/s | p50 ms | p99 ms | requests per batch | RSS MiB |", "|---|---|---|---|---|---|---|"]
+def report(models: dict, rows: list[dict], speedups: list[dict]) -> str:
+    # the folders measured first, so a report read later (or on the MLflow run) says what it compares
+    lines = [f"- {name}: {v if isinstance(v, str) else ', '.join(f'{t}={f}' for t, f in v.items())}"
+             for name, v in models.items()]
+    lines += ["", "| setup | clients | req/s | p50 ms | p99 ms | requests per batch | RSS MiB |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['setup']} | {r['clients']} | {r['throughput']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
               f"{r['mean_batch']:.1f} | {r['rss_mib']:.0f} |" for r in rows]
     lines += ["", "| clients | served speed-up (alone / full req/s; median, range over rounds) | requests per batch (alone, full) | "
@@ -377,9 +380,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                      min(ratios[c]), max(ratios[c])],
                  "batch_alone": by["skeleton alone", c]["mean_batch"], "batch_full": by["full model", c]["mean_batch"],
                  "harness_batch": sizes[c], "harness_speedup": measured[sizes[c]]} for c in args.clients]
-    # which folders were measured, so a report read later (or on the MLflow run) says what it compares
-    table = "\n".join(f"- {name}: {v if isinstance(v, str) else ', '.join(f'{t}={f}' for t, f in v.items())}"
-                      for name, v in models.items()) + "\n\n" + report(rows, speedups)
+    table = report(models, rows, speedups)
     print(f"\ntexts: {args.task} test split, {length} tokens on average; {os.cpu_count()} CPUs\n\n{table}")
     out = args.out or (Path(tempfile.mkdtemp(prefix="load-bench-")) if args.mlflow_run else None)
     if out:
